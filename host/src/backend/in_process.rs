@@ -1,0 +1,113 @@
+//! The in-process backend for trusted plugins: the library is dlopened into the host and
+//! calls run on the `blocking` thread pool, off the caller's executor. Fast, and a crash
+//! here is a crash of the host: use it only for code you trust.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{outcome, Backend, BoxFuture, CallRequest, ProgressFn};
+use crate::error::{CallError, LoadError};
+use crate::loader::{emit_log, HostServices, Instance, Library};
+use crate::manifest::Manifest;
+use crate::plugin::{PluginInfo, Progress};
+
+pub(crate) struct InProcess {
+    name: Arc<str>,
+    methods: Arc<[String]>,
+    instance: Arc<Instance>,
+}
+
+/// Host services during `create`: logs only.
+struct CreateServices<'a> {
+    plugin: &'a str,
+}
+
+impl HostServices for CreateServices<'_> {
+    fn log(&self, level: u32, message: &str) {
+        emit_log(self.plugin, level, message);
+    }
+    fn progress(&self, _: f64, _: &str) {}
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Host services during a call.
+struct CallServices<'a> {
+    plugin: &'a str,
+    progress: Option<&'a ProgressFn>,
+    cancelled: &'a AtomicBool,
+}
+
+impl HostServices for CallServices<'_> {
+    fn log(&self, level: u32, message: &str) {
+        emit_log(self.plugin, level, message);
+    }
+    fn progress(&self, fraction: f64, message: &str) {
+        if let Some(progress) = self.progress {
+            progress(Progress::new(fraction, message));
+        }
+    }
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+impl InProcess {
+    /// Loads the library and creates the instance (blocking; run it off the executor).
+    pub fn load(
+        manifest: &Manifest,
+        library: &std::path::Path,
+    ) -> Result<(InProcess, PluginInfo), LoadError> {
+        let (lib, desc) = Library::open(library, &manifest.name)?;
+        if desc.name != manifest.name {
+            tracing::warn!(
+                manifest = %manifest.name,
+                library = %desc.name,
+                "the library calls itself `{}` but its manifest says `{}`; using the manifest's name",
+                desc.name,
+                manifest.name
+            );
+        }
+        let instance = lib.create(
+            &manifest.name,
+            &manifest.config_bytes(),
+            &CreateServices {
+                plugin: &manifest.name,
+            },
+        )?;
+        let info = PluginInfo::new(&manifest.name, &desc);
+        let backend = InProcess {
+            name: manifest.name.as_str().into(),
+            methods: desc.methods.into(),
+            instance: Arc::new(instance),
+        };
+        Ok((backend, info))
+    }
+}
+
+impl Backend for InProcess {
+    fn call(&self, call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>> {
+        let (name, methods, instance) = (
+            self.name.clone(),
+            self.methods.clone(),
+            self.instance.clone(),
+        );
+        Box::pin(blocking::unblock(move || {
+            let services = CallServices {
+                plugin: &name,
+                progress: call.progress.as_ref(),
+                cancelled: &call.cancelled,
+            };
+            let (code, bytes) = instance.call(&call.method, &call.input, &services);
+            outcome(&name, &call.method, &methods, code, bytes)
+        }))
+    }
+
+    fn shutdown(&self, _grace: Duration) -> BoxFuture<()> {
+        // Calls in flight hold their own reference to the instance, so they finish; the
+        // instance is destroyed when the last of them and this backend are gone.
+        Box::pin(async {})
+    }
+}

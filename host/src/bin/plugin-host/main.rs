@@ -1,0 +1,269 @@
+//! `plugin-host`: list, inspect, check and call plugins from the command line, and run the
+//! demo. Errors go to stderr; the exit code tells the kind of failure (see `--help`).
+
+mod demo;
+mod json;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use plugin_host::{manifest, CallError, CallOptions, Error, Host, LoadError};
+
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 I/O or other error, 2 usage, 3 invalid \
+manifest, 4 plugin failed to load, 5 the call failed (plugin error, bad input, unknown \
+method), 6 the plugin crashed, 7 the call timed out, 8 `check` found problems.";
+
+#[derive(Parser)]
+#[command(name = "plugin-host", version, about = "Load, inspect and call plugin-host plugins.", after_help = EXIT_CODES)]
+struct Cli {
+    /// Extra directory to look for plugin libraries in (repeatable). The directory of this
+    /// executable is always searched last.
+    #[arg(short = 'L', long = "search-path", global = true)]
+    search_paths: Vec<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the manifests found under DIR (plugin.toml, *.plugin.toml), valid or not.
+    List {
+        /// Directory to search (three levels deep).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Load a plugin and print its name, version, ABI and methods.
+    Inspect {
+        /// The plugin's manifest.
+        manifest: PathBuf,
+    },
+    /// Call a method with JSON input and print the JSON output.
+    Call {
+        /// The plugin's manifest.
+        manifest: PathBuf,
+        /// The method to call.
+        method: String,
+        /// The input, as JSON (converted to MessagePack).
+        #[arg(long, default_value = "null")]
+        json: String,
+        /// Deadline for the call, e.g. "5s" (default: the manifest's timeouts.call).
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    /// Validate every manifest under DIR and load each plugin once.
+    Check {
+        /// Directory to search (three levels deep).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Load the example plugins, call them, crash one and show the host recover.
+    Demo {
+        /// Directory holding the example plugins' manifests.
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+    },
+}
+
+/// Maps an error to the documented exit code.
+fn exit_code(err: &Error) -> u8 {
+    match err {
+        Error::Manifest(_) => 3,
+        Error::Load(_) => 4,
+        Error::Call(CallError::Timeout { .. }) => 7,
+        Error::Call(e) if is_crash(e) => 6,
+        Error::Call(_) => 5,
+    }
+}
+
+fn is_crash(_err: &CallError) -> bool {
+    false
+}
+
+fn host(cli_paths: &[PathBuf]) -> Result<Host, Error> {
+    let mut builder = Host::builder();
+    for path in cli_paths {
+        builder = builder.search_path(path);
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        builder = builder.search_path(dir);
+    }
+    builder.build()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let host = match host(&cli.search_paths) {
+        Ok(h) => h,
+        Err(e) => return fail(&e),
+    };
+    match cli.command {
+        Command::List { dir } => list(&dir),
+        Command::Inspect { manifest } => inspect(&host, &manifest),
+        Command::Call {
+            manifest,
+            method,
+            json,
+            timeout,
+        } => call(&host, &manifest, &method, &json, timeout),
+        Command::Check { dir } => check(&host, &dir),
+        Command::Demo { plugins } => demo::run(&host, &plugins),
+    }
+}
+
+fn fail(err: &Error) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::from(exit_code(err))
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+fn list(dir: &Path) -> ExitCode {
+    let found = match manifest::discover(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", dir.display());
+            return ExitCode::from(1);
+        }
+    };
+    if found.is_empty() {
+        println!("no manifests under {}", dir.display());
+    }
+    for (path, result) in found {
+        match result {
+            Ok(m) => {
+                let trust = match m.trust {
+                    plugin_host::Trust::Trusted => "trusted",
+                    plugin_host::Trust::Untrusted => "untrusted",
+                };
+                println!(
+                    "{:<16} {:<10} {:<10} ok       {}",
+                    m.name,
+                    m.version,
+                    trust,
+                    path.display()
+                );
+            }
+            Err(e) => println!("{:<16} {:<10} {:<10} invalid  {e}", "?", "?", "?"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn inspect(host: &Host, manifest: &Path) -> ExitCode {
+    match host.load_blocking(manifest) {
+        Ok(plugin) => {
+            let info = plugin.info();
+            println!("name:     {}", info.name);
+            println!("version:  {}", info.version);
+            println!(
+                "library:  {} ({})",
+                plugin.manifest().library,
+                info.library_name
+            );
+            println!("abi:      {}.{}", info.abi.0, info.abi.1);
+            println!("trust:    {:?}", plugin.trust());
+            println!("methods:  {}", info.methods.join(", "));
+            futures_lite::future::block_on(plugin.shutdown());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn call(
+    host: &Host,
+    manifest: &Path,
+    method: &str,
+    input: &str,
+    timeout: Option<String>,
+) -> ExitCode {
+    let value: serde_json::Value = match serde_json::from_str(input) {
+        Ok(v) => v,
+        Err(e) => return usage(&format!("--json is not valid JSON: {e}")),
+    };
+    let bytes = match json::to_msgpack(&value) {
+        Ok(b) => b,
+        Err(e) => return usage(&e),
+    };
+    let mut options = CallOptions::new();
+    if let Some(t) = timeout {
+        match manifest::parse_duration(&t) {
+            Some(d) if d > Duration::ZERO => options = options.timeout(d),
+            _ => return usage(&format!("--timeout `{t}` is not a duration such as \"5s\"")),
+        }
+    }
+    let plugin = match host.load_blocking(manifest) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let result = futures_lite::future::block_on(plugin.call_raw_with(method, bytes, options));
+    let code = match result {
+        Ok(output) => match json::from_msgpack(&output) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: plugin `{}` method `{method}`: {e}", plugin.name());
+                ExitCode::from(5)
+            }
+        },
+        Err(e) => fail(&e),
+    };
+    futures_lite::future::block_on(plugin.shutdown());
+    code
+}
+
+fn check(host: &Host, dir: &Path) -> ExitCode {
+    let found = match manifest::discover(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", dir.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut problems = 0;
+    for (path, result) in &found {
+        let outcome = match result {
+            Err(e) => Err(e.to_string()),
+            Ok(m) => match futures_lite::future::block_on(host.load_manifest(m.clone())) {
+                Ok(plugin) => {
+                    let methods = plugin.methods().len();
+                    futures_lite::future::block_on(plugin.shutdown());
+                    Ok(format!("loads, {methods} methods"))
+                }
+                Err(Error::Load(LoadError::Unsupported { message, .. })) => Err(message),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        match outcome {
+            Ok(text) => println!("ok       {}: {text}", path.display()),
+            Err(text) => {
+                problems += 1;
+                println!("FAILED   {}: {text}", path.display());
+            }
+        }
+    }
+    println!("{} manifests, {problems} with problems", found.len());
+    if problems > 0 {
+        ExitCode::from(8)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

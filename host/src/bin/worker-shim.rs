@@ -1,0 +1,2 @@
+//! The generic worker process (issue 3).
+fn main() {}

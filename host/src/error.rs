@@ -1,0 +1,298 @@
+//! Errors, one enum per boundary: reading a manifest ([`ManifestError`]), loading a plugin
+//! ([`LoadError`]), calling it ([`CallError`]); [`Error`] is any of them. Every variant
+//! names the plugin (or file) it concerns and says what to do next where there is
+//! something to do.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Any error the host returns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A manifest could not be read or is invalid.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A plugin could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A call failed.
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+impl Error {
+    /// The call error inside, if this is one.
+    pub fn as_call(&self) -> Option<&CallError> {
+        match self {
+            Error::Call(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The load error inside, if this is one.
+    pub fn as_load(&self) -> Option<&LoadError> {
+        match self {
+            Error::Load(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The manifest error inside, if this is one.
+    pub fn as_manifest(&self) -> Option<&ManifestError> {
+        match self {
+            Error::Manifest(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What kind of problem a [`ManifestError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManifestErrorKind {
+    /// The file could not be read.
+    Io,
+    /// The file is not valid TOML.
+    Syntax,
+    /// A required field is absent.
+    MissingField,
+    /// A field the schema does not know (often a typo).
+    UnknownField,
+    /// A field has the wrong TOML type (for example a number where text is expected).
+    WrongType,
+    /// A field has the right type but a value outside what is allowed.
+    InvalidValue,
+}
+
+/// A manifest problem: which file, which field, and what was expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    /// The manifest file (or a description such as `<inline>` for text not from a file).
+    pub path: PathBuf,
+    /// The dotted field path (`limits.memory`); empty for problems with the whole file.
+    pub field: String,
+    /// The kind of problem.
+    pub kind: ManifestErrorKind,
+    /// What was wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.path.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}: field `{}`: {}",
+                self.path.display(),
+                self.field,
+                self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No file for the manifest's `library` was found.
+    #[error(
+        "plugin `{plugin}`: library `{library}` not found; looked in: {}. Build the plugin, \
+         or add its directory with HostBuilder::search_path",
+        list_paths(searched)
+    )]
+    LibraryNotFound {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The manifest's `library` value.
+        library: String,
+        /// Every path that was tried.
+        searched: Vec<PathBuf>,
+    },
+    /// The file exists but the system loader refused it.
+    #[error("plugin `{plugin}`: {} is not a loadable library: {reason}", path.display())]
+    NotALibrary {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The library file.
+        path: PathBuf,
+        /// The loader's message.
+        reason: String,
+    },
+    /// The library does not export the plugin entry symbol.
+    #[error(
+        "plugin `{plugin}`: {} does not export `{symbol}`; was it built with \
+         plugin_api::export_plugin! (or against plugin_api.h)?",
+        path.display()
+    )]
+    EntryMissing {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The library file.
+        path: PathBuf,
+        /// The symbol that was looked up.
+        symbol: String,
+    },
+    /// The entry symbol returned no descriptor, or one that cannot be read.
+    #[error("plugin `{plugin}`: {}: broken descriptor: {reason}", path.display())]
+    BadDescriptor {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The library file.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The library was built against an ABI this host cannot use.
+    #[error(
+        "plugin `{plugin}`: {} was built against plugin ABI {}.{}, this host speaks {}.{}; \
+         rebuild the plugin against a compatible plugin-api",
+        path.display(), found.0, found.1, supported.0, supported.1
+    )]
+    AbiMismatch {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The library file.
+        path: PathBuf,
+        /// (major, minor) the library declares.
+        found: (u16, u16),
+        /// (major, minor) this host implements.
+        supported: (u16, u16),
+    },
+    /// The manifest's `api` requirement excludes this host's ABI version.
+    #[error(
+        "plugin `{plugin}`: manifest requires plugin ABI `{required}` but this host speaks \
+         {host}; use a host that matches or update the manifest"
+    )]
+    ApiRequirement {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The manifest's `api` field.
+        required: semver::VersionReq,
+        /// This host's ABI version.
+        host: semver::Version,
+    },
+    /// The plugin's `create` returned an error.
+    #[error("plugin `{plugin}`: create failed: {message}")]
+    CreateFailed {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The plugin's `create` panicked.
+    #[error("plugin `{plugin}`: create panicked: {message}")]
+    CreatePanicked {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The panic message.
+        message: String,
+    },
+    /// This plugin's trust level needs a backend this build does not provide.
+    #[error("plugin `{plugin}`: {message}")]
+    Unsupported {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// What is missing.
+        message: String,
+    },
+}
+
+fn list_paths(paths: &[PathBuf]) -> String {
+    let list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    list.join(", ")
+}
+
+/// Why a call failed. The plugin stays usable after every kind except where noted.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The plugin has no method of that name.
+    #[error("plugin `{plugin}` has no method `{method}`; it has: {}", available.join(", "))]
+    UnknownMethod {
+        /// The plugin's name.
+        plugin: String,
+        /// The method that was asked for.
+        method: String,
+        /// The methods the plugin exposes.
+        available: Vec<String>,
+    },
+    /// The plugin ran and returned an error.
+    #[error("plugin `{plugin}` method `{method}` failed: {message}")]
+    Plugin {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The plugin panicked; the panic was caught and the plugin keeps serving.
+    #[error("plugin `{plugin}` method `{method}` panicked: {message}")]
+    Panicked {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
+        /// The panic message.
+        message: String,
+    },
+    /// The plugin could not decode the input for this method (wrong shape or types).
+    #[error("plugin `{plugin}` method `{method}` rejected its input: {message}")]
+    BadInput {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
+        /// The plugin's decoder message.
+        message: String,
+    },
+    /// The plugin could not encode its output, or sent a status this host does not know.
+    #[error("plugin `{plugin}` method `{method}` produced a bad result: {message}")]
+    BadOutput {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The host could not encode the caller's input as MessagePack.
+    #[error("cannot encode the input for method `{method}`: {message}")]
+    Encode {
+        /// The method.
+        method: String,
+        /// The encoder's message.
+        message: String,
+    },
+    /// The plugin's output does not decode into the type the caller asked for.
+    #[error(
+        "plugin `{plugin}` method `{method}`: output does not match the expected type: {message}"
+    )]
+    Decode {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
+        /// The decoder's message.
+        message: String,
+    },
+    /// The call's deadline passed. The plugin was told to cancel it.
+    #[error("plugin `{plugin}` method `{method}` timed out after {after:?}")]
+    Timeout {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The plugin was shut down; load it again to call it.
+    #[error("plugin `{plugin}` is stopped; load it again to call it")]
+    Stopped {
+        /// The plugin's name.
+        plugin: String,
+    },
+}

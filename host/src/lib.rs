@@ -1,0 +1,55 @@
+//! `plugin-host`: load third-party native plugins without trusting them.
+//!
+//! A plugin is a shared library built against the `plugin-api` crate (or its C header)
+//! and described by a TOML [`Manifest`]. A [`Host`] loads it and hands back a [`Plugin`]
+//! to call by method name, with serde types in and out:
+//!
+//! ```no_run
+//! use plugin_host::Host;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize)]
+//! struct Greet<'a> { name: &'a str }
+//! #[derive(Deserialize)]
+//! struct Greeting { message: String }
+//!
+//! # fn main() -> Result<(), plugin_host::Error> {
+//! smol::block_on(async {
+//!     let host = Host::builder().search_path("target/release").build()?;
+//!     let plugin = host.load("plugins/hello/plugin.toml").await?;
+//!     let out: Greeting = plugin.call("greet", &Greet { name: "world" }).await?;
+//!     println!("{}", out.message);
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
+//! Errors say which plugin, which method and what to do next: see [`Error`].
+//! `docs/guide.md` is the app developer's guide; `docs/manifest.md` the manifest reference.
+
+pub mod error;
+pub mod manifest;
+
+mod backend;
+mod host;
+mod loader;
+mod plugin;
+
+/// Re-exported: manifests expose `semver` versions and requirements.
+pub use semver;
+/// Re-exported: a manifest's `[config]` is a `toml::Table`.
+pub use toml;
+
+pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
+pub use host::{Host, HostBuilder};
+pub use manifest::{Manifest, Trust};
+pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
+
+/// The plugin ABI version this host implements, as semver (major.minor.0).
+pub fn abi_version() -> semver::Version {
+    semver::Version::new(
+        plugin_api::abi::ABI_MAJOR.into(),
+        plugin_api::abi::ABI_MINOR.into(),
+        0,
+    )
+}

@@ -1,0 +1,297 @@
+//! The handle an application holds for a loaded plugin: calls (typed, raw, blocking),
+//! per-call options (deadline, progress), introspection and shutdown.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::backend::{Backend, CallRequest, ProgressFn};
+use crate::error::{CallError, Error};
+use crate::loader::Descriptor;
+use crate::manifest::{Manifest, Trust};
+
+/// What a loaded plugin says about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// The name from the manifest (the one used in logs and errors).
+    pub name: String,
+    /// The name the library itself declares.
+    pub library_name: String,
+    /// The version the library declares.
+    pub version: String,
+    /// The plugin ABI (major, minor) the library was built against.
+    pub abi: (u16, u16),
+    /// The methods it exposes, in declaration order.
+    pub methods: Vec<String>,
+}
+
+impl PluginInfo {
+    pub(crate) fn new(manifest_name: &str, desc: &Descriptor) -> PluginInfo {
+        PluginInfo {
+            name: manifest_name.to_string(),
+            library_name: desc.name.clone(),
+            version: desc.version.clone(),
+            abi: desc.abi,
+            methods: desc.methods.clone(),
+        }
+    }
+}
+
+/// A progress report from a running call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// Fraction done in `0.0..=1.0`, or `None` when the plugin does not know the total.
+    pub fraction: Option<f64>,
+    /// What the plugin is doing (may be empty).
+    pub message: String,
+}
+
+impl Progress {
+    pub(crate) fn new(fraction: f64, message: &str) -> Progress {
+        let fraction = (fraction.is_finite() && fraction >= 0.0).then(|| fraction.min(1.0));
+        Progress {
+            fraction,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Options for one call: a deadline other than the manifest's, and a progress callback.
+#[derive(Clone, Default)]
+pub struct CallOptions {
+    timeout: Option<Duration>,
+    progress: Option<ProgressFn>,
+}
+
+impl CallOptions {
+    /// Default options: the manifest's deadline, progress reports dropped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Overrides the manifest's `timeouts.call` for this call.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Receives the plugin's progress reports for this call. Runs on whichever thread the
+    /// report arrives on; keep it short.
+    pub fn on_progress(mut self, f: impl Fn(Progress) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+}
+
+impl std::fmt::Debug for CallOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallOptions")
+            .field("timeout", &self.timeout)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+struct Inner {
+    manifest: Manifest,
+    info: PluginInfo,
+    backend: Box<dyn Backend>,
+    stopped: AtomicBool,
+}
+
+/// A loaded plugin. Cheap to clone: clones share the same plugin instance (or worker), and
+/// it stops when the last clone is dropped.
+///
+/// Futures returned by its methods work under any executor (smol, tokio, or
+/// `futures_lite::future::block_on`); the `*_blocking` methods need none.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.inner.info.name)
+            .field("version", &self.inner.info.version)
+            .field("trust", &self.inner.manifest.trust)
+            .finish()
+    }
+}
+
+impl Plugin {
+    pub(crate) fn new(manifest: Manifest, info: PluginInfo, backend: Box<dyn Backend>) -> Plugin {
+        Plugin {
+            inner: Arc::new(Inner {
+                manifest,
+                info,
+                backend,
+                stopped: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The plugin's name (from its manifest).
+    pub fn name(&self) -> &str {
+        &self.inner.info.name
+    }
+
+    /// The version the library declares.
+    pub fn version(&self) -> &str {
+        &self.inner.info.version
+    }
+
+    /// The methods the plugin exposes.
+    pub fn methods(&self) -> &[String] {
+        &self.inner.info.methods
+    }
+
+    /// Whether the plugin exposes `method`.
+    pub fn has_method(&self, method: &str) -> bool {
+        self.inner.info.methods.iter().any(|m| m == method)
+    }
+
+    /// Everything the plugin said about itself when it loaded.
+    pub fn info(&self) -> &PluginInfo {
+        &self.inner.info
+    }
+
+    /// The manifest it was loaded from.
+    pub fn manifest(&self) -> &Manifest {
+        &self.inner.manifest
+    }
+
+    /// Whether it runs in-process (trusted) or in a worker process (untrusted).
+    pub fn trust(&self) -> Trust {
+        self.inner.manifest.trust
+    }
+
+    /// Calls `method` with `input` encoded as MessagePack and decodes the output as `O`.
+    pub async fn call<I, O>(&self, method: &str, input: &I) -> Result<O, Error>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        self.call_with(method, input, CallOptions::default()).await
+    }
+
+    /// [`call`](Self::call) with per-call options.
+    pub async fn call_with<I, O>(
+        &self,
+        method: &str,
+        input: &I,
+        options: CallOptions,
+    ) -> Result<O, Error>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        let bytes = rmp_serde::to_vec_named(input).map_err(|e| CallError::Encode {
+            method: method.to_string(),
+            message: e.to_string(),
+        })?;
+        let output = self.call_raw_with(method, bytes, options).await?;
+        rmp_serde::from_slice(&output).map_err(|e| {
+            Error::from(CallError::Decode {
+                plugin: self.name().to_string(),
+                method: method.to_string(),
+                message: e.to_string(),
+            })
+        })
+    }
+
+    /// Calls `method` with raw bytes and returns the raw output, with no encoding on
+    /// either side (the plugin's method decides what the bytes mean).
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        input: impl Into<Vec<u8>>,
+    ) -> Result<Vec<u8>, Error> {
+        self.call_raw_with(method, input, CallOptions::default())
+            .await
+    }
+
+    /// [`call_raw`](Self::call_raw) with per-call options.
+    pub async fn call_raw_with(
+        &self,
+        method: &str,
+        input: impl Into<Vec<u8>>,
+        options: CallOptions,
+    ) -> Result<Vec<u8>, Error> {
+        let inner = &self.inner;
+        if inner.stopped.load(Ordering::Acquire) {
+            return Err(CallError::Stopped {
+                plugin: self.name().to_string(),
+            }
+            .into());
+        }
+        if !self.has_method(method) {
+            return Err(CallError::UnknownMethod {
+                plugin: self.name().to_string(),
+                method: method.to_string(),
+                available: inner.info.methods.clone(),
+            }
+            .into());
+        }
+        let deadline = options.timeout.unwrap_or(inner.manifest.timeouts.call);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let call = inner.backend.call(CallRequest {
+            method: method.to_string(),
+            input: input.into(),
+            progress: options.progress,
+            cancelled: cancelled.clone(),
+        });
+        let timer = async {
+            smol::Timer::after(deadline).await;
+            None
+        };
+        match futures_lite::future::or(async { Some(call.await) }, timer).await {
+            Some(result) => result.map_err(Error::from),
+            None => {
+                cancelled.store(true, Ordering::Release);
+                Err(CallError::Timeout {
+                    plugin: self.name().to_string(),
+                    method: method.to_string(),
+                    after: deadline,
+                }
+                .into())
+            }
+        }
+    }
+
+    /// [`call`](Self::call) for code without an async runtime: blocks this thread.
+    pub fn call_blocking<I, O>(&self, method: &str, input: &I) -> Result<O, Error>
+    where
+        I: Serialize + ?Sized,
+        O: DeserializeOwned,
+    {
+        futures_lite::future::block_on(self.call(method, input))
+    }
+
+    /// [`call_raw`](Self::call_raw) for code without an async runtime: blocks this thread.
+    pub fn call_raw_blocking(
+        &self,
+        method: &str,
+        input: impl Into<Vec<u8>>,
+    ) -> Result<Vec<u8>, Error> {
+        futures_lite::future::block_on(self.call_raw(method, input))
+    }
+
+    /// Stops the plugin: new calls fail with [`CallError::Stopped`], calls in flight get up
+    /// to the manifest's `timeouts.shutdown` to finish.
+    pub async fn shutdown(&self) {
+        self.inner.stopped.store(true, Ordering::Release);
+        self.inner
+            .backend
+            .shutdown(self.inner.manifest.timeouts.shutdown)
+            .await;
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,55 @@
+//! Shared helpers: where the built artifacts are, manifests for the example plugins, and a
+//! runner that fails a test instead of letting it hang.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use plugin_host::{Host, Manifest, Trust};
+
+/// Directory with the example plugins and binaries built by `tests/build.rs`.
+pub fn artifacts() -> PathBuf {
+    PathBuf::from(env!("PLUGIN_HOST_E2E_DIR"))
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A host that finds the example plugins and the worker-shim.
+pub fn host() -> Host {
+    Host::builder()
+        .search_path(artifacts())
+        .worker_shim(artifacts().join(format!("worker-shim{}", std::env::consts::EXE_SUFFIX)))
+        .build()
+        .unwrap()
+}
+
+/// The manifest of an example plugin, with the trust level overridden.
+pub fn manifest(name: &str, trust: Trust) -> Manifest {
+    let mut m = Manifest::from_file(repo().join("plugins").join(name).join("plugin.toml")).unwrap();
+    m.trust = trust;
+    m
+}
+
+/// Runs a future to completion on smol, failing the test if it takes longer than `limit`.
+pub fn run_with_limit<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
+    smol::block_on(async {
+        futures_lite::future::or(async { Some(fut.await) }, async {
+            smol::Timer::after(limit).await;
+            None
+        })
+        .await
+        .unwrap_or_else(|| panic!("test did not finish within {limit:?}"))
+    })
+}
+
+/// [`run_with_limit`] with a 60 s limit.
+pub fn run<T>(fut: impl Future<Output = T>) -> T {
+    run_with_limit(Duration::from_secs(60), fut)
+}

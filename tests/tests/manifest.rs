@@ -1,0 +1,373 @@
+//! Manifest parsing: what is accepted, and for each malformed file, the exact field and
+//! kind of error.
+
+use std::time::Duration;
+
+use plugin_host::manifest::{RestartMode, Trust};
+use plugin_host::{Manifest, ManifestErrorKind};
+
+const MINIMAL: &str = r#"
+name = "thumbnail"
+version = "1.2.3"
+library = "thumbnail"
+api = "^1"
+"#;
+
+#[test]
+fn minimal_manifest_gets_safe_defaults() {
+    let m = Manifest::parse(MINIMAL, "min.toml").unwrap();
+    assert_eq!(m.name, "thumbnail");
+    assert_eq!(m.version, plugin_host::semver::Version::new(1, 2, 3));
+    assert_eq!(m.trust, Trust::Untrusted, "untrusted is the default");
+    assert!(m.config.is_empty());
+    assert_eq!(m.timeouts.call, Duration::from_secs(30));
+    assert_eq!(m.timeouts.connect, Duration::from_secs(10));
+    assert_eq!(m.restart.mode, RestartMode::OnCrash);
+    assert_eq!(m.restart.max_crashes, 3);
+    assert_eq!(m.limits.memory, None);
+    assert!(!m.limits.core_dumps);
+}
+
+#[test]
+fn full_manifest_parses_every_section() {
+    let text = r#"
+name = "full-plugin_1.x"
+version = "0.3.0-beta.1"
+description = "everything set"
+library = "../lib/libfull.so"
+api = ">=1.0, <2"
+trust = "trusted"
+
+[config]
+quality = 90
+modes = ["fast", "best"]
+nested = { a = 1 }
+
+[timeouts]
+call = "250ms"
+connect = "3s"
+shutdown = "1.5s"
+cancel_grace = "500ms"
+ping_interval = "1m"
+
+[limits]
+memory = "512MiB"
+cpu = "60s"
+open_files = 128
+core_dumps = true
+max_frame = "8MiB"
+concurrency = 16
+stderr_lines = 10
+
+[restart]
+policy = "never"
+max_crashes = 5
+window = "10m"
+backoff = "50ms"
+backoff_max = "2s"
+"#;
+    let m = Manifest::parse(text, "full.toml").unwrap();
+    assert_eq!(m.trust, Trust::Trusted);
+    assert_eq!(m.description.as_deref(), Some("everything set"));
+    assert_eq!(m.config["quality"].as_integer(), Some(90));
+    assert_eq!(m.timeouts.call, Duration::from_millis(250));
+    assert_eq!(m.timeouts.shutdown, Duration::from_millis(1500));
+    assert_eq!(m.timeouts.ping_interval, Duration::from_secs(60));
+    assert_eq!(m.limits.memory, Some(512 << 20));
+    assert_eq!(m.limits.cpu, Some(Duration::from_secs(60)));
+    assert_eq!(m.limits.open_files, Some(128));
+    assert!(m.limits.core_dumps);
+    assert_eq!(m.limits.max_frame, 8 << 20);
+    assert_eq!(m.limits.concurrency, 16);
+    assert_eq!(m.limits.stderr_lines, 10);
+    assert_eq!(m.restart.mode, RestartMode::Never);
+    assert_eq!(m.restart.max_crashes, 5);
+    assert_eq!(m.restart.window, Duration::from_secs(600));
+    assert_eq!(m.restart.backoff_max, Duration::from_secs(2));
+    assert!(m.api.matches(&plugin_host::semver::Version::new(1, 4, 0)));
+    assert!(!m.api.matches(&plugin_host::semver::Version::new(2, 0, 0)));
+}
+
+#[test]
+fn example_manifests_are_valid() {
+    for name in ["hello", "thumbnail", "faulty", "c-echo"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../plugins")
+            .join(name)
+            .join("plugin.toml");
+        let m = Manifest::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.name, name);
+        assert_eq!(m.path.as_deref(), Some(path.as_path()));
+    }
+}
+
+/// Each case: manifest text (appended to or replacing MINIMAL), expected field, kind, and a
+/// fragment the message must contain.
+fn assert_rejected(text: &str, field: &str, kind: ManifestErrorKind, fragment: &str) {
+    let err = Manifest::parse(text, "bad/plugin.toml").expect_err(text);
+    assert_eq!(err.field, field, "field for {text:?}: {err}");
+    assert_eq!(err.kind, kind, "kind for {text:?}: {err}");
+    assert!(
+        err.message.contains(fragment),
+        "message {:?} lacks {fragment:?}",
+        err.message
+    );
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with("bad/plugin.toml"),
+        "error names the file: {shown}"
+    );
+    if !field.is_empty() {
+        assert!(
+            shown.contains(&format!("`{field}`")),
+            "error names the field: {shown}"
+        );
+    }
+}
+
+fn with(extra: &str) -> String {
+    format!("{MINIMAL}\n{extra}")
+}
+
+fn without(key: &str) -> String {
+    MINIMAL
+        .lines()
+        .filter(|l| !l.starts_with(&format!("{key} ")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn not_toml_is_a_syntax_error() {
+    assert_rejected(
+        "name = \"x\nversion =",
+        "",
+        ManifestErrorKind::Syntax,
+        "not valid TOML",
+    );
+}
+
+#[test]
+fn missing_required_fields_are_named() {
+    for key in ["name", "version", "library", "api"] {
+        assert_rejected(
+            &without(key),
+            key,
+            ManifestErrorKind::MissingField,
+            "required",
+        );
+    }
+}
+
+#[test]
+fn unknown_top_level_key_is_rejected_by_name() {
+    assert_rejected(
+        &with("trusted = true"),
+        "trusted",
+        ManifestErrorKind::UnknownField,
+        "expected one of",
+    );
+}
+
+#[test]
+fn unknown_key_in_a_section_is_rejected_with_its_path() {
+    assert_rejected(
+        &with("[timeouts]\ncal = \"1s\""),
+        "timeouts.cal",
+        ManifestErrorKind::UnknownField,
+        "call",
+    );
+    assert_rejected(
+        &with("[limits]\nmemroy = \"1GiB\""),
+        "limits.memroy",
+        ManifestErrorKind::UnknownField,
+        "memory",
+    );
+    assert_rejected(
+        &with("[restart]\nretries = 3"),
+        "restart.retries",
+        ManifestErrorKind::UnknownField,
+        "max_crashes",
+    );
+}
+
+#[test]
+fn wrong_types_are_named() {
+    let bad_name = MINIMAL.replace("name = \"thumbnail\"", "name = 42");
+    assert_rejected(
+        &bad_name,
+        "name",
+        ManifestErrorKind::WrongType,
+        "found integer",
+    );
+    assert_rejected(
+        &with("config = \"x\""),
+        "config",
+        ManifestErrorKind::WrongType,
+        "a table",
+    );
+    assert_rejected(
+        &with("timeouts = 5"),
+        "timeouts",
+        ManifestErrorKind::WrongType,
+        "a table",
+    );
+    assert_rejected(
+        &with("[limits]\ncore_dumps = \"no\""),
+        "limits.core_dumps",
+        ManifestErrorKind::WrongType,
+        "true or false",
+    );
+    assert_rejected(
+        &with("[limits]\nconcurrency = \"4\""),
+        "limits.concurrency",
+        ManifestErrorKind::WrongType,
+        "an integer",
+    );
+    assert_rejected(
+        &with("[timeouts]\ncall = 30"),
+        "timeouts.call",
+        ManifestErrorKind::WrongType,
+        "a duration",
+    );
+}
+
+#[test]
+fn invalid_values_are_explained() {
+    let bad_version = MINIMAL.replace("1.2.3", "1.2");
+    assert_rejected(
+        &bad_version,
+        "version",
+        ManifestErrorKind::InvalidValue,
+        "semver",
+    );
+    let bad_api = MINIMAL.replace("\"^1\"", "\"one\"");
+    assert_rejected(
+        &bad_api,
+        "api",
+        ManifestErrorKind::InvalidValue,
+        "semver requirement",
+    );
+    let bad_name = MINIMAL.replace("\"thumbnail\"\nversion", "\"my plugin!\"\nversion");
+    assert_rejected(
+        &bad_name,
+        "name",
+        ManifestErrorKind::InvalidValue,
+        "not a valid name",
+    );
+    let empty_library = MINIMAL.replace("library = \"thumbnail\"", "library = \" \"");
+    assert_rejected(
+        &empty_library,
+        "library",
+        ManifestErrorKind::InvalidValue,
+        "empty",
+    );
+    assert_rejected(
+        &with("trust = \"maybe\""),
+        "trust",
+        ManifestErrorKind::InvalidValue,
+        "\"trusted\" or \"untrusted\"",
+    );
+    assert_rejected(
+        &with("[timeouts]\ncall = \"30 parsecs\""),
+        "timeouts.call",
+        ManifestErrorKind::InvalidValue,
+        "unit",
+    );
+    assert_rejected(
+        &with("[timeouts]\nconnect = \"0s\""),
+        "timeouts.connect",
+        ManifestErrorKind::InvalidValue,
+        "greater than zero",
+    );
+    assert_rejected(
+        &with("[limits]\nmemory = \"lots\""),
+        "limits.memory",
+        ManifestErrorKind::InvalidValue,
+        "not a size",
+    );
+    assert_rejected(
+        &with("[limits]\nmemory = \"1MiB\""),
+        "limits.memory",
+        ManifestErrorKind::InvalidValue,
+        "16MiB",
+    );
+    assert_rejected(
+        &with("[limits]\nconcurrency = 0"),
+        "limits.concurrency",
+        ManifestErrorKind::InvalidValue,
+        "out of range",
+    );
+    assert_rejected(
+        &with("[limits]\nopen_files = 3"),
+        "limits.open_files",
+        ManifestErrorKind::InvalidValue,
+        "out of range",
+    );
+    assert_rejected(
+        &with("[limits]\nmax_frame = 10"),
+        "limits.max_frame",
+        ManifestErrorKind::InvalidValue,
+        "4KiB",
+    );
+    assert_rejected(
+        &with("[restart]\npolicy = \"always\""),
+        "restart.policy",
+        ManifestErrorKind::InvalidValue,
+        "on-crash",
+    );
+    assert_rejected(
+        &with("[restart]\nmax_crashes = 0"),
+        "restart.max_crashes",
+        ManifestErrorKind::InvalidValue,
+        "out of range",
+    );
+    assert_rejected(
+        &with("[restart]\nbackoff = \"20s\"\nbackoff_max = \"1s\""),
+        "restart.backoff",
+        ManifestErrorKind::InvalidValue,
+        "backoff_max",
+    );
+}
+
+#[test]
+fn unreadable_file_is_an_io_error_naming_the_path() {
+    let err = Manifest::from_file("/definitely/not/here/plugin.toml").unwrap_err();
+    assert_eq!(err.kind, ManifestErrorKind::Io);
+    assert!(err.to_string().contains("/definitely/not/here/plugin.toml"));
+}
+
+#[test]
+fn library_resolution_searches_manifest_dir_then_search_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest_dir = dir.path().join("p");
+    let search = dir.path().join("lib");
+    std::fs::create_dir_all(&manifest_dir).unwrap();
+    std::fs::create_dir_all(&search).unwrap();
+    std::fs::write(manifest_dir.join("plugin.toml"), MINIMAL).unwrap();
+    let m = Manifest::from_file(manifest_dir.join("plugin.toml")).unwrap();
+    let file = Manifest::library_file_name("thumbnail");
+
+    let err = m.resolve_library(std::slice::from_ref(&search)).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&manifest_dir.join(&file).display().to_string()),
+        "{text}"
+    );
+    assert!(
+        text.contains(&search.join(&file).display().to_string()),
+        "{text}"
+    );
+
+    std::fs::write(search.join(&file), b"x").unwrap();
+    assert_eq!(
+        m.resolve_library(std::slice::from_ref(&search)).unwrap(),
+        search.join(&file)
+    );
+    std::fs::write(manifest_dir.join(&file), b"x").unwrap();
+    assert_eq!(
+        m.resolve_library(&[search]).unwrap(),
+        manifest_dir.join(&file),
+        "manifest dir wins"
+    );
+}
