@@ -7,6 +7,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::crash::{CrashReport, ExitInfo};
+
 /// Any error the host returns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -191,7 +193,7 @@ pub enum LoadError {
         /// The panic message.
         message: String,
     },
-    /// This plugin's trust level needs a backend this build does not provide.
+    /// This plugin's trust level needs a backend this platform does not provide.
     #[error("plugin `{plugin}`: {message}")]
     Unsupported {
         /// The plugin's manifest name.
@@ -199,6 +201,105 @@ pub enum LoadError {
         /// What is missing.
         message: String,
     },
+    /// The `worker-shim` executable could not be found or started.
+    #[error("plugin `{plugin}`: cannot start the worker ({}): {reason}", shim.display())]
+    WorkerSpawn {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The shim that was tried.
+        shim: PathBuf,
+        /// What went wrong and how to fix it.
+        reason: String,
+    },
+    /// The worker did not connect and load the plugin within the connect timeout.
+    #[error(
+        "plugin `{plugin}`: the worker did not connect and load within {after:?} ({}){}{}; \
+         raise timeouts.connect in the manifest or PLUGIN_HOST_WORKER_TIMEOUT",
+        exit.as_ref().map_or("still running, killed".to_string(), |e| e.to_string()),
+        refusal_suffix(refused),
+        stderr_suffix(stderr)
+    )]
+    WorkerTimeout {
+        /// Connections on the worker socket that were refused, and why.
+        refused: Vec<String>,
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The timeout that passed.
+        after: Duration,
+        /// How the worker ended after it was killed.
+        exit: Option<ExitInfo>,
+        /// The last lines of its stderr.
+        stderr: Vec<String>,
+    },
+    /// The worker exited before completing the handshake.
+    #[error(
+        "plugin `{plugin}`: the worker exited before completing the handshake ({}){}{}",
+        exit.as_ref().map_or("exit status unknown".to_string(), |e| e.to_string()),
+        refusal_suffix(refused),
+        stderr_suffix(stderr)
+    )]
+    WorkerExited {
+        /// Connections on the worker socket that were refused, and why.
+        refused: Vec<String>,
+        /// The plugin's manifest name.
+        plugin: String,
+        /// How it ended.
+        exit: Option<ExitInfo>,
+        /// The last lines of its stderr.
+        stderr: Vec<String>,
+    },
+    /// The worker speaks an incompatible protocol version.
+    #[error("plugin `{plugin}`: {message}; use the worker-shim built with this host")]
+    ProtocolMismatch {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The host's protocol version.
+        host: String,
+        /// The worker's protocol version.
+        worker: String,
+        /// Both versions, in words.
+        message: String,
+    },
+    /// The worker broke the protocol during the handshake.
+    #[error("plugin `{plugin}`: handshake with the worker failed: {message}")]
+    Handshake {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The worker crashed while loading the plugin or running its `create`.
+    #[error("plugin `{plugin}`: the worker crashed while loading the plugin: {report}")]
+    CreateCrashed {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// The crash report.
+        report: Box<CrashReport>,
+    },
+    /// A resource limit from the manifest could not be applied.
+    #[error("plugin `{plugin}`: cannot apply resource limits: {message}")]
+    Limits {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn refusal_suffix(refused: &[String]) -> String {
+    if refused.is_empty() {
+        String::new()
+    } else {
+        format!("; refused connections: {}", refused.join("; "))
+    }
+}
+
+fn stderr_suffix(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; last stderr lines: {}", lines.join(" | "))
+    }
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {
@@ -288,6 +389,25 @@ pub enum CallError {
         method: String,
         /// The deadline that passed.
         after: Duration,
+    },
+    /// The worker process died (or was cut off) while this call was in flight. The plugin
+    /// restarts on the next call.
+    #[error("plugin `{plugin}` crashed during `{method}`: {report}")]
+    Crashed {
+        /// The plugin's name.
+        plugin: String,
+        /// The method this call was running.
+        method: String,
+        /// What happened.
+        report: Box<CrashReport>,
+    },
+    /// The plugin's worker had died and a fresh one could not be started.
+    #[error("plugin `{plugin}` could not be restarted: {error}")]
+    RestartFailed {
+        /// The plugin's name.
+        plugin: String,
+        /// Why the restart failed.
+        error: Box<LoadError>,
     },
     /// The plugin was shut down; load it again to call it.
     #[error("plugin `{plugin}` is stopped; load it again to call it")]

@@ -8,6 +8,9 @@ use crate::error::{Error, LoadError};
 use crate::manifest::{Manifest, Trust};
 use crate::plugin::Plugin;
 
+/// Environment variable naming the `worker-shim` executable.
+pub const WORKER_SHIM_ENV: &str = "PLUGIN_HOST_WORKER_SHIM";
+
 /// Configures a [`Host`].
 #[derive(Clone, Debug, Default)]
 pub struct HostBuilder {
@@ -82,12 +85,83 @@ impl Host {
                 tracing::info!(plugin = %info.name, version = %info.version, "loaded in-process");
                 Ok(Plugin::new(manifest, info, Box::new(backend)))
             }
-            Trust::Untrusted => Err(LoadError::Unsupported {
-                plugin: manifest.name.clone(),
-                message: "untrusted plugins run in a worker process, which this build does not provide yet; set trust = \"trusted\" in the manifest only if you trust this code".into(),
-            }
-            .into()),
+            Trust::Untrusted => self.load_isolated(manifest, library).await,
         }
+    }
+
+    #[cfg(unix)]
+    async fn load_isolated(&self, manifest: Manifest, library: PathBuf) -> Result<Plugin, Error> {
+        use crate::backend::isolated::{Isolated, Spec};
+        let shim = self.worker_shim(&manifest.name)?;
+        let library = library.canonicalize().unwrap_or(library);
+        let spec = Spec {
+            plugin: manifest.name.as_str().into(),
+            shim,
+            library,
+            config: manifest.config_bytes(),
+            connect_timeout: manifest.timeouts.connect_timeout(),
+            limits: manifest.limits.clone(),
+        };
+        let (backend, info) = Isolated::load(spec).await?;
+        tracing::info!(plugin = %info.name, version = %info.version, "loaded in a worker process");
+        Ok(Plugin::new(manifest, info, Box::new(backend)))
+    }
+
+    #[cfg(not(unix))]
+    async fn load_isolated(&self, manifest: Manifest, _library: PathBuf) -> Result<Plugin, Error> {
+        Err(LoadError::Unsupported {
+            plugin: manifest.name.clone(),
+            message: "untrusted plugins need the worker process, which is only implemented on Unix so far".into(),
+        }
+        .into())
+    }
+
+    /// Finds the worker-shim: the builder's setting, else `PLUGIN_HOST_WORKER_SHIM`, else
+    /// next to the current executable (or one directory up, for test binaries in
+    /// `target/*/deps`).
+    fn worker_shim(&self, plugin: &str) -> Result<PathBuf, LoadError> {
+        let file = format!("worker-shim{}", std::env::consts::EXE_SUFFIX);
+        let missing = |shim: PathBuf, reason: String| LoadError::WorkerSpawn {
+            plugin: plugin.to_string(),
+            shim,
+            reason,
+        };
+        // An explicit setting is authoritative: a wrong path is an error, not a fallback.
+        if let Some(shim) = &self.config.worker_shim {
+            return match shim.is_file() {
+                true => Ok(shim.clone()),
+                false => Err(missing(
+                    shim.clone(),
+                    "HostBuilder::worker_shim names no file".into(),
+                )),
+            };
+        }
+        if let Some(shim) = std::env::var_os(WORKER_SHIM_ENV).filter(|v| !v.is_empty()) {
+            let shim = PathBuf::from(shim);
+            return match shim.is_file() {
+                true => Ok(shim),
+                false => Err(missing(shim, format!("{WORKER_SHIM_ENV} names no file"))),
+            };
+        }
+        let exe = std::env::current_exe().ok();
+        let dir = exe.as_deref().and_then(Path::parent);
+        let candidates: Vec<PathBuf> = [dir, dir.and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+            .map(|d| d.join(&file))
+            .collect();
+        if let Some(found) = candidates.iter().find(|c| c.is_file()) {
+            return Ok(found.clone());
+        }
+        let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+        Err(missing(
+            PathBuf::from(&file),
+            format!(
+                "no worker-shim found (tried: {}); build it (cargo build -p plugin-host) and set \
+                 HostBuilder::worker_shim or {WORKER_SHIM_ENV}",
+                tried.join(", ")
+            ),
+        ))
     }
 
     /// [`load`](Self::load) for code without an async runtime: blocks this thread.

@@ -27,8 +27,12 @@
 //! Errors say which plugin, which method and what to do next: see [`Error`].
 //! `docs/guide.md` is the app developer's guide; `docs/manifest.md` the manifest reference.
 
+pub mod crash;
 pub mod error;
 pub mod manifest;
+pub mod protocol;
+#[doc(hidden)]
+pub mod worker;
 
 mod backend;
 mod host;
@@ -40,6 +44,7 @@ pub use semver;
 /// Re-exported: a manifest's `[config]` is a `toml::Table`.
 pub use toml;
 
+pub use crash::{CrashReport, ExitInfo};
 pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
 pub use host::{Host, HostBuilder};
 pub use manifest::{Manifest, Trust};

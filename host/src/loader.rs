@@ -31,7 +31,7 @@ pub(crate) struct Library {
 }
 
 /// What a library says about itself.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Descriptor {
     pub name: String,
     pub version: String,

@@ -33,8 +33,9 @@ pub enum RestartMode {
 pub struct Timeouts {
     /// Default deadline of a call (`call`, default 30 s); a call can override it.
     pub call: Duration,
-    /// How long a worker has to connect and finish its handshake (`connect`, default 10 s).
-    pub connect: Duration,
+    /// How long a worker has to start, connect and load the plugin (`connect`). `None`:
+    /// `PLUGIN_HOST_WORKER_TIMEOUT` seconds if set, else 10 s (see [`Timeouts::connect_timeout`]).
+    pub connect: Option<Duration>,
     /// Grace period for calls in flight on shutdown (`shutdown`, default 5 s).
     pub shutdown: Duration,
     /// How long a cancelled call may keep its worker busy before the worker is killed
@@ -48,10 +49,37 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             call: Duration::from_secs(30),
-            connect: Duration::from_secs(10),
+            connect: None,
             shutdown: Duration::from_secs(5),
             cancel_grace: Duration::from_secs(2),
             ping_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Environment variable that sets the default connect timeout, in whole seconds.
+pub const WORKER_TIMEOUT_ENV: &str = "PLUGIN_HOST_WORKER_TIMEOUT";
+
+impl Timeouts {
+    /// The effective connect timeout: the manifest's `connect` if set, else
+    /// `PLUGIN_HOST_WORKER_TIMEOUT` (whole seconds, at least 1; empty or 0 means the
+    /// default; anything else logs a warning and uses the default), else 10 s.
+    pub fn connect_timeout(&self) -> Duration {
+        const DEFAULT: Duration = Duration::from_secs(10);
+        if let Some(d) = self.connect {
+            return d;
+        }
+        let Ok(text) = std::env::var(WORKER_TIMEOUT_ENV) else {
+            return DEFAULT;
+        };
+        match text.trim().parse::<u64>() {
+            _ if text.trim().is_empty() => DEFAULT,
+            Ok(0) => DEFAULT,
+            Ok(n) => Duration::from_secs(n),
+            Err(_) => {
+                tracing::warn!("{WORKER_TIMEOUT_ENV}={text:?} is not a whole number of seconds; using {DEFAULT:?}");
+                DEFAULT
+            }
         }
     }
 }
@@ -472,9 +500,9 @@ impl Manifest {
                     "ping_interval",
                 ],
             )?;
-            let slots: [(&str, &mut Duration); 5] = [
+            timeouts.connect = r.duration(t, "connect")?;
+            let slots: [(&str, &mut Duration); 4] = [
                 ("call", &mut timeouts.call),
-                ("connect", &mut timeouts.connect),
                 ("shutdown", &mut timeouts.shutdown),
                 ("cancel_grace", &mut timeouts.cancel_grace),
                 ("ping_interval", &mut timeouts.ping_interval),
@@ -545,18 +573,19 @@ impl Manifest {
                 t,
                 &["policy", "max_crashes", "window", "backoff", "backoff_max"],
             )?;
-            restart.mode =
-                match r.string(t, "policy")? {
-                    None | Some("on-crash") => RestartMode::OnCrash,
-                    Some("never") => RestartMode::Never,
-                    Some(other) => return Err(r.err(
+            restart.mode = match r.string(t, "policy")? {
+                None | Some("on-crash") => RestartMode::OnCrash,
+                Some("never") => RestartMode::Never,
+                Some(other) => {
+                    return Err(r.err(
                         "policy",
                         ManifestErrorKind::InvalidValue,
                         format!(
                             "`{other}` is not a restart policy; expected \"on-crash\" or \"never\""
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             if let Some(n) = r.integer(t, "max_crashes", 1, 1_000_000)? {
                 restart.max_crashes = n as u32;
             }

@@ -1,7 +1,7 @@
 //! The handle an application holds for a loaded plugin: calls (typed, raw, blocking),
 //! per-call options (deadline, progress), introspection and shutdown.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,6 +100,7 @@ struct Inner {
     info: PluginInfo,
     backend: Box<dyn Backend>,
     stopped: AtomicBool,
+    next_id: AtomicU64,
 }
 
 /// A loaded plugin. Cheap to clone: clones share the same plugin instance (or worker), and
@@ -130,6 +131,7 @@ impl Plugin {
                 info,
                 backend,
                 stopped: AtomicBool::new(false),
+                next_id: AtomicU64::new(1),
             }),
         }
     }
@@ -238,7 +240,9 @@ impl Plugin {
         }
         let deadline = options.timeout.unwrap_or(inner.manifest.timeouts.call);
         let cancelled = Arc::new(AtomicBool::new(false));
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let call = inner.backend.call(CallRequest {
+            id,
             method: method.to_string(),
             input: input.into(),
             progress: options.progress,
@@ -252,6 +256,7 @@ impl Plugin {
             Some(result) => result.map_err(Error::from),
             None => {
                 cancelled.store(true, Ordering::Release);
+                inner.backend.cancel(id).await;
                 Err(CallError::Timeout {
                     plugin: self.name().to_string(),
                     method: method.to_string(),
@@ -288,6 +293,12 @@ impl Plugin {
             .backend
             .shutdown(self.inner.manifest.timeouts.shutdown)
             .await;
+    }
+
+    /// The process id of the plugin's worker, for untrusted plugins whose worker is
+    /// running (`None` for trusted plugins). Useful for monitoring and fault injection.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.inner.backend.pid()
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

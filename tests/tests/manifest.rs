@@ -21,7 +21,7 @@ fn minimal_manifest_gets_safe_defaults() {
     assert_eq!(m.trust, Trust::Untrusted, "untrusted is the default");
     assert!(m.config.is_empty());
     assert_eq!(m.timeouts.call, Duration::from_secs(30));
-    assert_eq!(m.timeouts.connect, Duration::from_secs(10));
+    assert_eq!(m.timeouts.connect, None, "unset: environment or default");
     assert_eq!(m.restart.mode, RestartMode::OnCrash);
     assert_eq!(m.restart.max_crashes, 3);
     assert_eq!(m.limits.memory, None);
@@ -72,6 +72,8 @@ backoff_max = "2s"
     assert_eq!(m.config["quality"].as_integer(), Some(90));
     assert_eq!(m.timeouts.call, Duration::from_millis(250));
     assert_eq!(m.timeouts.shutdown, Duration::from_millis(1500));
+    assert_eq!(m.timeouts.connect, Some(Duration::from_secs(3)));
+    assert_eq!(m.timeouts.connect_timeout(), Duration::from_secs(3));
     assert_eq!(m.timeouts.ping_interval, Duration::from_secs(60));
     assert_eq!(m.limits.memory, Some(512 << 20));
     assert_eq!(m.limits.cpu, Some(Duration::from_secs(60)));
@@ -348,7 +350,9 @@ fn library_resolution_searches_manifest_dir_then_search_paths() {
     let m = Manifest::from_file(manifest_dir.join("plugin.toml")).unwrap();
     let file = Manifest::library_file_name("thumbnail");
 
-    let err = m.resolve_library(std::slice::from_ref(&search)).unwrap_err();
+    let err = m
+        .resolve_library(std::slice::from_ref(&search))
+        .unwrap_err();
     let text = err.to_string();
     assert!(
         text.contains(&manifest_dir.join(&file).display().to_string()),

@@ -105,6 +105,11 @@ impl Backend for InProcess {
         }))
     }
 
+    fn cancel(&self, _id: u64) -> BoxFuture<()> {
+        // The caller already set the call's cancellation flag, which `is_cancelled` reads.
+        Box::pin(async {})
+    }
+
     fn shutdown(&self, _grace: Duration) -> BoxFuture<()> {
         // Calls in flight hold their own reference to the instance, so they finish; the
         // instance is destroyed when the last of them and this backend are gone.

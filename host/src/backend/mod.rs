@@ -2,6 +2,8 @@
 //! picks one, and the public API ([`crate::Plugin`]) is the same for both.
 
 pub(crate) mod in_process;
+#[cfg(unix)]
+pub(crate) mod isolated;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +24,8 @@ pub(crate) type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
 /// One call as a backend receives it.
 pub(crate) struct CallRequest {
+    /// Unique per plugin; the wire id for isolated plugins.
+    pub id: u64,
     pub method: String,
     pub input: Vec<u8>,
     pub progress: Option<ProgressFn>,
@@ -33,6 +37,12 @@ pub(crate) struct CallRequest {
 pub(crate) trait Backend: Send + Sync {
     /// Runs one call; the future resolves with the plugin's output bytes.
     fn call(&self, call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>>;
+    /// Tells the plugin that the caller gave up on call `id` (its deadline passed).
+    fn cancel(&self, id: u64) -> BoxFuture<()>;
+    /// The worker process id, for isolated plugins with a live worker.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
     /// Lets calls in flight finish for up to `grace`, then stops the plugin.
     fn shutdown(&self, grace: Duration) -> BoxFuture<()>;
 }

@@ -53,3 +53,47 @@ pub fn run_with_limit<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
 pub fn run<T>(fut: impl Future<Output = T>) -> T {
     run_with_limit(Duration::from_secs(60), fut)
 }
+
+/// The worker-shim built for the tests.
+pub fn worker_shim() -> PathBuf {
+    artifacts().join(format!("worker-shim{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Writes an executable shell script (a stand-in for the worker-shim) into `dir`.
+#[cfg(unix)]
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A host whose worker-shim is `shim`.
+pub fn host_with_shim(shim: &Path) -> Host {
+    Host::builder()
+        .search_path(artifacts())
+        .worker_shim(shim)
+        .build()
+        .unwrap()
+}
+
+/// Whether process `pid` still exists (running or zombie).
+#[cfg(target_os = "linux")]
+pub fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Polls `cond` every 10 ms for up to `limit`; returns whether it became true.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

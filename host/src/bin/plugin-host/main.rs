@@ -78,8 +78,11 @@ fn exit_code(err: &Error) -> u8 {
     }
 }
 
-fn is_crash(_err: &CallError) -> bool {
-    false
+fn is_crash(err: &CallError) -> bool {
+    matches!(
+        err,
+        CallError::Crashed { .. } | CallError::RestartFailed { .. }
+    )
 }
 
 fn host(cli_paths: &[PathBuf]) -> Result<Host, Error> {

@@ -1,0 +1,423 @@
+//! The host's end of one worker connection.
+//!
+//! Calls are multiplexed by id. There is no reader thread: the callers themselves take
+//! turns reading (one at a time holds the reader role, reads every frame available,
+//! completes whichever calls they answer and wakes those callers). A lone call therefore
+//! writes its request and reads its reply on its own thread, with no hand-off; under
+//! `smol::block_on` (or any executor built on async-io) the wait for readability parks that
+//! same thread in the reactor. When the role holder's reply arrives it passes the role to
+//! another waiting caller.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io::{self, IoSlice, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+
+use smol::Async;
+
+use crate::backend::ProgressFn;
+use crate::loader::emit_log;
+use crate::plugin::Progress;
+use crate::protocol::frame::{encode_head, Frame, FrameBuffer, FrameError};
+use crate::protocol::Message;
+
+/// Why a connection is no longer usable.
+#[derive(Clone, Debug)]
+pub(crate) enum CloseReason {
+    /// The worker closed it (usually: it died).
+    Eof,
+    /// The worker broke the protocol and was cut off.
+    Protocol(String),
+    /// The transport failed.
+    Io(String),
+    /// The host ended it (shutdown).
+    Host,
+}
+
+/// A closed connection: why, and which methods were in flight at that moment.
+#[derive(Clone, Debug)]
+pub(crate) struct Closed {
+    pub reason: CloseReason,
+    pub in_flight: Vec<String>,
+}
+
+struct Pending {
+    method: String,
+    waker: Option<Waker>,
+    reply: Option<(i32, Vec<u8>)>,
+    progress: Option<ProgressFn>,
+}
+
+struct State {
+    pending: HashMap<u64, Pending>,
+    reader_busy: bool,
+    buf: Option<FrameBuffer>,
+    closed: Option<Closed>,
+    max_issued: u64,
+}
+
+/// Work to do after the state lock is released (user callbacks never run under it).
+enum Deferred {
+    Progress(ProgressFn, Progress),
+    Log(u32, String),
+}
+
+pub(crate) struct Conn {
+    stream: Async<UnixStream>,
+    write_lock: smol::lock::Mutex<()>,
+    state: Mutex<State>,
+    plugin: Arc<str>,
+    on_close: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Conn {
+    /// Wraps a connected stream. `on_close` runs once when the connection is cut (the
+    /// backend kills the worker there).
+    pub fn new(
+        stream: Async<UnixStream>,
+        plugin: Arc<str>,
+        max_frame: u32,
+        on_close: Box<dyn Fn() + Send + Sync>,
+    ) -> Conn {
+        Conn {
+            stream,
+            write_lock: smol::lock::Mutex::new(()),
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                reader_busy: false,
+                buf: Some(FrameBuffer::new(max_frame)),
+                closed: None,
+                max_issued: 0,
+            }),
+            plugin,
+            on_close,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raises the frame limit after the handshake.
+    pub fn set_max_frame(&self, max: u32) {
+        if let Some(buf) = self.lock().buf.as_mut() {
+            buf.set_max(max);
+        }
+    }
+
+    /// Why the connection closed, if it did.
+    pub fn closed(&self) -> Option<Closed> {
+        self.lock().closed.clone()
+    }
+
+    /// Number of calls waiting for a reply.
+    pub fn in_flight(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Writes one frame. Small frames go out in one write; large payloads are written from
+    /// the caller's buffer with a vectored write (no copy).
+    pub async fn send(&self, message: &Message, payload: &[u8]) -> io::Result<()> {
+        let mut head = encode_head(message, payload.len());
+        let payload = if payload.len() <= 16 * 1024 {
+            head.extend_from_slice(payload);
+            &[][..]
+        } else {
+            payload
+        };
+        let _guard = self.write_lock.lock().await;
+        let (mut a, mut b) = (&head[..], payload);
+        while !a.is_empty() || !b.is_empty() {
+            let n = self
+                .stream
+                .write_with(|s| {
+                    let mut w: &UnixStream = s;
+                    w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+                })
+                .await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let from_a = n.min(a.len());
+            a = &a[from_a..];
+            b = &b[n - from_a..];
+        }
+        Ok(())
+    }
+
+    /// Reads one frame outside the call machinery (handshake only, before any call).
+    pub async fn recv(&self) -> Result<Frame, FrameError> {
+        let mut buf = self
+            .lock()
+            .buf
+            .take()
+            .expect("recv runs before calls start");
+        let result = loop {
+            match buf.next_frame() {
+                Ok(Some(frame)) => break Ok(frame),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            let filled = self.stream.read_with(|s| buf.fill(&mut &*s)).await;
+            match filled {
+                Ok(0) => {
+                    break Err(match buf.partial() {
+                        Some((have, need)) => FrameError::Truncated { have, need },
+                        None => FrameError::Eof,
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => break Err(FrameError::Io(e)),
+            }
+        };
+        self.lock().buf = Some(buf);
+        result
+    }
+
+    /// Cuts the connection: every waiting call fails with `reason`.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.lock();
+        self.close_locked(&mut state, reason);
+    }
+
+    fn close_locked(&self, state: &mut State, reason: CloseReason) {
+        if state.closed.is_some() {
+            return;
+        }
+        let mut in_flight: Vec<String> = state.pending.values().map(|p| p.method.clone()).collect();
+        in_flight.sort();
+        state.closed = Some(Closed { reason, in_flight });
+        for pending in state.pending.values_mut() {
+            if let Some(w) = pending.waker.take() {
+                w.wake();
+            }
+        }
+        let _ = self.stream.get_ref().shutdown(std::net::Shutdown::Both);
+        (self.on_close)();
+    }
+
+    /// Sends a call and waits for its reply: `(status, bytes)`, or why the connection
+    /// closed. Dropping the future abandons the call (its late reply is discarded).
+    pub async fn call(
+        &self,
+        id: u64,
+        method: &str,
+        input: &[u8],
+        progress: Option<ProgressFn>,
+    ) -> Result<(i32, Vec<u8>), Closed> {
+        {
+            let mut state = self.lock();
+            if let Some(closed) = &state.closed {
+                return Err(closed.clone());
+            }
+            state.pending.insert(
+                id,
+                Pending {
+                    method: method.to_string(),
+                    waker: None,
+                    reply: None,
+                    progress,
+                },
+            );
+            state.max_issued = state.max_issued.max(id);
+        }
+        let mut guard = CallGuard {
+            conn: self,
+            id,
+            reader: false,
+        };
+        if let Err(e) = self
+            .send(
+                &Message::Call {
+                    id,
+                    method: method.to_string(),
+                },
+                input,
+            )
+            .await
+        {
+            self.close(CloseReason::Io(format!("sending the call failed: {e}")));
+        }
+        poll_fn(|cx| guard.poll_reply(cx)).await
+    }
+
+    /// Hands the reader role to another waiting call, if any.
+    fn release_reader(state: &mut State) {
+        state.reader_busy = false;
+        if let Some(w) = state.pending.values_mut().find_map(|p| p.waker.take()) {
+            w.wake();
+        }
+    }
+
+    /// Routes one frame from the worker.
+    fn dispatch(
+        &self,
+        state: &mut State,
+        frame: Frame,
+        deferred: &mut Vec<Deferred>,
+    ) -> Result<(), String> {
+        match frame.message {
+            Message::Reply { id, status } => match state.pending.get_mut(&id) {
+                Some(p) => {
+                    p.reply = Some((status, frame.payload));
+                    if let Some(w) = p.waker.take() {
+                        w.wake();
+                    }
+                }
+                // A late reply to a call its caller gave up on.
+                None if id <= state.max_issued => {}
+                None => return Err(format!("reply to call id {id}, which was never sent")),
+            },
+            Message::Event {
+                id,
+                fraction,
+                message,
+            } => {
+                if let Some(progress) = state.pending.get(&id).and_then(|p| p.progress.clone()) {
+                    deferred.push(Deferred::Progress(
+                        progress,
+                        Progress::new(fraction, &message),
+                    ));
+                }
+            }
+            Message::Log { level, message, .. } => deferred.push(Deferred::Log(level, message)),
+            Message::Pong { .. } | Message::Unknown => {}
+            other => return Err(format!("unexpected message from the worker: {other:?}")),
+        }
+        Ok(())
+    }
+
+    fn run_deferred(&self, deferred: Vec<Deferred>) {
+        for d in deferred {
+            match d {
+                Deferred::Progress(f, p) => {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(p))).is_err() {
+                        tracing::warn!(plugin = %self.plugin, "a progress callback panicked");
+                    }
+                }
+                Deferred::Log(level, message) => emit_log(&self.plugin, level, &message),
+            }
+        }
+    }
+}
+
+/// One waiting call. Dropping it removes the call and passes on the reader role.
+struct CallGuard<'a> {
+    conn: &'a Conn,
+    id: u64,
+    reader: bool,
+}
+
+impl CallGuard<'_> {
+    fn poll_reply(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
+        let conn = self.conn;
+        loop {
+            let mut guard = conn.lock();
+            let state = &mut *guard;
+            let Some(pending) = state.pending.get_mut(&self.id) else {
+                unreachable!("a pending call is only removed by its own guard");
+            };
+            if let Some(reply) = pending.reply.take() {
+                return Poll::Ready(Ok(reply));
+            }
+            if let Some(closed) = &state.closed {
+                return Poll::Ready(Err(closed.clone()));
+            }
+            if !self.reader {
+                if state.reader_busy {
+                    pending.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                state.reader_busy = true;
+                self.reader = true;
+            }
+            let mut buf = state.buf.take().expect("the reader role owns the buffer");
+            drop(guard);
+
+            // Read whatever is available without blocking.
+            let mut frames = Vec::new();
+            let mut failure = None;
+            let mut would_block = false;
+            loop {
+                match buf.next_frame() {
+                    Ok(Some(frame)) => {
+                        frames.push(frame);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failure = Some(CloseReason::Protocol(e.to_string()));
+                        break;
+                    }
+                }
+                if !frames.is_empty() {
+                    break;
+                }
+                match buf.fill(&mut conn.stream.get_ref()) {
+                    Ok(0) => {
+                        failure = Some(match buf.partial() {
+                            Some((have, need)) => CloseReason::Protocol(
+                                FrameError::Truncated { have, need }.to_string(),
+                            ),
+                            None => CloseReason::Eof,
+                        });
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        would_block = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        failure = Some(CloseReason::Io(e.to_string()));
+                        break;
+                    }
+                }
+            }
+
+            let mut state = conn.lock();
+            state.buf = Some(buf);
+            let mut deferred = Vec::new();
+            for frame in frames {
+                if let Err(violation) = conn.dispatch(&mut state, frame, &mut deferred) {
+                    failure.get_or_insert(CloseReason::Protocol(violation));
+                    break;
+                }
+            }
+            if let Some(reason) = failure {
+                conn.close_locked(&mut state, reason);
+            }
+            drop(state);
+            conn.run_deferred(deferred);
+            if !would_block {
+                continue;
+            }
+            match conn.stream.poll_readable(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => conn.close(CloseReason::Io(e.to_string())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.conn.lock();
+        state.pending.remove(&self.id);
+        if self.reader {
+            state.reader_busy = false;
+        }
+        // Nobody reading (we held the role, or were woken to take it but no longer need
+        // it): hand it to another waiting call.
+        if !state.reader_busy {
+            Conn::release_reader(&mut state);
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! One worker process: spawned, watched and reaped by a dedicated thread.
+//!
+//! That thread spawns the child (so Linux's parent-death signal, which follows the
+//! spawning *thread*, fires only when the host process dies), then waits for it; a second
+//! thread drains stderr into a bounded buffer and the host's log. When the child exits the
+//! waiter kills what is left of its process group, records the status, and closes a
+//! channel every waiter listens on. Nothing is left unreaped.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the waiter thread knows.
+#[derive(Default)]
+struct State {
+    exit: Option<ExitStatus>,
+}
+
+/// A running (or finished) worker process.
+pub(crate) struct WorkerProcess {
+    pid: u32,
+    state: Arc<Mutex<State>>,
+    exited: async_channel::Receiver<()>,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    started: Instant,
+}
+
+impl WorkerProcess {
+    /// Spawns `command` (stdin and stdout to /dev/null, stderr captured) in its own process
+    /// group. `plugin` names it in logs; `stderr_lines` bounds the kept stderr tail.
+    pub fn spawn(
+        mut command: Command,
+        plugin: &str,
+        stderr_lines: usize,
+    ) -> std::io::Result<WorkerProcess> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            command.process_group(0);
+        }
+        let state = Arc::new(Mutex::new(State::default()));
+        let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(stderr_lines.min(1024))));
+        let (exited_tx, exited) = async_channel::bounded::<()>(1);
+        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+        let (thread_state, thread_stderr, name) =
+            (state.clone(), stderr.clone(), plugin.to_string());
+        std::thread::Builder::new()
+            .name(format!("plugin-{plugin}-waiter"))
+            .spawn(move || {
+                let mut child = match command.spawn() {
+                    Ok(child) => child,
+                    Err(e) => {
+                        let _ = spawned_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let pid = child.id();
+                let (drained_tx, drained) = std::sync::mpsc::channel::<()>();
+                if let Some(pipe) = child.stderr.take() {
+                    let spawn = std::thread::Builder::new()
+                        .name(format!("plugin-{name}-stderr"))
+                        .spawn(move || {
+                            drain_stderr(pipe, &name, &thread_stderr, stderr_lines);
+                            drop(drained_tx);
+                        });
+                    if let Err(e) = spawn {
+                        tracing::warn!("cannot start the stderr reader for worker {pid}: {e}");
+                    }
+                }
+                let _ = spawned_tx.send(Ok(pid));
+                // Wait for the exit without reaping, so the pid stays reserved while we clean up
+                // under the lock `kill` takes: nobody can signal a recycled pid.
+                wait_without_reaping(pid);
+                let mut state = thread_state.lock().unwrap_or_else(|e| e.into_inner());
+                // Whatever the plugin started in the worker's group goes with it.
+                kill_group(pid);
+                state.exit = child.wait().ok();
+                drop(state);
+                // Let the stderr reader take in the last lines before anyone reads the tail
+                // (bounded: a process that escaped the group may still hold the pipe).
+                let _ = drained.recv_timeout(Duration::from_millis(500));
+                drop(exited_tx);
+            })?;
+        let pid = spawned_rx.recv().map_err(|_| {
+            std::io::Error::other("the worker's waiter thread ended before spawning")
+        })??;
+        Ok(WorkerProcess {
+            pid,
+            state,
+            exited,
+            stderr,
+            started: Instant::now(),
+        })
+    }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How long since it was spawned.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Its exit status, once reaped.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).exit
+    }
+
+    /// Whether it has been reaped.
+    pub fn has_exited(&self) -> bool {
+        self.exited.is_closed()
+    }
+
+    /// Kills the worker and its process group with SIGKILL, unless it was already reaped
+    /// (its pid may then belong to someone else). The waiter thread reaps it.
+    pub fn kill(&self) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // `exit` is set under this lock in the same step that reaps the pid.
+        if state.exit.is_none() && !self.exited.is_closed() {
+            kill_group(self.pid);
+        }
+    }
+
+    /// Waits up to `limit` for the process to be reaped.
+    pub async fn wait_exit(&self, limit: Duration) -> Option<ExitStatus> {
+        let exited = self.exited.clone();
+        futures_lite::future::or(
+            async move {
+                // Resolves when the waiter thread drops the sender.
+                let _ = exited.recv().await;
+            },
+            async move {
+                smol::Timer::after(limit).await;
+            },
+        )
+        .await;
+        self.exit_status()
+    }
+
+    /// The last lines of stderr.
+    pub fn stderr_tail(&self) -> Vec<String> {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+fn drain_stderr(
+    pipe: std::process::ChildStderr,
+    plugin: &str,
+    tail: &Mutex<VecDeque<String>>,
+    keep: usize,
+) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                tracing::info!(target: "plugin::stderr", plugin, "{text}");
+                if keep > 0 {
+                    let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+                    if tail.len() == keep {
+                        tail.pop_front();
+                    }
+                    tail.push_back(text);
+                }
+            }
+        }
+    }
+}
+
+/// Blocks until `pid` (our child) has exited, leaving it a zombie.
+fn wait_without_reaping(pid: u32) {
+    #[cfg(unix)]
+    {
+        use rustix::process::{waitid, Pid, WaitId, WaitIdOptions};
+        let Some(pid) = Pid::from_raw(pid as i32) else {
+            return;
+        };
+        loop {
+            match waitid(
+                WaitId::Pid(pid),
+                WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+            ) {
+                Err(rustix::io::Errno::INTR) => continue,
+                _ => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = pid;
+}
+
+/// SIGKILL to the process group `pid` leads, and to `pid` itself in case it left the
+/// group. Only called while `pid` is not yet reaped.
+fn kill_group(pid: u32) {
+    #[cfg(unix)]
+    {
+        use rustix::process::{kill_process, kill_process_group, Pid, Signal};
+        if let Some(pid) = Pid::from_raw(pid as i32) {
+            let _ = kill_process_group(pid, Signal::KILL);
+            let _ = kill_process(pid, Signal::KILL);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = pid;
+}

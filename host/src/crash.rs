@@ -1,0 +1,220 @@
+//! Crash reports: what a user needs to know when a worker process died.
+
+use std::fmt;
+use std::time::Duration;
+
+/// How a worker process ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitInfo {
+    /// It exited with this code (for example a plugin calling `exit(3)`).
+    Code(i32),
+    /// It was killed by a signal.
+    Signal {
+        /// The signal number.
+        number: i32,
+        /// Its name, such as `SIGSEGV`.
+        name: String,
+        /// Whether the system wrote a core file.
+        core_dumped: bool,
+    },
+}
+
+impl ExitInfo {
+    /// Describes a `std::process::ExitStatus`.
+    pub fn from_status(status: std::process::ExitStatus) -> ExitInfo {
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            if let Some(number) = status.signal() {
+                return ExitInfo::Signal {
+                    number,
+                    name: signal_name(number),
+                    core_dumped: status.core_dumped(),
+                };
+            }
+        }
+        ExitInfo::Code(status.code().unwrap_or(-1))
+    }
+
+    /// The signal name, if it was killed by one.
+    pub fn signal_name(&self) -> Option<&str> {
+        match self {
+            ExitInfo::Signal { name, .. } => Some(name),
+            ExitInfo::Code(_) => None,
+        }
+    }
+
+    /// The exit code, if it exited normally.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            ExitInfo::Code(c) => Some(*c),
+            ExitInfo::Signal { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitInfo::Code(code) => write!(f, "exited with code {code}"),
+            ExitInfo::Signal {
+                name,
+                number,
+                core_dumped,
+            } => {
+                write!(f, "killed by {name} (signal {number}")?;
+                if let Some(meaning) = signal_meaning(name) {
+                    write!(f, ", {meaning}")?;
+                }
+                if *core_dumped {
+                    write!(f, ", core dumped")?;
+                }
+                write!(f, ")")
+            }
+        }
+    }
+}
+
+/// The conventional name of a signal number on this platform (`SIG?<n>` if unknown).
+pub fn signal_name(number: i32) -> String {
+    #[cfg(unix)]
+    {
+        let names = [
+            (libc::SIGHUP, "SIGHUP"),
+            (libc::SIGINT, "SIGINT"),
+            (libc::SIGQUIT, "SIGQUIT"),
+            (libc::SIGILL, "SIGILL"),
+            (libc::SIGTRAP, "SIGTRAP"),
+            (libc::SIGABRT, "SIGABRT"),
+            (libc::SIGBUS, "SIGBUS"),
+            (libc::SIGFPE, "SIGFPE"),
+            (libc::SIGKILL, "SIGKILL"),
+            (libc::SIGUSR1, "SIGUSR1"),
+            (libc::SIGSEGV, "SIGSEGV"),
+            (libc::SIGUSR2, "SIGUSR2"),
+            (libc::SIGPIPE, "SIGPIPE"),
+            (libc::SIGALRM, "SIGALRM"),
+            (libc::SIGTERM, "SIGTERM"),
+            (libc::SIGXCPU, "SIGXCPU"),
+            (libc::SIGXFSZ, "SIGXFSZ"),
+            (libc::SIGSYS, "SIGSYS"),
+        ];
+        if let Some((_, name)) = names.iter().find(|(n, _)| *n == number) {
+            return name.to_string();
+        }
+    }
+    format!("SIG?{number}")
+}
+
+fn signal_meaning(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "SIGSEGV" => "segmentation fault: invalid memory access",
+        "SIGABRT" => "aborted: abort(), a failed allocation, a panic that could not unwind, or a stack overflow",
+        "SIGBUS" => "bus error: invalid memory access",
+        "SIGILL" => "illegal instruction",
+        "SIGFPE" => "arithmetic fault",
+        "SIGKILL" => "killed: by the host (deadline, shutdown) or by the system (out of memory)",
+        "SIGXCPU" => "CPU time limit exceeded",
+        "SIGSYS" => "forbidden system call",
+        _ => return None,
+    })
+}
+
+/// Everything known about one worker crash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrashReport {
+    /// The plugin's name.
+    pub plugin: String,
+    /// How the process ended, if it could be observed.
+    pub exit: Option<ExitInfo>,
+    /// The methods that were running when it died.
+    pub in_flight: Vec<String>,
+    /// The panic message, if the plugin panicked in a way that ended the process.
+    pub panic: Option<String>,
+    /// A protocol violation that made the host cut the worker off, if that was the cause.
+    pub protocol_error: Option<String>,
+    /// The last lines the worker wrote to stderr (or stdout).
+    pub stderr_tail: Vec<String>,
+    /// How long the worker had been running.
+    pub uptime: Duration,
+}
+
+impl CrashReport {
+    /// Finds the panic message in the worker's stderr (the standard panic hook's format).
+    pub(crate) fn find_panic(lines: &[String]) -> Option<String> {
+        let i = lines.iter().rposition(|l| l.contains("panicked at"))?;
+        let head = &lines[i];
+        // Rust >= 1.73: "thread 'x' panicked at src/lib.rs:1:2:\nmessage"
+        if head.trim_end().ends_with(':') {
+            if let Some(message) = lines.get(i + 1) {
+                return Some(format!(
+                    "{} ({})",
+                    message.trim(),
+                    head.trim().trim_end_matches(':')
+                ));
+            }
+        }
+        Some(head.trim().to_string())
+    }
+}
+
+impl fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker for plugin `{}` ", self.plugin)?;
+        match &self.exit {
+            Some(exit) => write!(f, "{exit}")?,
+            None => write!(f, "ended (exit status unknown)")?,
+        }
+        match self.in_flight.as_slice() {
+            [] => {}
+            [one] => write!(f, " while running `{one}`")?,
+            many => write!(
+                f,
+                " while running {}",
+                many.iter()
+                    .map(|m| format!("`{m}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?,
+        }
+        write!(f, " after {:.1?}", self.uptime)?;
+        if let Some(p) = &self.protocol_error {
+            write!(f, "\n  protocol error: {p}")?;
+        }
+        if let Some(p) = &self.panic {
+            write!(f, "\n  panic: {p}")?;
+        }
+        if !self.stderr_tail.is_empty() {
+            write!(f, "\n  last stderr lines:")?;
+            for line in &self.stderr_tail {
+                write!(f, "\n    | {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_message_is_found_in_modern_format() {
+        let lines = vec![
+            "thread 'worker-0' panicked at plugins/faulty/src/lib.rs:10:5:".to_string(),
+            "kaboom".to_string(),
+            "note: run with `RUST_BACKTRACE=1`".to_string(),
+        ];
+        let p = CrashReport::find_panic(&lines).unwrap();
+        assert!(p.starts_with("kaboom ("), "{p}");
+        assert!(CrashReport::find_panic(&["nothing".to_string()]).is_none());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn signals_have_names() {
+        assert_eq!(signal_name(libc::SIGSEGV), "SIGSEGV");
+        assert_eq!(signal_name(libc::SIGABRT), "SIGABRT");
+        assert_eq!(signal_name(1000), "SIG?1000");
+    }
+}

@@ -1,0 +1,346 @@
+//! Framing: `[u32 LE body length][u32 LE header length][MessagePack header][payload]`.
+//!
+//! The body length is checked against the negotiated maximum before anything is allocated,
+//! so a hostile length costs nothing. The payload is raw bytes beside the header: a 1 MiB
+//! input is written from the caller's buffer with one vectored write and never re-encoded.
+
+use std::io::{self, IoSlice, Read, Write};
+
+use super::Message;
+
+/// A decoded frame.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Frame {
+    pub message: Message,
+    pub payload: Vec<u8>,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub(crate) enum FrameError {
+    /// The peer closed the connection at a frame boundary.
+    Eof,
+    /// The peer closed the connection in the middle of a frame.
+    Truncated { have: usize, need: usize },
+    /// The declared length exceeds the limit.
+    TooLarge { len: u64, max: u64 },
+    /// The bytes are not a valid frame or message.
+    Malformed(String),
+    /// The transport failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Eof => write!(f, "connection closed"),
+            FrameError::Truncated { have, need } => {
+                write!(
+                    f,
+                    "connection closed in the middle of a frame ({have} of {need} bytes)"
+                )
+            }
+            FrameError::TooLarge { len, max } => {
+                write!(f, "frame of {len} bytes exceeds the limit of {max} bytes")
+            }
+            FrameError::Malformed(m) => write!(f, "malformed frame: {m}"),
+            FrameError::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
+
+/// Encodes the length prefix and header for a frame whose payload is `payload_len` bytes.
+pub(crate) fn encode_head(message: &Message, payload_len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; 8];
+    rmp_serde::encode::write_named(&mut out, message).expect("messages always encode");
+    let head_len = out.len() - 8;
+    let body_len = 4 + head_len + payload_len;
+    out[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[4..8].copy_from_slice(&(head_len as u32).to_le_bytes());
+    out
+}
+
+/// Checks a body length read from the wire.
+fn check_len(body_len: u32, max: u32) -> Result<usize, FrameError> {
+    if body_len > max {
+        return Err(FrameError::TooLarge {
+            len: body_len as u64,
+            max: max as u64,
+        });
+    }
+    if body_len < 4 {
+        return Err(FrameError::Malformed(format!(
+            "body length {body_len} is shorter than its header length field"
+        )));
+    }
+    Ok(body_len as usize)
+}
+
+/// Splits a complete body into message and payload.
+fn decode_body(body: &[u8]) -> Result<(Message, std::ops::Range<usize>), FrameError> {
+    let head_len = u32::from_le_bytes(body[0..4].try_into().unwrap()) as usize;
+    if head_len > body.len() - 4 {
+        return Err(FrameError::Malformed(format!(
+            "header length {head_len} exceeds the body ({} bytes)",
+            body.len() - 4
+        )));
+    }
+    let message = decode_head(&body[4..4 + head_len])?;
+    Ok((message, 4 + head_len..body.len()))
+}
+
+fn decode_head(head: &[u8]) -> Result<Message, FrameError> {
+    rmp_serde::from_slice(head).map_err(|e| {
+        let preview: Vec<String> = head.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        FrameError::Malformed(format!(
+            "header is not a valid message ({e}); first bytes: {}",
+            preview.join(" ")
+        ))
+    })
+}
+
+/// Reads one frame from a blocking reader. The payload is read straight into its own
+/// buffer (no copy after the read).
+pub(crate) fn read_frame(reader: &mut impl Read, max: u32) -> Result<Frame, FrameError> {
+    let mut len = [0u8; 4];
+    read_full(reader, &mut len, true)?;
+    let body_len = check_len(u32::from_le_bytes(len), max)?;
+    let mut head_len = [0u8; 4];
+    read_full(reader, &mut head_len, false)?;
+    let head_len = u32::from_le_bytes(head_len) as usize;
+    if head_len > body_len - 4 {
+        return Err(FrameError::Malformed(format!(
+            "header length {head_len} exceeds the body ({} bytes)",
+            body_len - 4
+        )));
+    }
+    let mut head = vec![0u8; head_len];
+    read_full(reader, &mut head, false)?;
+    let message = decode_head(&head)?;
+    let mut payload = vec![0u8; body_len - 4 - head_len];
+    read_full(reader, &mut payload, false)?;
+    Ok(Frame { message, payload })
+}
+
+fn read_full(reader: &mut impl Read, buf: &mut [u8], at_boundary: bool) -> Result<(), FrameError> {
+    let mut have = 0;
+    while have < buf.len() {
+        match reader.read(&mut buf[have..]) {
+            Ok(0) if have == 0 && at_boundary => return Err(FrameError::Eof),
+            Ok(0) => {
+                return Err(FrameError::Truncated {
+                    have,
+                    need: buf.len(),
+                })
+            }
+            Ok(n) => have += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FrameError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes one frame to a blocking writer: header and payload in one vectored write where
+/// the OS allows.
+pub(crate) fn write_frame(
+    writer: &mut impl Write,
+    message: &Message,
+    payload: &[u8],
+) -> io::Result<()> {
+    let head = encode_head(message, payload.len());
+    write_all_vectored(writer, &head, payload)
+}
+
+/// Writes `a` then `b` with as few syscalls as the OS allows.
+pub(crate) fn write_all_vectored(writer: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let mut slices = [IoSlice::new(a), IoSlice::new(b)];
+    let mut bufs = &mut slices[..];
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match writer.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Incremental frame reader for a non-blocking stream: feed it bytes, take whole frames.
+pub(crate) struct FrameBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    max: u32,
+}
+
+impl FrameBuffer {
+    pub fn new(max: u32) -> Self {
+        FrameBuffer {
+            buf: Vec::with_capacity(64 * 1024),
+            start: 0,
+            max,
+        }
+    }
+
+    /// Raises (or lowers) the frame limit, e.g. after the handshake.
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+
+    /// Reads once from `reader` into the buffer. Returns the byte count (0 at EOF); a
+    /// `WouldBlock` error passes through.
+    pub fn fill(&mut self, reader: &mut impl Read) -> io::Result<usize> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        // Room for the rest of the current frame when its length is known, else 64 KiB.
+        let pending = self.buf.len() - self.start;
+        let want = match self.declared_len() {
+            Some(body) if body <= self.max as usize => (4 + body).saturating_sub(pending).max(4096),
+            _ => 64 * 1024,
+        };
+        if self.start > 0 && self.buf.capacity() - self.buf.len() < want {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + want, 0);
+        let result = reader.read(&mut self.buf[old..]);
+        let n = *result.as_ref().unwrap_or(&0);
+        self.buf.truncate(old + n);
+        result
+    }
+
+    fn declared_len(&self) -> Option<usize> {
+        let avail = &self.buf[self.start..];
+        (avail.len() >= 4).then(|| u32::from_le_bytes(avail[0..4].try_into().unwrap()) as usize)
+    }
+
+    /// Takes the next whole frame, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let Some(declared) = self.declared_len() else {
+            return Ok(None);
+        };
+        let body_len = check_len(declared as u32, self.max)?;
+        let avail = self.buf.len() - self.start;
+        if avail < 4 + body_len {
+            return Ok(None);
+        }
+        let body_start = self.start + 4;
+        let body = &self.buf[body_start..body_start + body_len];
+        let (message, range) = decode_body(body)?;
+        let payload = body[range].to_vec();
+        self.start = body_start + body_len;
+        Ok(Some(Frame { message, payload }))
+    }
+
+    /// Bytes of an incomplete frame still buffered (for truncation reports at EOF).
+    pub fn partial(&self) -> Option<(usize, usize)> {
+        let have = self.buf.len() - self.start;
+        if have == 0 {
+            return None;
+        }
+        Some((have, self.declared_len().map_or(4, |b| b + 4)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(message: &Message, payload: &[u8]) -> Vec<u8> {
+        let mut out = encode_head(message, payload.len());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn blocking_round_trip_with_payload() {
+        let msg = Message::Call {
+            id: 9,
+            method: "resize".into(),
+        };
+        let bytes = frame(&msg, b"input bytes");
+        let got = read_frame(&mut &bytes[..], 1 << 20).unwrap();
+        assert_eq!(
+            got,
+            Frame {
+                message: msg,
+                payload: b"input bytes".to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn eof_at_boundary_and_truncation_are_distinct() {
+        assert!(matches!(
+            read_frame(&mut &[][..], 1024),
+            Err(FrameError::Eof)
+        ));
+        let bytes = frame(&Message::Ping { seq: 1 }, b"");
+        let cut = &bytes[..bytes.len() - 1];
+        assert!(matches!(
+            read_frame(&mut &cut[..], 1024),
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        let bytes = u32::MAX.to_le_bytes();
+        match read_frame(&mut &bytes[..], 1024) {
+            Err(FrameError::TooLarge { len, max }) => {
+                assert_eq!((len, max), (u32::MAX as u64, 1024))
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        let mut fb = FrameBuffer::new(1024);
+        fb.fill(&mut &bytes[..]).unwrap();
+        assert!(matches!(fb.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        let mut bytes = 12u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&8u32.to_le_bytes());
+        bytes.extend_from_slice(b"\xc1garbage");
+        assert!(matches!(
+            read_frame(&mut &bytes[..], 1024),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut bad_head = 8u32.to_le_bytes().to_vec();
+        bad_head.extend_from_slice(&999u32.to_le_bytes());
+        bad_head.extend_from_slice(b"abcd");
+        assert!(matches!(
+            read_frame(&mut &bad_head[..], 1024),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn frame_buffer_reassembles_frames_split_anywhere() {
+        let a = frame(&Message::Reply { id: 1, status: 0 }, &[7u8; 10_000]);
+        let b = frame(&Message::Pong { seq: 2 }, b"");
+        let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        for chunk in [1usize, 3, 7, 4096, 100_000] {
+            let mut fb = FrameBuffer::new(1 << 20);
+            let mut frames = Vec::new();
+            for piece in all.chunks(chunk) {
+                let mut reader = piece;
+                while !reader.is_empty() {
+                    fb.fill(&mut reader).unwrap();
+                }
+                while let Some(f) = fb.next_frame().unwrap() {
+                    frames.push(f);
+                }
+            }
+            assert_eq!(frames.len(), 2, "chunk size {chunk}");
+            assert_eq!(frames[0].payload.len(), 10_000);
+            assert_eq!(frames[1].message, Message::Pong { seq: 2 });
+            assert!(fb.partial().is_none());
+        }
+    }
+}

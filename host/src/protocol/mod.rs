@@ -1,0 +1,251 @@
+//! The wire protocol between the host and a `worker-shim`: messages, framing and the
+//! handshake. Shared by both sides; `docs/protocol.md` describes it for other
+//! implementations.
+//!
+//! The protocol has its own semver ([`VERSION`]), separate from the crates' versions.
+
+pub(crate) mod frame;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol's name, sent in every `Hello`.
+pub const PROTOCOL: &str = "plugin-host-ipc";
+
+/// The protocol version this build speaks.
+pub const VERSION: &str = "0.1.0";
+
+/// Features this build offers. Unknown features from the peer are ignored.
+pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping"];
+
+/// Largest frame accepted before the `Load` message negotiates the real limit.
+pub const HANDSHAKE_MAX_FRAME: u32 = 64 * 1024;
+
+/// One message. Encoded as a MessagePack map with a `kind` field, so fields can be added
+/// without breaking older peers; an unknown `kind` decodes as [`Message::Unknown`] and is
+/// ignored. Bulk bytes (call input, reply output, configuration) travel beside the message
+/// in the frame's payload, not inside it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Message {
+    /// First message in each direction.
+    Hello {
+        /// Always [`PROTOCOL`].
+        protocol: String,
+        /// The sender's protocol version (semver).
+        version: String,
+        /// Optional capabilities.
+        #[serde(default)]
+        features: Vec<String>,
+        /// Worker -> host: the one-time token the host handed to the worker.
+        #[serde(default)]
+        token: Option<String>,
+        /// Worker -> host: the worker's process id.
+        #[serde(default)]
+        pid: Option<u32>,
+    },
+    /// Host -> worker: load this library. Payload: the MessagePack configuration.
+    Load {
+        /// The plugin's manifest name (for logs and errors).
+        name: String,
+        /// Absolute path of the library.
+        library: String,
+        /// Largest frame either side may send from now on.
+        max_frame: u64,
+        /// How many calls the worker runs at once.
+        concurrency: u32,
+        /// Resource limits to apply before loading.
+        #[serde(default)]
+        limits: WireLimits,
+    },
+    /// Worker -> host: the plugin is ready.
+    Loaded {
+        /// The name the library declares.
+        name: String,
+        /// The version the library declares.
+        version: String,
+        /// ABI major the library was built against.
+        abi_major: u16,
+        /// ABI minor the library was built against.
+        abi_minor: u16,
+        /// Method names.
+        methods: Vec<String>,
+    },
+    /// Worker -> host: loading failed.
+    LoadFailed {
+        /// One of `not_found`, `not_a_library`, `entry_missing`, `bad_descriptor`,
+        /// `abi_mismatch`, `create_failed`, `create_panicked`, `limits`.
+        reason: String,
+        /// Human-readable detail.
+        message: String,
+        /// For `abi_mismatch`: the library's (major, minor).
+        #[serde(default)]
+        abi: Option<(u16, u16)>,
+    },
+    /// Host -> worker: run a method. Payload: the input bytes.
+    Call {
+        /// Unique per connection, chosen by the host.
+        id: u64,
+        /// The method name.
+        method: String,
+    },
+    /// Worker -> host: a call's outcome. Payload: output bytes, or a UTF-8 message.
+    Reply {
+        /// The call's id.
+        id: u64,
+        /// The ABI status code (`plugin_api::abi::status`).
+        status: i32,
+    },
+    /// Host -> worker: the caller gave up on this call.
+    Cancel {
+        /// The call's id.
+        id: u64,
+    },
+    /// Worker -> host: progress of a call.
+    Event {
+        /// The call's id.
+        id: u64,
+        /// Fraction done, negative if unknown.
+        fraction: f64,
+        /// What the plugin is doing.
+        message: String,
+    },
+    /// Worker -> host: a log record.
+    Log {
+        /// `plugin_api::abi::level`.
+        level: u32,
+        /// The text.
+        message: String,
+        /// The call it was emitted from, if any.
+        #[serde(default)]
+        call: Option<u64>,
+    },
+    /// Liveness check; the peer answers with `Pong` carrying the same `seq`.
+    Ping {
+        /// Echoed back.
+        seq: u64,
+    },
+    /// Answer to `Ping`.
+    Pong {
+        /// The `Ping`'s `seq`.
+        seq: u64,
+    },
+    /// Host -> worker: finish running calls within `grace_ms`, then exit.
+    Shutdown {
+        /// Milliseconds.
+        grace_ms: u64,
+    },
+    /// A message kind this build does not know; ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Resource limits as sent in `Load`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLimits {
+    /// Address space in bytes.
+    pub memory: Option<u64>,
+    /// CPU seconds.
+    pub cpu_seconds: Option<u64>,
+    /// Open file descriptors.
+    pub open_files: Option<u64>,
+    /// Allow core files.
+    #[serde(default)]
+    pub core_dumps: bool,
+}
+
+/// Whether a peer speaking `theirs` can talk to us: same major, and the same minor while
+/// the major is 0.
+pub fn compatible(ours: &semver::Version, theirs: &semver::Version) -> bool {
+    ours.major == theirs.major && (ours.major != 0 || ours.minor == theirs.minor)
+}
+
+/// A `Hello` from this build.
+pub fn hello(token: Option<String>, pid: Option<u32>) -> Message {
+    Message::Hello {
+        protocol: PROTOCOL.to_string(),
+        version: VERSION.to_string(),
+        features: FEATURES.iter().map(|f| f.to_string()).collect(),
+        token,
+        pid,
+    }
+}
+
+/// Checks a peer's `Hello` fields; the error names both versions.
+pub fn check_hello(protocol: &str, version: &str) -> Result<(), String> {
+    if protocol != PROTOCOL {
+        return Err(format!(
+            "peer speaks protocol `{protocol}`, expected `{PROTOCOL}`"
+        ));
+    }
+    let ours = semver::Version::parse(VERSION).expect("VERSION is valid semver");
+    let theirs = semver::Version::parse(version)
+        .map_err(|e| format!("peer sent protocol version `{version}`, which is not semver: {e}"))?;
+    if !compatible(&ours, &theirs) {
+        return Err(format!(
+            "protocol version mismatch: host speaks {PROTOCOL} {ours}, worker speaks {theirs}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compatibility_follows_semver_with_zero_major_rule() {
+        let v = |s: &str| semver::Version::parse(s).unwrap();
+        assert!(compatible(&v("1.2.0"), &v("1.0.5")));
+        assert!(!compatible(&v("1.2.0"), &v("2.0.0")));
+        assert!(compatible(&v("0.3.0"), &v("0.3.9")));
+        assert!(!compatible(&v("0.3.0"), &v("0.4.0")));
+    }
+
+    #[test]
+    fn unknown_kinds_decode_as_unknown() {
+        #[derive(Serialize)]
+        struct Future {
+            kind: &'static str,
+            x: u32,
+        }
+        let bytes = rmp_serde::to_vec_named(&Future {
+            kind: "teleport",
+            x: 1,
+        })
+        .unwrap();
+        let msg: Message = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(msg, Message::Unknown);
+    }
+
+    #[test]
+    fn messages_round_trip_and_tolerate_unknown_fields() {
+        #[derive(Serialize)]
+        struct Newer {
+            kind: &'static str,
+            id: u64,
+            status: i32,
+            added_later: bool,
+        }
+        let bytes = rmp_serde::to_vec_named(&Newer {
+            kind: "reply",
+            id: 7,
+            status: 0,
+            added_later: true,
+        })
+        .unwrap();
+        let msg: Message = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(msg, Message::Reply { id: 7, status: 0 });
+        let hello = hello(Some("t".into()), Some(3));
+        let back: Message =
+            rmp_serde::from_slice(&rmp_serde::to_vec_named(&hello).unwrap()).unwrap();
+        assert_eq!(back, hello);
+    }
+
+    #[test]
+    fn hello_mismatch_names_both_versions() {
+        let err = check_hello(PROTOCOL, "9.0.0").unwrap_err();
+        assert!(err.contains(VERSION) && err.contains("9.0.0"), "{err}");
+        assert!(check_hello("http", VERSION).is_err());
+        assert!(check_hello(PROTOCOL, VERSION).is_ok());
+    }
+}

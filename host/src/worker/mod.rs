@@ -1,0 +1,437 @@
+//! The worker's side: connect to the host, handshake, load the plugin, serve calls.
+//! `src/bin/worker-shim.rs` only calls [`main`].
+//!
+//! Threads: `concurrency + 1` identical threads take turns as the reader (leader/follower).
+//! The thread that reads a `Call` runs it itself and writes the `Reply`, so a call costs no
+//! thread hand-off; while it runs, another thread holds the reader role and sees `Cancel`,
+//! `Ping` and further calls. A call read while all `concurrency` slots are busy waits in a
+//! queue that finishing threads drain first.
+
+mod limits;
+
+use std::collections::{HashMap, VecDeque};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use interprocess::local_socket::{prelude::*, GenericNamespaced, Stream};
+
+use crate::loader::{HostServices, Instance, Library};
+use crate::protocol::frame::{read_frame, write_frame, FrameError};
+use crate::protocol::{self, Message, WireLimits};
+
+/// Environment variable carrying the one-time token (not argv: argv is world-readable).
+pub const TOKEN_ENV: &str = "PLUGIN_HOST_TOKEN";
+/// Environment variable with the host's pid; the worker exits if its parent is another.
+pub const PARENT_ENV: &str = "PLUGIN_HOST_PARENT_PID";
+/// Test hook: makes the worker announce this protocol version instead of its own.
+pub const VERSION_OVERRIDE_ENV: &str = "PLUGIN_HOST_TEST_PROTOCOL_VERSION";
+
+/// Exit code when the worker cannot even reach the host.
+const EXIT_NO_HOST: u8 = 70;
+/// Exit code on a protocol violation by the host.
+const EXIT_PROTOCOL: u8 = 71;
+
+fn die(code: u8, message: &str) -> ExitCode {
+    eprintln!("worker-shim: {message}");
+    ExitCode::from(code)
+}
+
+/// The worker process's entry point: `worker-shim --connect NAME [--plugin NAME]`.
+pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if args.iter().any(|a| a == "--help" || a == "-h") || arg("--connect").is_none() {
+        eprintln!(
+            "worker-shim: runs one untrusted plugin for plugin-host.\n\
+             Started by the host, not by hand: worker-shim --connect SOCKET-NAME [--plugin NAME]\n\
+             (the one-time token comes in ${TOKEN_ENV})."
+        );
+        return ExitCode::from(2);
+    }
+    let socket = arg("--connect").unwrap_or_default();
+    let plugin = arg("--plugin").unwrap_or_else(|| "plugin".into());
+
+    #[cfg(target_os = "linux")]
+    if let Err(message) = limits::die_with_parent() {
+        return die(EXIT_NO_HOST, &message);
+    }
+    limits::stdout_to_stderr();
+
+    let token = std::env::var(TOKEN_ENV).unwrap_or_default();
+    let name = match socket.as_str().to_ns_name::<GenericNamespaced>() {
+        Ok(n) => n,
+        Err(e) => return die(EXIT_NO_HOST, &format!("bad socket name `{socket}`: {e}")),
+    };
+    let stream = match Stream::connect(name) {
+        Ok(s) => s,
+        Err(e) => {
+            return die(
+                EXIT_NO_HOST,
+                &format!("cannot connect to the host at `{socket}`: {e}"),
+            )
+        }
+    };
+    match serve(stream, &plugin, token) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => die(EXIT_PROTOCOL, &message),
+    }
+}
+
+fn send(stream: &Stream, writer: &Mutex<()>, message: &Message, payload: &[u8]) {
+    let _guard = writer.lock().unwrap_or_else(|e| e.into_inner());
+    if write_frame(&mut &*stream, message, payload).is_err() {
+        // The host is gone: nothing left to serve.
+        std::process::exit(0);
+    }
+}
+
+fn read(stream: &Stream, max: u32) -> Result<protocol::frame::Frame, String> {
+    match read_frame(&mut &*stream, max) {
+        Ok(frame) => Ok(frame),
+        Err(FrameError::Eof) => std::process::exit(0),
+        Err(e) => Err(format!("reading from the host: {e}")),
+    }
+}
+
+fn serve(stream: Stream, plugin: &str, token: String) -> Result<(), String> {
+    let writer = Mutex::new(());
+    let version = std::env::var(VERSION_OVERRIDE_ENV).ok();
+    let mut hello = protocol::hello(Some(token), Some(std::process::id()));
+    if let (Some(v), Message::Hello { version, .. }) = (version, &mut hello) {
+        *version = v;
+    }
+    send(&stream, &writer, &hello, &[]);
+    match read(&stream, protocol::HANDSHAKE_MAX_FRAME)?.message {
+        Message::Hello {
+            protocol, version, ..
+        } => protocol::check_hello(&protocol, &version)?,
+        other => return Err(format!("expected Hello from the host, got {other:?}")),
+    }
+    let load = read(&stream, protocol::HANDSHAKE_MAX_FRAME.max(16 << 20))?;
+    let Message::Load {
+        name,
+        library,
+        max_frame,
+        concurrency,
+        limits,
+    } = load.message
+    else {
+        return Err(format!(
+            "expected Load from the host, got {:?}",
+            load.message
+        ));
+    };
+    let max_frame = max_frame.clamp(4096, u32::MAX as u64) as u32;
+    let concurrency = concurrency.clamp(1, 1024);
+    let instance = match load_plugin(&name, &library, &load.payload, &limits, &stream, &writer) {
+        Ok((instance, loaded)) => {
+            send(&stream, &writer, &loaded, &[]);
+            instance
+        }
+        Err(failed) => {
+            send(&stream, &writer, &failed, &[]);
+            return Ok(());
+        }
+    };
+    let _ = plugin;
+    let shared = Arc::new(Shared {
+        stream,
+        writer,
+        reader: Mutex::new(()),
+        queue: Mutex::new(VecDeque::new()),
+        running: AtomicU32::new(0),
+        concurrency,
+        cancels: Mutex::new(HashMap::new()),
+        instance,
+        max_frame,
+        shutting_down: AtomicBool::new(false),
+    });
+    let mut threads = Vec::new();
+    for i in 0..concurrency {
+        let shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .stack_size(8 << 20)
+            .spawn(move || serve_loop(&shared))
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        threads.push(thread);
+    }
+    serve_loop(&shared);
+    Ok(())
+}
+
+/// Sends a load failure in the wire form.
+fn failed(reason: &str, message: String, abi: Option<(u16, u16)>) -> Message {
+    Message::LoadFailed {
+        reason: reason.into(),
+        message,
+        abi,
+    }
+}
+
+/// Host services during `create`: logs become `Log` frames.
+struct LoadServices<'a> {
+    stream: &'a Stream,
+    writer: &'a Mutex<()>,
+}
+
+impl HostServices for LoadServices<'_> {
+    fn log(&self, level: u32, message: &str) {
+        send(
+            self.stream,
+            self.writer,
+            &Message::Log {
+                level,
+                message: message.into(),
+                call: None,
+            },
+            &[],
+        );
+    }
+    fn progress(&self, _: f64, _: &str) {}
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
+
+fn load_plugin(
+    name: &str,
+    library: &str,
+    config: &[u8],
+    limits: &WireLimits,
+    stream: &Stream,
+    writer: &Mutex<()>,
+) -> Result<(Instance, Message), Message> {
+    use crate::error::LoadError as E;
+    if let Err(message) = limits::apply(limits) {
+        return Err(failed("limits", message, None));
+    }
+    let path = std::path::Path::new(library);
+    if !path.is_file() {
+        return Err(failed(
+            "not_found",
+            format!("{library} does not exist"),
+            None,
+        ));
+    }
+    let (lib, desc) = Library::open(path, name).map_err(|e| match e {
+        E::NotALibrary { reason, .. } => failed("not_a_library", reason, None),
+        E::EntryMissing { symbol, .. } => failed("entry_missing", symbol, None),
+        E::AbiMismatch { found, .. } => failed("abi_mismatch", e.to_string(), Some(found)),
+        other => failed("bad_descriptor", other.to_string(), None),
+    })?;
+    let services = LoadServices { stream, writer };
+    let instance = lib.create(name, config, &services).map_err(|e| match e {
+        E::CreatePanicked { message, .. } => failed("create_panicked", message, None),
+        E::CreateFailed { message, .. } => failed("create_failed", message, None),
+        other => failed("create_failed", other.to_string(), None),
+    })?;
+    let loaded = Message::Loaded {
+        name: desc.name,
+        version: desc.version,
+        abi_major: desc.abi.0,
+        abi_minor: desc.abi.1,
+        methods: desc.methods,
+    };
+    Ok((instance, loaded))
+}
+
+struct QueuedCall {
+    id: u64,
+    method: String,
+    input: Vec<u8>,
+}
+
+struct Shared {
+    stream: Stream,
+    writer: Mutex<()>,
+    reader: Mutex<()>,
+    queue: Mutex<VecDeque<QueuedCall>>,
+    running: AtomicU32,
+    concurrency: u32,
+    cancels: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    instance: Instance,
+    max_frame: u32,
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    fn try_acquire_slot(&self) -> bool {
+        self.running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.concurrency).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_slot(&self) {
+        self.running.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn take_queued(&self) -> Option<QueuedCall> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.is_empty() || !self.try_acquire_slot() {
+            return None;
+        }
+        queue.pop_front()
+    }
+
+    fn send(&self, message: &Message, payload: &[u8]) {
+        send(&self.stream, &self.writer, message, payload);
+    }
+}
+
+/// Host services during a call: logs and progress become frames tied to the call's id.
+struct CallServices<'a> {
+    shared: &'a Shared,
+    id: u64,
+    cancelled: &'a AtomicBool,
+}
+
+impl HostServices for CallServices<'_> {
+    fn log(&self, level: u32, message: &str) {
+        self.shared.send(
+            &Message::Log {
+                level,
+                message: message.into(),
+                call: Some(self.id),
+            },
+            &[],
+        );
+    }
+    fn progress(&self, fraction: f64, message: &str) {
+        self.shared.send(
+            &Message::Event {
+                id: self.id,
+                fraction,
+                message: message.into(),
+            },
+            &[],
+        );
+    }
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+}
+
+fn run_call(shared: &Shared, call: QueuedCall) {
+    let cancelled = shared
+        .cancels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&call.id)
+        .cloned()
+        .unwrap_or_default();
+    let services = CallServices {
+        shared,
+        id: call.id,
+        cancelled: &cancelled,
+    };
+    let (status, output) = shared.instance.call(&call.method, &call.input, &services);
+    shared
+        .cancels
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&call.id);
+    shared.send(
+        &Message::Reply {
+            id: call.id,
+            status,
+        },
+        &output,
+    );
+}
+
+fn serve_loop(shared: &Shared) {
+    loop {
+        if let Some(call) = shared.take_queued() {
+            run_call(shared, call);
+            shared.release_slot();
+            continue;
+        }
+        let frame = {
+            let _reader = shared.reader.lock().unwrap_or_else(|e| e.into_inner());
+            read(&shared.stream, shared.max_frame)
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(message) => {
+                eprintln!("worker-shim: {message}");
+                std::process::exit(EXIT_PROTOCOL as i32);
+            }
+        };
+        match frame.message {
+            Message::Call { id, method } => {
+                if shared.shutting_down.load(Ordering::Acquire) {
+                    let text = b"the worker is shutting down";
+                    shared.send(
+                        &Message::Reply {
+                            id,
+                            status: plugin_api::abi::status::ERROR,
+                        },
+                        text,
+                    );
+                    continue;
+                }
+                shared
+                    .cancels
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, Arc::default());
+                let call = QueuedCall {
+                    id,
+                    method,
+                    input: frame.payload,
+                };
+                if shared.try_acquire_slot() {
+                    run_call(shared, call);
+                    shared.release_slot();
+                } else {
+                    shared
+                        .queue
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_back(call);
+                }
+            }
+            Message::Cancel { id } => {
+                if let Some(flag) = shared
+                    .cancels
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&id)
+                {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
+            Message::Ping { seq } => shared.send(&Message::Pong { seq }, &[]),
+            Message::Shutdown { grace_ms } => {
+                shared.shutting_down.store(true, Ordering::Release);
+                let deadline = Instant::now() + Duration::from_millis(grace_ms);
+                // Drain: wait for running and queued calls, at most the grace period.
+                loop {
+                    let queued = shared.queue.lock().unwrap_or_else(|e| e.into_inner()).len();
+                    if (shared.running.load(Ordering::Acquire) == 0 && queued == 0)
+                        || Instant::now() >= deadline
+                    {
+                        std::process::exit(0);
+                    }
+                    if let Some(call) = shared.take_queued() {
+                        run_call(shared, call);
+                        shared.release_slot();
+                    } else {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

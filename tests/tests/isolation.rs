@@ -1,0 +1,482 @@
+//! Untrusted plugins in worker processes: calls, crash containment, handshake checks and
+//! lifecycle, through real processes.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{host, host_with_shim, manifest, run, script, worker_shim};
+use plugin_host::{CallError, CallOptions, Error, ExitInfo, LoadError, Manifest, Plugin, Trust};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Serialize)]
+struct Greet<'a> {
+    name: &'a str,
+}
+
+#[derive(Deserialize, Debug, PartialEq)]
+struct Greeting {
+    message: String,
+}
+
+fn faulty() -> Plugin {
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.limits.concurrency = 16;
+    run(host().load_manifest(m)).unwrap()
+}
+
+fn crash_of(err: &Error) -> &plugin_host::CrashReport {
+    match err {
+        Error::Call(CallError::Crashed { report, .. }) => report,
+        other => panic!("expected Crashed, got {other}"),
+    }
+}
+
+#[test]
+fn typed_and_raw_calls_cross_the_process_boundary() {
+    run(async {
+        let plugin = host()
+            .load_manifest(manifest("hello", Trust::Untrusted))
+            .await
+            .unwrap();
+        let pid = plugin.worker_pid().expect("a worker runs");
+        assert_ne!(pid, std::process::id());
+        assert_eq!(plugin.methods(), ["greet", "echo"]);
+        let out: Greeting = plugin
+            .call("greet", &Greet { name: "Grace" })
+            .await
+            .unwrap();
+        assert_eq!(out.message, "Hello, Grace!");
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(plugin.call_raw("echo", big.clone()).await.unwrap(), big);
+        assert_eq!(
+            plugin.call_raw("echo", Vec::new()).await.unwrap(),
+            Vec::<u8>::new()
+        );
+        let err = plugin
+            .call::<_, Greeting>("greet", &Greet { name: "" })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Call(CallError::Plugin { .. })),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn a_thousand_calls_from_eight_tasks_are_all_answered_correctly() {
+    let plugin = run(host().load_manifest(manifest("hello", Trust::Untrusted))).unwrap();
+    let ex = smol::Executor::new();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let plugin = plugin.clone();
+            ex.spawn(async move {
+                for i in 0..125 {
+                    let name = format!("t{t}-{i}");
+                    let out: Greeting = plugin.call("greet", &Greet { name: &name }).await.unwrap();
+                    assert_eq!(out.message, format!("Hello, {name}!"));
+                }
+            })
+        })
+        .collect();
+    run(ex.run(async {
+        for t in tasks {
+            t.await;
+        }
+    }));
+}
+
+#[test]
+fn a_panic_is_an_error_and_the_same_worker_keeps_serving() {
+    let plugin = faulty();
+    let pid = plugin.worker_pid();
+    let err = run(plugin.call::<_, ()>("panic", &json!({"message": "oh no"}))).unwrap_err();
+    assert!(
+        matches!(&err, Error::Call(CallError::Panicked { message, .. }) if message == "oh no"),
+        "{err}"
+    );
+    assert_eq!(run(plugin.call_raw("echo", b"ok".to_vec())).unwrap(), b"ok");
+    assert_eq!(plugin.worker_pid(), pid, "no restart after a caught panic");
+}
+
+fn assert_crash_then_recovery(method: &str, input: serde_json::Value, check: impl Fn(&ExitInfo)) {
+    let plugin = faulty();
+    let first_pid = plugin.worker_pid().unwrap();
+    let err = run(plugin.call::<_, ()>(method, &input)).unwrap_err();
+    let report = crash_of(&err);
+    let exit = report
+        .exit
+        .as_ref()
+        .unwrap_or_else(|| panic!("no exit status in {report}"));
+    check(exit);
+    assert_eq!(report.in_flight, [method]);
+    assert_eq!(report.plugin, "faulty");
+    assert!(err.to_string().contains(method), "{err}");
+    // The host is fine and the next call starts a fresh worker.
+    assert_eq!(
+        run(plugin.call_raw("echo", b"again".to_vec())).unwrap(),
+        b"again"
+    );
+    let second_pid = plugin.worker_pid().unwrap();
+    assert_ne!(first_pid, second_pid);
+    assert!(
+        common::wait_until(Duration::from_secs(5), || !common::process_exists(
+            first_pid
+        )),
+        "old worker reaped"
+    );
+}
+
+#[test]
+fn abort_is_reported_as_sigabrt() {
+    assert_crash_then_recovery("abort", json!(null), |e| {
+        assert_eq!(e.signal_name(), Some("SIGABRT"))
+    });
+}
+
+#[test]
+fn segfault_is_reported_as_sigsegv() {
+    assert_crash_then_recovery("segfault", json!(null), |e| {
+        assert_eq!(e.signal_name(), Some("SIGSEGV"))
+    });
+}
+
+#[test]
+fn stack_overflow_is_reported_with_its_signal() {
+    // Rust's guard-page handler turns the overflow into an abort; without it, SIGSEGV.
+    assert_crash_then_recovery("stack_overflow", json!(null), |e| {
+        assert!(
+            matches!(e.signal_name(), Some("SIGABRT" | "SIGSEGV")),
+            "{e}"
+        )
+    });
+}
+
+#[test]
+fn exit_mid_call_is_reported_with_its_code() {
+    assert_crash_then_recovery("exit", json!({"code": 42}), |e| {
+        assert_eq!(e.code(), Some(42))
+    });
+}
+
+#[test]
+fn stack_overflow_report_carries_stderr() {
+    let plugin = faulty();
+    let err = run(plugin.call::<_, ()>("stack_overflow", &json!(null))).unwrap_err();
+    let report = crash_of(&err);
+    assert!(
+        report
+            .stderr_tail
+            .iter()
+            .any(|l| l.contains("overflowed its stack")),
+        "{report}"
+    );
+}
+
+#[test]
+fn every_call_in_flight_gets_the_crash_and_other_plugins_are_untouched() {
+    let plugin = faulty();
+    let bystander = run(host().load_manifest(manifest("hello", Trust::Untrusted))).unwrap();
+    run(async {
+        let sleepers: Vec<_> = (0..8)
+            .map(|_| {
+                let p = plugin.clone();
+                smol::spawn(async move { p.call::<_, u64>("sleep", &json!({"ms": 10_000})).await })
+            })
+            .collect();
+        smol::Timer::after(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let err = plugin
+            .call::<_, ()>("segfault", &json!(null))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            crash_of(&err).exit.as_ref().and_then(|e| e.signal_name()),
+            Some("SIGSEGV")
+        );
+        for s in sleepers {
+            let err = s.await.unwrap_err();
+            let report = crash_of(&err);
+            assert!(
+                report.in_flight.iter().filter(|m| *m == "sleep").count() == 8,
+                "{report}"
+            );
+            assert!(report.in_flight.contains(&"segfault".to_string()));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "crash reported promptly"
+        );
+        let out: Greeting = bystander
+            .call("greet", &Greet { name: "still here" })
+            .await
+            .unwrap();
+        assert_eq!(out.message, "Hello, still here!");
+        assert_eq!(plugin.call_raw("echo", b"x".to_vec()).await.unwrap(), b"x");
+    });
+}
+
+#[test]
+fn progress_events_reach_their_caller() {
+    let plugin = faulty();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let options = CallOptions::new().on_progress(move |p| sink.lock().unwrap().push(p));
+    let n: u32 = run(plugin.call_with("progress", &json!({"steps": 5}), options)).unwrap();
+    assert_eq!(n, 5);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_eq!(seen[4].fraction, Some(1.0));
+    assert_eq!(seen[4].message, "step 5");
+}
+
+#[test]
+fn a_timed_out_call_is_cancelled_in_the_worker() {
+    let plugin = faulty();
+    let options = CallOptions::new().timeout(Duration::from_millis(150));
+    let err = run(plugin.call_with::<_, u64>(
+        "sleep",
+        &json!({"ms": 30_000, "cooperative": true}),
+        options,
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Call(CallError::Timeout { .. })),
+        "{err}"
+    );
+    // The cooperative sleep saw the cancellation, so the worker is free again quickly.
+    let n: u64 = run(plugin.call("sleep", &json!({"ms": 1}))).unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn create_failures_have_distinct_kinds() {
+    let load = |key: &str, value: plugin_host::toml::Value| {
+        let mut m = manifest("faulty", Trust::Untrusted);
+        m.config.insert(key.into(), value);
+        run(host().load_manifest(m)).unwrap_err()
+    };
+    let err = load("create_fail", "no licence".into());
+    assert!(
+        matches!(&err, Error::Load(LoadError::CreateFailed { message, .. }) if message == "no licence"),
+        "{err}"
+    );
+    let err = load("create_panic", "bad".into());
+    assert!(
+        matches!(&err, Error::Load(LoadError::CreatePanicked { message, .. }) if message == "bad"),
+        "{err}"
+    );
+    let err = load("create_abort", true.into());
+    match &err {
+        Error::Load(LoadError::CreateCrashed { report, .. }) => {
+            assert_eq!(
+                report.exit.as_ref().and_then(|e| e.signal_name()),
+                Some("SIGABRT")
+            )
+        }
+        other => panic!("expected CreateCrashed, got {other}"),
+    }
+}
+
+fn c_manifest(library: &str) -> Manifest {
+    let text =
+        format!("name = \"c-echo\"\nversion = \"1.0.0\"\nlibrary = \"{library}\"\napi = \"^1\"\n");
+    Manifest::parse(&text, "<test>").unwrap()
+}
+
+#[test]
+fn load_failures_in_the_worker_keep_their_kinds() {
+    let err = run(host().load_manifest(c_manifest(env!("C_ECHO_ABI99_LIBRARY")))).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Load(LoadError::AbiMismatch { found: (99, 0), .. })
+        ),
+        "{err}"
+    );
+    let err = run(host().load_manifest(c_manifest(env!("C_ECHO_NO_ENTRY_LIBRARY")))).unwrap_err();
+    assert!(
+        matches!(&err, Error::Load(LoadError::EntryMissing { .. })),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("libfake.so");
+    std::fs::write(&fake, b"not a library").unwrap();
+    let err = run(host().load_manifest(c_manifest(fake.to_str().unwrap()))).unwrap_err();
+    assert!(
+        matches!(&err, Error::Load(LoadError::NotALibrary { .. })),
+        "{err}"
+    );
+    // And the C plugin itself works isolated.
+    let plugin = run(host().load_manifest(c_manifest(env!("C_ECHO_LIBRARY")))).unwrap();
+    assert_eq!(
+        run(plugin.call::<_, String>("echo", "from C")).unwrap(),
+        "from C"
+    );
+}
+
+fn quick_connect(name: &str) -> Manifest {
+    let mut m = manifest(name, Trust::Untrusted);
+    m.timeouts.connect = Some(Duration::from_secs(1));
+    m
+}
+
+#[test]
+fn a_protocol_version_mismatch_names_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = script(
+        dir.path(),
+        "shim",
+        &format!(
+            "PLUGIN_HOST_TEST_PROTOCOL_VERSION=9.0.0 exec {} \"$@\"",
+            worker_shim().display()
+        ),
+    );
+    let err = run(host_with_shim(&shim).load_manifest(quick_connect("hello"))).unwrap_err();
+    match &err {
+        Error::Load(LoadError::ProtocolMismatch {
+            host,
+            worker,
+            message,
+            ..
+        }) => {
+            assert_eq!(worker, "9.0.0");
+            assert_eq!(host, plugin_host::protocol::VERSION);
+            assert!(
+                message.contains("9.0.0") && message.contains(host.as_str()),
+                "{message}"
+            );
+        }
+        other => panic!("expected ProtocolMismatch, got {other}"),
+    }
+}
+
+#[test]
+fn a_wrong_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = script(
+        dir.path(),
+        "shim",
+        &format!(
+            "PLUGIN_HOST_TOKEN=forged exec {} \"$@\"",
+            worker_shim().display()
+        ),
+    );
+    let err = run(host_with_shim(&shim).load_manifest(quick_connect("hello"))).unwrap_err();
+    // Refused, the forged worker sees the connection close and exits.
+    match &err {
+        Error::Load(LoadError::WorkerExited { refused, .. }) => {
+            assert_eq!(refused, &["wrong token"])
+        }
+        other => panic!("expected WorkerExited, got {other}"),
+    }
+    assert!(err.to_string().contains("wrong token"), "{err}");
+}
+
+#[test]
+fn an_impostor_is_refused_and_the_real_worker_still_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim_path = worker_shim();
+    let shim = script(
+        dir.path(),
+        "shim",
+        &format!(
+            "PLUGIN_HOST_TOKEN=forged {shim} \"$@\" 2>/dev/null &\nsleep 0.3\nexec {shim} \"$@\"",
+            shim = shim_path.display()
+        ),
+    );
+    let mut m = manifest("hello", Trust::Untrusted);
+    m.timeouts.connect = Some(Duration::from_secs(10));
+    let plugin = run(host_with_shim(&shim).load_manifest(m)).unwrap();
+    let out: Greeting = run(plugin.call("greet", &Greet { name: "real" })).unwrap();
+    assert_eq!(out.message, "Hello, real!");
+}
+
+#[test]
+fn a_worker_that_never_connects_times_out_with_its_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = script(
+        dir.path(),
+        "shim",
+        "echo 'starting up slowly' >&2\nexec sleep 30",
+    );
+    let err = run(host_with_shim(&shim).load_manifest(quick_connect("hello"))).unwrap_err();
+    match &err {
+        Error::Load(LoadError::WorkerTimeout {
+            exit,
+            stderr,
+            after,
+            ..
+        }) => {
+            assert_eq!(*after, Duration::from_secs(1));
+            assert_eq!(exit.as_ref().and_then(|e| e.signal_name()), Some("SIGKILL"));
+            assert_eq!(stderr, &["starting up slowly"]);
+        }
+        other => panic!("expected WorkerTimeout, got {other}"),
+    }
+}
+
+#[test]
+fn a_worker_that_exits_before_connecting_reports_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let shim = script(dir.path(), "shim", "echo 'missing libfoo' >&2\nexit 3");
+    let err = run(host_with_shim(&shim).load_manifest(quick_connect("hello"))).unwrap_err();
+    match &err {
+        Error::Load(LoadError::WorkerExited { exit, stderr, .. }) => {
+            assert_eq!(exit.as_ref().and_then(ExitInfo::code), Some(3));
+            assert_eq!(stderr, &["missing libfoo"]);
+        }
+        other => panic!("expected WorkerExited, got {other}"),
+    }
+    let err = run(
+        host_with_shim(std::path::Path::new("/nonexistent/worker-shim"))
+            .load_manifest(quick_connect("hello")),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Load(LoadError::WorkerSpawn { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn shutdown_lets_calls_finish_then_ends_the_worker() {
+    let plugin = faulty();
+    let pid = plugin.worker_pid().unwrap();
+    run(async {
+        let p = plugin.clone();
+        let call = smol::spawn(async move { p.call::<_, u64>("sleep", &json!({"ms": 300})).await });
+        smol::Timer::after(Duration::from_millis(50)).await;
+        plugin.shutdown().await;
+        assert_eq!(call.await.unwrap(), 300, "the call in flight finished");
+    });
+    assert!(matches!(
+        run(plugin.call_raw("echo", vec![])),
+        Err(Error::Call(CallError::Stopped { .. }))
+    ));
+    assert!(
+        common::wait_until(Duration::from_secs(5), || !common::process_exists(pid)),
+        "worker gone"
+    );
+}
+
+#[test]
+fn dropping_the_plugin_kills_and_reaps_its_worker() {
+    let plugin = faulty();
+    let pid = plugin.worker_pid().unwrap();
+    let clone = plugin.clone();
+    drop(plugin);
+    assert!(
+        common::process_exists(pid),
+        "a clone still holds the plugin"
+    );
+    drop(clone);
+    assert!(
+        common::wait_until(Duration::from_secs(5), || !common::process_exists(pid)),
+        "worker {pid} reaped"
+    );
+}
