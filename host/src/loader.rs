@@ -206,8 +206,9 @@ unsafe impl Send for Instance {}
 unsafe impl Sync for Instance {}
 
 impl Instance {
-    /// Calls `method` and returns the status code and the output (or message) bytes.
-    pub fn call(&self, method: &str, input: &[u8], services: &dyn HostServices) -> (i32, Vec<u8>) {
+    /// Calls `method` and returns the status code and the output (or message) bytes,
+    /// still in the plugin's buffer (freed when the [`Output`] is dropped).
+    pub fn call(&self, method: &str, input: &[u8], services: &dyn HostServices) -> (i32, Output) {
         let mut output = Buffer::EMPTY;
         let status = with_context(services, |ctx| {
             // SAFETY: the instance is alive (we hold it), and every pointer is valid for
@@ -224,7 +225,41 @@ impl Instance {
                 )
             }
         });
-        (status, take_bytes(self.descriptor, output))
+        (
+            status,
+            Output {
+                descriptor: self.descriptor,
+                buffer: output,
+            },
+        )
+    }
+}
+
+/// Bytes a plugin returned, still in its own allocation; given back on drop.
+pub(crate) struct Output {
+    descriptor: &'static PluginDescriptor,
+    buffer: Buffer,
+}
+
+impl Output {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        if self.buffer.ptr.is_null() || self.buffer.len == 0 {
+            return &[];
+        }
+        // SAFETY: a non-null buffer from the plugin holds `len` initialised bytes until
+        // we give it back in `drop`.
+        unsafe { std::slice::from_raw_parts(self.buffer.ptr, self.buffer.len) }
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if !self.buffer.ptr.is_null() {
+            let buffer = std::mem::replace(&mut self.buffer, Buffer::EMPTY);
+            // SAFETY: the buffer came from this plugin and is freed exactly once.
+            unsafe { (self.descriptor.free_buffer)(buffer) };
+        }
     }
 }
 

@@ -100,8 +100,14 @@ impl Backend for InProcess {
                 progress: call.progress.as_ref(),
                 cancelled: &call.cancelled,
             };
-            let (code, bytes) = instance.call(&call.method, &call.input, &services);
-            outcome(&name, &call.method, &methods, code, bytes)
+            let (code, output) = instance.call(&call.method, &call.input, &services);
+            outcome(
+                &name,
+                &call.method,
+                &methods,
+                code,
+                output.as_slice().to_vec(),
+            )
         }))
     }
 

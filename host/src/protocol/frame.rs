@@ -168,19 +168,38 @@ pub(crate) fn write_all_vectored(writer: &mut impl Write, a: &[u8], b: &[u8]) ->
     Ok(())
 }
 
+/// Payloads at least this large are read straight into their own buffer.
+const DIRECT_PAYLOAD: usize = 64 * 1024;
+
+/// A large frame whose header is decoded and whose payload is still arriving.
+struct Partial {
+    message: Message,
+    payload: Vec<u8>,
+    len: usize,
+}
+
 /// Incremental frame reader for a non-blocking stream: feed it bytes, take whole frames.
+///
+/// Small frames are parsed out of one shared buffer. For a large payload, once its header
+/// is in, the payload gets its own exactly-sized buffer and the socket is read straight
+/// into it: no copy after the read, no zero-filling.
 pub(crate) struct FrameBuffer {
+    /// Always initialised; valid data is `buf[start..end]`.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     max: u32,
+    partial: Option<Partial>,
 }
 
 impl FrameBuffer {
     pub fn new(max: u32) -> Self {
         FrameBuffer {
-            buf: Vec::with_capacity(64 * 1024),
+            buf: vec![0; 64 * 1024],
             start: 0,
+            end: 0,
             max,
+            partial: None,
         }
     }
 
@@ -189,47 +208,91 @@ impl FrameBuffer {
         self.max = max;
     }
 
-    /// Reads once from `reader` into the buffer. Returns the byte count (0 at EOF); a
-    /// `WouldBlock` error passes through.
+    /// Reads once from `reader`. Returns the byte count (0 at EOF); a `WouldBlock` error
+    /// passes through.
     pub fn fill(&mut self, reader: &mut impl Read) -> io::Result<usize> {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
+        if let Some(p) = &mut self.partial {
+            let before = p.payload.len();
+            let result = reader
+                .take((p.len - before) as u64)
+                .read_to_end(&mut p.payload);
+            let got = p.payload.len() - before;
+            return match result {
+                Err(e) if got == 0 => Err(e),
+                _ => Ok(got),
+            };
         }
-        // Room for the rest of the current frame when its length is known, else 64 KiB.
-        let pending = self.buf.len() - self.start;
-        let want = match self.declared_len() {
-            Some(body) if body <= self.max as usize => (4 + body).saturating_sub(pending).max(4096),
-            _ => 64 * 1024,
-        };
-        if self.start > 0 && self.buf.capacity() - self.buf.len() < want {
-            self.buf.drain(..self.start);
+        if self.start == self.end {
             self.start = 0;
+            self.end = 0;
         }
-        let old = self.buf.len();
-        self.buf.resize(old + want, 0);
-        let result = reader.read(&mut self.buf[old..]);
-        let n = *result.as_ref().unwrap_or(&0);
-        self.buf.truncate(old + n);
-        result
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                // Grow once; the new space is zeroed only this one time.
+                let len = self.buf.len() * 2;
+                self.buf.resize(len, 0);
+            }
+        }
+        let n = reader.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
     }
 
     fn declared_len(&self) -> Option<usize> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         (avail.len() >= 4).then(|| u32::from_le_bytes(avail[0..4].try_into().unwrap()) as usize)
     }
 
     /// Takes the next whole frame, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if let Some(p) = &self.partial {
+            if p.payload.len() < p.len {
+                return Ok(None);
+            }
+            let p = self.partial.take().unwrap();
+            return Ok(Some(Frame {
+                message: p.message,
+                payload: p.payload,
+            }));
+        }
         let Some(declared) = self.declared_len() else {
             return Ok(None);
         };
         let body_len = check_len(declared as u32, self.max)?;
-        let avail = self.buf.len() - self.start;
+        let avail = self.end - self.start;
+        let body_start = self.start + 4;
         if avail < 4 + body_len {
+            // A large payload: once the header is here, read the rest into its own buffer.
+            if avail >= 8 && body_len >= DIRECT_PAYLOAD {
+                let head_len =
+                    u32::from_le_bytes(self.buf[body_start..body_start + 4].try_into().unwrap())
+                        as usize;
+                if head_len > body_len - 4 {
+                    return Err(FrameError::Malformed(format!(
+                        "header length {head_len} exceeds the body ({} bytes)",
+                        body_len - 4
+                    )));
+                }
+                let payload_start = body_start + 4 + head_len;
+                if avail >= 8 + head_len {
+                    let message = decode_head(&self.buf[body_start + 4..payload_start])?;
+                    let len = body_len - 4 - head_len;
+                    let mut payload = Vec::with_capacity(len);
+                    payload.extend_from_slice(&self.buf[payload_start..self.end]);
+                    self.start = self.end;
+                    self.partial = Some(Partial {
+                        message,
+                        payload,
+                        len,
+                    });
+                }
+            }
             return Ok(None);
         }
-        let body_start = self.start + 4;
         let body = &self.buf[body_start..body_start + body_len];
         let (message, range) = decode_body(body)?;
         let payload = body[range].to_vec();
@@ -239,7 +302,10 @@ impl FrameBuffer {
 
     /// Bytes of an incomplete frame still buffered (for truncation reports at EOF).
     pub fn partial(&self) -> Option<(usize, usize)> {
-        let have = self.buf.len() - self.start;
+        if let Some(p) = &self.partial {
+            return Some((p.payload.len(), p.len));
+        }
+        let have = self.end - self.start;
         if have == 0 {
             return None;
         }

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::io::BufReader;
+
 use interprocess::local_socket::{prelude::*, GenericNamespaced, Stream};
 
 use crate::loader::{HostServices, Instance, Library};
@@ -84,16 +86,42 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn send(stream: &Stream, writer: &Mutex<()>, message: &Message, payload: &[u8]) {
-    let _guard = writer.lock().unwrap_or_else(|e| e.into_inner());
-    if write_frame(&mut &*stream, message, payload).is_err() {
+/// The connection, shared by the reading and the writing side (`&Stream` does both).
+struct SharedStream(Arc<Stream>);
+
+impl std::io::Read for SharedStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl std::io::Write for SharedStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        (&*self.0).write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The sending side; whole frames are written under its lock.
+type Writer = Mutex<SharedStream>;
+/// The receiving side, buffered: one read syscall can bring in many pipelined calls.
+type Reader = BufReader<SharedStream>;
+
+fn send(writer: &Writer, message: &Message, payload: &[u8]) {
+    let mut half = writer.lock().unwrap_or_else(|e| e.into_inner());
+    if write_frame(&mut *half, message, payload).is_err() {
         // The host is gone: nothing left to serve.
         std::process::exit(0);
     }
 }
 
-fn read(stream: &Stream, max: u32) -> Result<protocol::frame::Frame, String> {
-    match read_frame(&mut &*stream, max) {
+fn read(reader: &mut Reader, max: u32) -> Result<protocol::frame::Frame, String> {
+    match read_frame(reader, max) {
         Ok(frame) => Ok(frame),
         Err(FrameError::Eof) => std::process::exit(0),
         Err(e) => Err(format!("reading from the host: {e}")),
@@ -101,20 +129,22 @@ fn read(stream: &Stream, max: u32) -> Result<protocol::frame::Frame, String> {
 }
 
 fn serve(stream: Stream, plugin: &str, token: String) -> Result<(), String> {
-    let writer = Mutex::new(());
+    let stream = Arc::new(stream);
+    let mut reader = BufReader::with_capacity(64 * 1024, SharedStream(stream.clone()));
+    let writer = Mutex::new(SharedStream(stream));
     let version = std::env::var(VERSION_OVERRIDE_ENV).ok();
     let mut hello = protocol::hello(Some(token), Some(std::process::id()));
     if let (Some(v), Message::Hello { version, .. }) = (version, &mut hello) {
         *version = v;
     }
-    send(&stream, &writer, &hello, &[]);
-    match read(&stream, protocol::HANDSHAKE_MAX_FRAME)?.message {
+    send(&writer, &hello, &[]);
+    match read(&mut reader, protocol::HANDSHAKE_MAX_FRAME)?.message {
         Message::Hello {
             protocol, version, ..
         } => protocol::check_hello(&protocol, &version)?,
         other => return Err(format!("expected Hello from the host, got {other:?}")),
     }
-    let load = read(&stream, protocol::HANDSHAKE_MAX_FRAME.max(16 << 20))?;
+    let load = read(&mut reader, protocol::HANDSHAKE_MAX_FRAME.max(16 << 20))?;
     let Message::Load {
         name,
         library,
@@ -130,21 +160,20 @@ fn serve(stream: Stream, plugin: &str, token: String) -> Result<(), String> {
     };
     let max_frame = max_frame.clamp(4096, u32::MAX as u64) as u32;
     let concurrency = concurrency.clamp(1, 1024);
-    let instance = match load_plugin(&name, &library, &load.payload, &limits, &stream, &writer) {
+    let instance = match load_plugin(&name, &library, &load.payload, &limits, &writer) {
         Ok((instance, loaded)) => {
-            send(&stream, &writer, &loaded, &[]);
+            send(&writer, &loaded, &[]);
             instance
         }
         Err(failed) => {
-            send(&stream, &writer, &failed, &[]);
+            send(&writer, &failed, &[]);
             return Ok(());
         }
     };
     let _ = plugin;
     let shared = Arc::new(Shared {
-        stream,
         writer,
-        reader: Mutex::new(()),
+        reader: Mutex::new(reader),
         queue: Mutex::new(VecDeque::new()),
         running: AtomicU32::new(0),
         concurrency,
@@ -178,14 +207,12 @@ fn failed(reason: &str, message: String, abi: Option<(u16, u16)>) -> Message {
 
 /// Host services during `create`: logs become `Log` frames.
 struct LoadServices<'a> {
-    stream: &'a Stream,
-    writer: &'a Mutex<()>,
+    writer: &'a Writer,
 }
 
 impl HostServices for LoadServices<'_> {
     fn log(&self, level: u32, message: &str) {
         send(
-            self.stream,
             self.writer,
             &Message::Log {
                 level,
@@ -206,8 +233,7 @@ fn load_plugin(
     library: &str,
     config: &[u8],
     limits: &WireLimits,
-    stream: &Stream,
-    writer: &Mutex<()>,
+    writer: &Writer,
 ) -> Result<(Instance, Message), Message> {
     use crate::error::LoadError as E;
     if let Err(message) = limits::apply(limits) {
@@ -227,7 +253,7 @@ fn load_plugin(
         E::AbiMismatch { found, .. } => failed("abi_mismatch", e.to_string(), Some(found)),
         other => failed("bad_descriptor", other.to_string(), None),
     })?;
-    let services = LoadServices { stream, writer };
+    let services = LoadServices { writer };
     let instance = lib.create(name, config, &services).map_err(|e| match e {
         E::CreatePanicked { message, .. } => failed("create_panicked", message, None),
         E::CreateFailed { message, .. } => failed("create_failed", message, None),
@@ -250,9 +276,8 @@ struct QueuedCall {
 }
 
 struct Shared {
-    stream: Stream,
-    writer: Mutex<()>,
-    reader: Mutex<()>,
+    writer: Writer,
+    reader: Mutex<Reader>,
     queue: Mutex<VecDeque<QueuedCall>>,
     running: AtomicU32,
     concurrency: u32,
@@ -284,7 +309,7 @@ impl Shared {
     }
 
     fn send(&self, message: &Message, payload: &[u8]) {
-        send(&self.stream, &self.writer, message, payload);
+        send(&self.writer, message, payload);
     }
 }
 
@@ -345,7 +370,8 @@ fn run_call(shared: &Shared, call: QueuedCall) {
             id: call.id,
             status,
         },
-        &output,
+        // Written straight from the plugin's buffer.
+        output.as_slice(),
     );
 }
 
@@ -357,8 +383,8 @@ fn serve_loop(shared: &Shared) {
             continue;
         }
         let frame = {
-            let _reader = shared.reader.lock().unwrap_or_else(|e| e.into_inner());
-            read(&shared.stream, shared.max_frame)
+            let mut reader = shared.reader.lock().unwrap_or_else(|e| e.into_inner());
+            read(&mut reader, shared.max_frame)
         };
         let frame = match frame {
             Ok(f) => f,

@@ -1,6 +1,8 @@
 //! `plugin-host`: list, inspect, check and call plugins from the command line, and run the
 //! demo. Errors go to stderr; the exit code tells the kind of failure (see `--help`).
 
+#[cfg(unix)]
+mod bench;
 mod demo;
 mod json;
 
@@ -65,6 +67,25 @@ enum Command {
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
     },
+    /// Measure call latency, throughput and cold start against raw baselines.
+    Bench {
+        /// Directory holding the example plugins' manifests (uses hello).
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+        /// A short run (seconds) to check the command works; figures are noisy.
+        #[arg(long)]
+        quick: bool,
+        /// Keep one CPU busy with a spinning thread while measuring, so idle-CPU wake-up
+        /// latency (large on virtual machines) does not dominate small round trips.
+        #[arg(long)]
+        warm: bool,
+    },
+    /// Internal: the raw echo peer the benchmark spawns as its baseline.
+    #[command(hide = true)]
+    BenchEchoServer {
+        /// The local socket name to connect to.
+        socket: String,
+    },
 }
 
 /// Maps an error to the documented exit code.
@@ -123,6 +144,23 @@ fn main() -> ExitCode {
         } => call(&host, &manifest, &method, &json, timeout),
         Command::Check { dir } => check(&host, &dir),
         Command::Demo { plugins } => demo::run(&host, &plugins),
+        #[cfg(unix)]
+        Command::Bench {
+            plugins,
+            quick,
+            warm,
+        } => bench::run(
+            &bench::Settings {
+                plugins,
+                quick,
+                warm,
+            },
+            &host,
+        ),
+        #[cfg(unix)]
+        Command::BenchEchoServer { socket } => bench::echo_server(&socket),
+        #[cfg(not(unix))]
+        Command::Bench { .. } | Command::BenchEchoServer { .. } => usage("bench runs on Unix only"),
     }
 }
 

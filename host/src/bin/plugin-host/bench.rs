@@ -1,0 +1,381 @@
+//! `plugin-host bench`: measures an isolated plugin against raw baselines measured in the
+//! same run, and prints median, p99 and the ratio for each figure.
+//!
+//! Baselines: a raw Unix-socket echo in a child process (length-prefixed frames of the same
+//! sizes, one in flight and 64 in flight), and a bare spawn-and-connect for cold start.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use interprocess::local_socket::{
+    prelude::*, GenericNamespaced, Listener, ListenerOptions, Stream,
+};
+use plugin_host::{Host, Manifest, Plugin, Trust};
+
+/// Settings for one run.
+pub struct Settings {
+    pub plugins: PathBuf,
+    pub quick: bool,
+    pub warm: bool,
+}
+
+struct Stats {
+    median: Duration,
+    p99: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        median: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+fn fmt(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us >= 10_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.1} us")
+    }
+}
+
+fn size_name(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+/// The child side of the raw baseline: connect, then echo length-prefixed frames.
+pub fn echo_server(socket: &str) -> ExitCode {
+    let Ok(name) = socket.to_ns_name::<GenericNamespaced>() else {
+        return ExitCode::from(2);
+    };
+    let Ok(stream) = Stream::connect(name) else {
+        return ExitCode::from(1);
+    };
+    let mut stream = &stream;
+    // One buffer holds the length prefix and the body, so each reply is one write.
+    let mut buf = vec![0u8; 4];
+    loop {
+        buf.truncate(4);
+        if stream.read_exact(&mut buf).is_err() {
+            return ExitCode::SUCCESS;
+        }
+        let n = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+        buf.resize(4 + n, 0);
+        if stream.read_exact(&mut buf[4..]).is_err() || stream.write_all(&buf).is_err() {
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+struct RawPeer {
+    child: Child,
+    stream: UnixStream,
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn listen() -> std::io::Result<(String, UnixListener)> {
+    let name = format!(
+        "plugin-host-bench-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    );
+    let listener = ListenerOptions::new()
+        .name(name.as_str().to_ns_name::<GenericNamespaced>()?)
+        .create_sync()?;
+    #[allow(irrefutable_let_patterns)]
+    let Listener::UdSocket(listener) = listener
+    else {
+        unreachable!()
+    };
+    Ok((name, UnixListener::from(listener)))
+}
+
+/// Spawns the echo child and accepts its connection: the bare spawn-and-connect.
+fn spawn_raw_peer() -> std::io::Result<RawPeer> {
+    let (name, listener) = listen()?;
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .arg("bench-echo-server")
+        .arg(&name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let (stream, _) = listener.accept()?;
+    Ok(RawPeer { child, stream })
+}
+
+/// One request/reply. `frame` is the length prefix and payload in one buffer (one write).
+fn raw_round_trip(stream: &mut UnixStream, frame: &[u8], reply: &mut Vec<u8>) {
+    stream.write_all(frame).unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    reply.resize(u32::from_le_bytes(len) as usize, 0);
+    stream.read_exact(reply).unwrap();
+}
+
+fn raw_frame(size: usize) -> Vec<u8> {
+    let mut frame = (size as u32).to_le_bytes().to_vec();
+    frame.resize(4 + size, 7);
+    frame
+}
+
+/// The raw round trip, measured twice: with blocking reads, and with the same async-io
+/// reactor wait the host uses. The faster of the two is the baseline, so the ratio never
+/// flatters us because of how the baseline waits.
+fn raw_latency(size: usize, iterations: usize) -> Stats {
+    let mut peer = spawn_raw_peer().expect("start the raw echo baseline");
+    let payload = raw_frame(size);
+    let mut reply = Vec::new();
+    for _ in 0..iterations / 10 + 1 {
+        raw_round_trip(&mut peer.stream, &payload, &mut reply);
+    }
+    let blocking = stats(
+        (0..iterations)
+            .map(|_| {
+                let t = Instant::now();
+                raw_round_trip(&mut peer.stream, &payload, &mut reply);
+                t.elapsed()
+            })
+            .collect(),
+    );
+    let stream = smol::Async::new(peer.stream.try_clone().unwrap()).unwrap();
+    let reactor = smol::block_on(async {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let mut samples = Vec::with_capacity(iterations);
+        for i in 0..iterations + iterations / 10 {
+            let t = Instant::now();
+            (&stream).write_all(&payload).await.unwrap();
+            let mut len = [0u8; 4];
+            (&stream).read_exact(&mut len).await.unwrap();
+            reply.resize(u32::from_le_bytes(len) as usize, 0);
+            (&stream).read_exact(&mut reply).await.unwrap();
+            if i >= iterations / 10 {
+                samples.push(t.elapsed());
+            }
+        }
+        stats(samples)
+    });
+    if reactor.median < blocking.median {
+        reactor
+    } else {
+        blocking
+    }
+}
+
+/// Calls per second with `depth` 16-byte requests kept in flight, raw: write `depth`
+/// frames, then one more for each reply read.
+fn raw_pipelined(depth: usize, total: usize) -> f64 {
+    let mut peer = spawn_raw_peer().expect("start the raw echo baseline");
+    let mut frame = 16u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&[7u8; 16]);
+    let started = Instant::now();
+    let (mut sent, mut received) = (0, 0);
+    let mut buf = [0u8; 20];
+    while received < total {
+        while sent < total && sent - received < depth {
+            peer.stream.write_all(&frame).unwrap();
+            sent += 1;
+        }
+        peer.stream.read_exact(&mut buf).unwrap();
+        received += 1;
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+fn plugin_latency(plugin: &Plugin, size: usize, iterations: usize) -> Stats {
+    let payload = vec![7u8; size];
+    smol::block_on(async {
+        for _ in 0..iterations / 10 + 1 {
+            plugin.call_raw("echo", payload.clone()).await.unwrap();
+        }
+        let mut samples = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let input = payload.clone();
+            let t = Instant::now();
+            let out = plugin.call_raw("echo", input).await.unwrap();
+            samples.push(t.elapsed());
+            debug_assert_eq!(out.len(), size);
+        }
+        stats(samples)
+    })
+}
+
+fn plugin_pipelined(plugin: &Plugin, depth: usize, total: usize) -> f64 {
+    let ex = smol::LocalExecutor::new();
+    let per_task = total / depth;
+    let started = Instant::now();
+    smol::block_on(ex.run(async {
+        let tasks: Vec<_> = (0..depth)
+            .map(|_| {
+                let plugin = plugin.clone();
+                ex.spawn(async move {
+                    for _ in 0..per_task {
+                        plugin.call_raw("echo", vec![7u8; 16]).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    }));
+    (per_task * depth) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn line(name: &str, s: &Stats, base: &Stats, target: &str) {
+    let ratio = s.median.as_secs_f64() / base.median.as_secs_f64();
+    println!(
+        "{name:<34} median {:>10}  p99 {:>10}  ratio {ratio:>5.2}x  {target}",
+        fmt(s.median),
+        fmt(s.p99)
+    );
+}
+
+fn baseline(name: &str, s: &Stats) {
+    println!(
+        "{name:<34} median {:>10}  p99 {:>10}  (baseline)",
+        fmt(s.median),
+        fmt(s.p99)
+    );
+}
+
+pub fn run(settings: &Settings, host: &Host) -> ExitCode {
+    let backtrace = std::env::var("RUST_BACKTRACE").unwrap_or_default();
+    // Errors are not on the measured path, but measure without backtrace capture anyway:
+    // the variable is removed before any thread or worker starts.
+    // SAFETY (of the environment change): no other thread exists yet in this process.
+    std::env::remove_var("RUST_BACKTRACE");
+    let spinning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(settings.warm));
+    if settings.warm {
+        // Keeps one CPU from going idle, so wake-ups cost what they cost on a busy machine
+        // rather than a virtual CPU's exit from idle.
+        let spinning = spinning.clone();
+        std::thread::spawn(move || {
+            while spinning.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+    }
+    let (n_small, n_big, total) = if settings.quick {
+        (200, 10, 2_000)
+    } else {
+        (5_000, 200, 100_000)
+    };
+    println!(
+        "plugin-host bench: {} CPUs, RUST_BACKTRACE={:?} in the environment (removed for the run)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        backtrace
+    );
+    println!(
+        "one call in flight unless stated; ratios are against baselines measured in this run\n"
+    );
+
+    let manifest_path = settings.plugins.join("hello/plugin.toml");
+    let load = |trust: Trust| -> Result<Plugin, plugin_host::Error> {
+        let mut m = Manifest::from_file(&manifest_path)?;
+        m.trust = trust;
+        smol::block_on(host.load_manifest(m))
+    };
+    let isolated = match load(Trust::Untrusted) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(4);
+        }
+    };
+    let in_process = match load(Trust::Trusted) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(4);
+        }
+    };
+
+    for (size, iterations, target) in [
+        (16, n_small, "target <= 1.5x"),
+        (4096, n_small, ""),
+        (1 << 20, n_big, "target <= 2x"),
+    ] {
+        let raw = raw_latency(size, iterations);
+        let ours = plugin_latency(&isolated, size, iterations);
+        baseline(&format!("raw socket echo {}", size_name(size)), &raw);
+        line(
+            &format!("isolated call {}", size_name(size)),
+            &ours,
+            &raw,
+            target,
+        );
+        if size == 16 {
+            let inproc = plugin_latency(&in_process, size, iterations);
+            line("in-process call 16 B (vs raw)", &inproc, &raw, "");
+        }
+    }
+
+    let depth = 64;
+    let raw_rate = raw_pipelined(depth, total);
+    let our_rate = plugin_pipelined(&isolated, depth, total);
+    println!(
+        "{:<34} {:>10.0} calls/s  (baseline)",
+        format!("raw socket, {depth} in flight"),
+        raw_rate
+    );
+    println!(
+        "{:<34} {:>10.0} calls/s  ratio {:>5.2}x  target >= 0.5x",
+        format!("isolated, {depth} in flight"),
+        our_rate,
+        our_rate / raw_rate
+    );
+
+    let starts = if settings.quick { 5 } else { 30 };
+    let bare = stats(
+        (0..starts)
+            .map(|_| {
+                let t = Instant::now();
+                let mut peer = spawn_raw_peer().expect("spawn the baseline peer");
+                let mut reply = Vec::new();
+                raw_round_trip(&mut peer.stream, &raw_frame(16), &mut reply);
+                let d = t.elapsed();
+                drop(peer);
+                d
+            })
+            .collect(),
+    );
+    let cold = stats(
+        (0..starts)
+            .map(|_| {
+                let t = Instant::now();
+                let plugin = load(Trust::Untrusted).expect("load the plugin");
+                smol::block_on(plugin.call_raw("echo", vec![1u8; 16])).unwrap();
+                let d = t.elapsed();
+                smol::block_on(plugin.shutdown());
+                d
+            })
+            .collect(),
+    );
+    baseline("bare spawn + connect + echo", &bare);
+    line(
+        "cold start (spawn..first reply)",
+        &cold,
+        &bare,
+        "target <= 3x",
+    );
+    smol::block_on(isolated.shutdown());
+    spinning.store(false, std::sync::atomic::Ordering::Relaxed);
+    ExitCode::SUCCESS
+}
