@@ -3,6 +3,13 @@
 use std::fmt;
 use std::time::Duration;
 
+/// The line a worker prints after a panic it caught (so reports do not blame it).
+pub(crate) const CAUGHT_PANIC_MARKER: &str =
+    "worker-shim: the panic above was caught and returned to the caller as an error";
+
+/// How many stderr lines `Display` shows (the report keeps more).
+const DISPLAY_STDERR_LINES: usize = 12;
+
 /// How a worker process ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitInfo {
@@ -143,6 +150,10 @@ impl CrashReport {
     /// Finds the panic message in the worker's stderr (the standard panic hook's format).
     pub(crate) fn find_panic(lines: &[String]) -> Option<String> {
         let i = lines.iter().rposition(|l| l.contains("panicked at"))?;
+        if lines[i..].iter().any(|l| l == CAUGHT_PANIC_MARKER) {
+            // That panic was caught and returned as an error; it is not why the worker died.
+            return None;
+        }
         let head = &lines[i];
         // Rust >= 1.73: "thread 'x' panicked at src/lib.rs:1:2:\nmessage"
         if head.trim_end().ends_with(':') {
@@ -185,8 +196,9 @@ impl fmt::Display for CrashReport {
             write!(f, "\n  panic: {p}")?;
         }
         if !self.stderr_tail.is_empty() {
+            let skip = self.stderr_tail.len().saturating_sub(DISPLAY_STDERR_LINES);
             write!(f, "\n  last stderr lines:")?;
-            for line in &self.stderr_tail {
+            for line in &self.stderr_tail[skip..] {
                 write!(f, "\n    | {line}")?;
             }
         }
@@ -208,6 +220,12 @@ mod tests {
         let p = CrashReport::find_panic(&lines).unwrap();
         assert!(p.starts_with("kaboom ("), "{p}");
         assert!(CrashReport::find_panic(&["nothing".to_string()]).is_none());
+        let mut caught = lines.clone();
+        caught.push(CAUGHT_PANIC_MARKER.to_string());
+        assert!(
+            CrashReport::find_panic(&caught).is_none(),
+            "a caught panic is not the cause"
+        );
     }
 
     #[cfg(unix)]

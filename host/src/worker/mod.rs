@@ -360,6 +360,10 @@ fn run_call(shared: &Shared, call: QueuedCall) {
         cancelled: &cancelled,
     };
     let (status, output) = shared.instance.call(&call.method, &call.input, &services);
+    if status == plugin_api::abi::status::PANIC {
+        // Tells crash reports that the panic printed above did not end the process.
+        eprintln!("{}", crate::crash::CAUGHT_PANIC_MARKER);
+    }
     shared
         .cancels
         .lock()

@@ -1,0 +1,216 @@
+//! The `plugin-host` command line, end to end: output, and exit codes that differ by kind.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{artifacts, repo};
+
+/// Runs `plugin-host ARGS` from the repository root with a deadline.
+fn cli(args: &[&str]) -> Output {
+    let exe = artifacts().join("plugin-host");
+    let mut child = Command::new(exe)
+        .args(args)
+        .current_dir(repo())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("plugin-host {args:?} did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_code(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+#[test]
+fn call_prints_json_output() {
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--json",
+        r#"{"name":"CLI"}"#,
+    ]);
+    assert_code(&o, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v, serde_json::json!({"message": "Hello, CLI!"}));
+}
+
+#[test]
+fn a_crash_prints_the_report_and_exits_6() {
+    let o = cli(&["call", "plugins/faulty/plugin.toml", "segfault"]);
+    assert_code(&o, 6);
+    assert!(stderr(&o).contains("SIGSEGV"), "{}", stderr(&o));
+    let o = cli(&[
+        "call",
+        "plugins/faulty/plugin.toml",
+        "exit",
+        "--json",
+        r#"{"code": 9}"#,
+    ]);
+    assert_code(&o, 6);
+    assert!(stderr(&o).contains("exited with code 9"), "{}", stderr(&o));
+}
+
+#[test]
+fn failures_have_distinct_exit_codes() {
+    // 2: usage (bad JSON).
+    assert_code(
+        &cli(&[
+            "call",
+            "plugins/hello/plugin.toml",
+            "greet",
+            "--json",
+            "{bad",
+        ]),
+        2,
+    );
+    // 3: invalid or missing manifest.
+    let o = cli(&["inspect", "no/such/plugin.toml"]);
+    assert_code(&o, 3);
+    assert!(stderr(&o).contains("no/such/plugin.toml"));
+    // 4: the plugin does not load.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("plugin.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"x\"\nversion = \"1.0.0\"\nlibrary = \"nothing_here\"\napi = \"^1\"\n",
+    )
+    .unwrap();
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(stderr(&o).contains("libnothing_here.so"), "{}", stderr(&o));
+    // 5: the call fails (unknown method, plugin error).
+    let o = cli(&["call", "plugins/hello/plugin.toml", "nope"]);
+    assert_code(&o, 5);
+    assert!(stderr(&o).contains("greet, echo"), "{}", stderr(&o));
+    assert_code(&cli(&["call", "plugins/faulty/plugin.toml", "fail"]), 5);
+    // 7: timeout.
+    let o = cli(&[
+        "call",
+        "plugins/faulty/plugin.toml",
+        "sleep",
+        "--json",
+        r#"{"ms": 5000}"#,
+        "--timeout",
+        "100ms",
+    ]);
+    assert_code(&o, 7);
+}
+
+#[test]
+fn inspect_and_list_describe_plugins() {
+    let o = cli(&["inspect", "plugins/thumbnail/plugin.toml"]);
+    assert_code(&o, 0);
+    assert!(
+        stdout(&o).contains("methods:  resize, thumbnail, grayscale, info"),
+        "{}",
+        stdout(&o)
+    );
+    let o = cli(&["list", "plugins"]);
+    assert_code(&o, 0);
+    for name in ["hello", "thumbnail", "faulty", "c-echo"] {
+        assert!(stdout(&o).contains(name), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn check_reports_each_manifest_and_fails_on_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = artifacts().join("libhello.so");
+    let good = dir.path().join("good");
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&good).unwrap();
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        good.join("plugin.toml"),
+        format!(
+            "name = \"hello\"\nversion = \"0.1.0\"\nlibrary = \"{}\"\napi = \"^1\"\n",
+            lib.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        bad.join("plugin.toml"),
+        "name = \"bad\"\nversion = \"one\"\n",
+    )
+    .unwrap();
+    let o = cli(&["check", dir.path().to_str().unwrap()]);
+    assert_code(&o, 8);
+    let out = stdout(&o);
+    assert!(
+        out.contains("ok") && out.contains("loads, 2 methods"),
+        "{out}"
+    );
+    assert!(out.contains("FAILED") && out.contains("version"), "{out}");
+    std::fs::remove_dir_all(&bad).unwrap();
+    assert_code(&cli(&["check", dir.path().to_str().unwrap()]), 0);
+}
+
+#[test]
+fn help_is_available_for_every_command() {
+    for cmd in ["list", "inspect", "call", "check", "demo", "bench"] {
+        let o = cli(&[cmd, "--help"]);
+        assert_code(&o, 0);
+        assert!(stdout(&o).contains("Usage"), "{cmd}: {}", stdout(&o));
+    }
+    assert!(stdout(&cli(&["--help"])).contains("Exit codes"));
+}
+
+#[test]
+fn the_demo_crashes_a_plugin_and_recovers() {
+    let o = cli(&["demo"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("killed by SIGSEGV"), "{out}");
+    assert!(out.contains("restarted in a fresh worker"), "{out}");
+    assert!(out.contains("never stopped"), "{out}");
+}
+
+#[test]
+fn the_bench_command_runs_and_prints_ratios() {
+    let o = cli(&["bench", "--quick"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    for line in [
+        "isolated call 16 B",
+        "isolated call 1 MiB",
+        "64 in flight",
+        "cold start",
+        "in-process call",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in\n{out}");
+    }
+    assert!(out.matches("ratio").count() >= 5, "{out}");
+}
