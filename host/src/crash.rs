@@ -127,6 +127,38 @@ fn signal_meaning(name: &str) -> Option<&'static str> {
     })
 }
 
+/// A resource limit from the manifest that the worker ran into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LimitExceeded {
+    /// `limits.memory`: an allocation failed under the address-space limit.
+    Memory {
+        /// The limit in bytes.
+        bytes: u64,
+    },
+    /// `limits.cpu`: the CPU-time limit ran out (SIGXCPU).
+    Cpu {
+        /// The limit.
+        limit: Duration,
+    },
+}
+
+impl fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitExceeded::Memory { bytes } => {
+                write!(
+                    f,
+                    "out of memory: hit its memory limit of {} MiB (limits.memory)",
+                    bytes >> 20
+                )
+            }
+            LimitExceeded::Cpu { limit } => {
+                write!(f, "hit its CPU-time limit of {limit:?} (limits.cpu)")
+            }
+        }
+    }
+}
+
 /// Everything known about one worker crash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CrashReport {
@@ -138,6 +170,17 @@ pub struct CrashReport {
     pub in_flight: Vec<String>,
     /// The panic message, if the plugin panicked in a way that ended the process.
     pub panic: Option<String>,
+    /// Where that panic happened (`file:line:column`), when the message says.
+    pub panic_location: Option<String>,
+    /// A resource limit it ran into, when that is why it died.
+    pub limit: Option<LimitExceeded>,
+    /// Why the host killed it, when the host did (a call ignored its deadline, the worker
+    /// stopped answering pings).
+    pub killed_by_host: Option<String>,
+    /// Set when a fresh worker failed to start (after an earlier crash): why.
+    pub start_error: Option<String>,
+    /// How many times this plugin had been restarted before this crash.
+    pub restarts: u64,
     /// A protocol violation that made the host cut the worker off, if that was the cause.
     pub protocol_error: Option<String>,
     /// The last lines the worker wrote to stderr (or stdout).
@@ -147,25 +190,53 @@ pub struct CrashReport {
 }
 
 impl CrashReport {
-    /// Finds the panic message in the worker's stderr (the standard panic hook's format).
-    pub(crate) fn find_panic(lines: &[String]) -> Option<String> {
+    /// A report for a restart that failed before the plugin was ready.
+    pub(crate) fn start_failure(
+        plugin: &str,
+        error: &crate::error::LoadError,
+        restarts: u64,
+    ) -> CrashReport {
+        use crate::error::LoadError as E;
+        let (exit, stderr_tail) = match error {
+            E::WorkerTimeout { exit, stderr, .. } | E::WorkerExited { exit, stderr, .. } => {
+                (exit.clone(), stderr.clone())
+            }
+            _ => (None, Vec::new()),
+        };
+        CrashReport {
+            plugin: plugin.to_string(),
+            exit,
+            in_flight: vec!["create".to_string()],
+            panic: None,
+            panic_location: None,
+            limit: None,
+            killed_by_host: None,
+            protocol_error: None,
+            start_error: Some(error.to_string()),
+            stderr_tail,
+            uptime: Duration::ZERO,
+            restarts,
+        }
+    }
+
+    /// Finds the panic message and location in the worker's stderr (the standard panic
+    /// hook's format).
+    pub(crate) fn find_panic(lines: &[String]) -> Option<(String, Option<String>)> {
         let i = lines.iter().rposition(|l| l.contains("panicked at"))?;
         if lines[i..].iter().any(|l| l == CAUGHT_PANIC_MARKER) {
             // That panic was caught and returned as an error; it is not why the worker died.
             return None;
         }
-        let head = &lines[i];
-        // Rust >= 1.73: "thread 'x' panicked at src/lib.rs:1:2:\nmessage"
-        if head.trim_end().ends_with(':') {
-            if let Some(message) = lines.get(i + 1) {
-                return Some(format!(
-                    "{} ({})",
-                    message.trim(),
-                    head.trim().trim_end_matches(':')
-                ));
-            }
+        let head = lines[i].trim();
+        let location = head
+            .split("panicked at ")
+            .nth(1)
+            .map(|l| l.trim_end_matches(':').to_string());
+        // Rust >= 1.73: "thread 'x' panicked at src/lib.rs:1:2:" then the message.
+        match lines.get(i + 1) {
+            Some(message) if head.ends_with(':') => Some((message.trim().to_string(), location)),
+            _ => Some((head.to_string(), location)),
         }
-        Some(head.trim().to_string())
     }
 }
 
@@ -189,11 +260,26 @@ impl fmt::Display for CrashReport {
             )?,
         }
         write!(f, " after {:.1?}", self.uptime)?;
+        if self.restarts > 0 {
+            write!(f, " (restarted {} times before)", self.restarts)?;
+        }
+        if let Some(limit) = &self.limit {
+            write!(f, "\n  cause: {limit}")?;
+        }
+        if let Some(e) = &self.start_error {
+            write!(f, "\n  restart failed: {e}")?;
+        }
+        if let Some(reason) = &self.killed_by_host {
+            write!(f, "\n  killed by the host: {reason}")?;
+        }
         if let Some(p) = &self.protocol_error {
             write!(f, "\n  protocol error: {p}")?;
         }
         if let Some(p) = &self.panic {
             write!(f, "\n  panic: {p}")?;
+            if let Some(at) = &self.panic_location {
+                write!(f, " at {at}")?;
+            }
         }
         if !self.stderr_tail.is_empty() {
             let skip = self.stderr_tail.len().saturating_sub(DISPLAY_STDERR_LINES);
@@ -217,8 +303,9 @@ mod tests {
             "kaboom".to_string(),
             "note: run with `RUST_BACKTRACE=1`".to_string(),
         ];
-        let p = CrashReport::find_panic(&lines).unwrap();
-        assert!(p.starts_with("kaboom ("), "{p}");
+        let (message, location) = CrashReport::find_panic(&lines).unwrap();
+        assert_eq!(message, "kaboom");
+        assert_eq!(location.as_deref(), Some("plugins/faulty/src/lib.rs:10:5"));
         assert!(CrashReport::find_panic(&["nothing".to_string()]).is_none());
         let mut caught = lines.clone();
         caught.push(CAUGHT_PANIC_MARKER.to_string());

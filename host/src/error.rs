@@ -401,13 +401,25 @@ pub enum CallError {
         /// What happened.
         report: Box<CrashReport>,
     },
-    /// The plugin's worker had died and a fresh one could not be started.
-    #[error("plugin `{plugin}` could not be restarted: {error}")]
-    RestartFailed {
+    /// The host killed the worker this call was running on, because another call
+    /// ignored its deadline or the worker stopped answering pings. The plugin restarts.
+    #[error("plugin `{plugin}` method `{method}` was cut short: {report}")]
+    Killed {
         /// The plugin's name.
         plugin: String,
-        /// Why the restart failed.
-        error: Box<LoadError>,
+        /// The method this call was running.
+        method: String,
+        /// What happened (see `killed_by_host`).
+        report: Box<CrashReport>,
+    },
+    /// The plugin crashed more often than its restart policy allows. Call
+    /// `Plugin::enable` to try again.
+    #[error("plugin `{plugin}` is quarantined after repeated crashes; call Plugin::enable to retry. Last crash: {report}")]
+    Quarantined {
+        /// The plugin's name.
+        plugin: String,
+        /// The crash that spent the budget.
+        report: std::sync::Arc<CrashReport>,
     },
     /// The plugin was shut down; load it again to call it.
     #[error("plugin `{plugin}` is stopped; load it again to call it")]

@@ -101,6 +101,8 @@ impl Host {
             config: manifest.config_bytes(),
             connect_timeout: manifest.timeouts.connect_timeout(),
             limits: manifest.limits.clone(),
+            timeouts: manifest.timeouts.clone(),
+            restart: manifest.restart.clone(),
         };
         let (backend, info) = Isolated::load(spec).await?;
         tracing::info!(plugin = %info.name, version = %info.version, "loaded in a worker process");

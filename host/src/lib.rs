@@ -38,17 +38,19 @@ mod backend;
 mod host;
 mod loader;
 mod plugin;
+mod status;
 
 /// Re-exported: manifests expose `semver` versions and requirements.
 pub use semver;
 /// Re-exported: a manifest's `[config]` is a `toml::Table`.
 pub use toml;
 
-pub use crash::{CrashReport, ExitInfo};
+pub use crash::{CrashReport, ExitInfo, LimitExceeded};
 pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
 pub use host::{Host, HostBuilder};
 pub use manifest::{Manifest, Trust};
 pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
+pub use status::{PluginEvent, PluginState, Status};
 
 /// The plugin ABI version this host implements, as semver (major.minor.0).
 pub fn abi_version() -> semver::Version {

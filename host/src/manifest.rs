@@ -41,8 +41,11 @@ pub struct Timeouts {
     /// How long a cancelled call may keep its worker busy before the worker is killed
     /// (`cancel_grace`, default 2 s).
     pub cancel_grace: Duration,
-    /// Interval between liveness pings of an idle worker (`ping_interval`, default 10 s).
+    /// Interval between liveness pings of a worker (`ping_interval`, default 10 s).
     pub ping_interval: Duration,
+    /// How long a worker has to answer a ping before it is killed and restarted
+    /// (`ping_timeout`, default 5 s).
+    pub ping_timeout: Duration,
 }
 
 impl Default for Timeouts {
@@ -53,6 +56,7 @@ impl Default for Timeouts {
             shutdown: Duration::from_secs(5),
             cancel_grace: Duration::from_secs(2),
             ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -498,14 +502,16 @@ impl Manifest {
                     "shutdown",
                     "cancel_grace",
                     "ping_interval",
+                    "ping_timeout",
                 ],
             )?;
             timeouts.connect = r.duration(t, "connect")?;
-            let slots: [(&str, &mut Duration); 4] = [
+            let slots: [(&str, &mut Duration); 5] = [
                 ("call", &mut timeouts.call),
                 ("shutdown", &mut timeouts.shutdown),
                 ("cancel_grace", &mut timeouts.cancel_grace),
                 ("ping_interval", &mut timeouts.ping_interval),
+                ("ping_timeout", &mut timeouts.ping_timeout),
             ];
             for (key, slot) in slots {
                 if let Some(d) = r.duration(t, key)? {

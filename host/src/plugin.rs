@@ -12,6 +12,7 @@ use crate::backend::{Backend, CallRequest, ProgressFn};
 use crate::error::{CallError, Error};
 use crate::loader::Descriptor;
 use crate::manifest::{Manifest, Trust};
+use crate::status::{PluginEvent, PluginState, Status};
 
 /// What a loaded plugin says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +102,8 @@ struct Inner {
     backend: Box<dyn Backend>,
     stopped: AtomicBool,
     next_id: AtomicU64,
+    calls: AtomicU64,
+    failures: AtomicU64,
 }
 
 /// A loaded plugin. Cheap to clone: clones share the same plugin instance (or worker), and
@@ -132,6 +135,8 @@ impl Plugin {
                 backend,
                 stopped: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
+                calls: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
             }),
         }
     }
@@ -239,32 +244,22 @@ impl Plugin {
             .into());
         }
         let deadline = options.timeout.unwrap_or(inner.manifest.timeouts.call);
-        let cancelled = Arc::new(AtomicBool::new(false));
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let call = inner.backend.call(CallRequest {
-            id,
-            method: method.to_string(),
-            input: input.into(),
-            progress: options.progress,
-            cancelled: cancelled.clone(),
-        });
-        let timer = async {
-            smol::Timer::after(deadline).await;
-            None
-        };
-        match futures_lite::future::or(async { Some(call.await) }, timer).await {
-            Some(result) => result.map_err(Error::from),
-            None => {
-                cancelled.store(true, Ordering::Release);
-                inner.backend.cancel(id).await;
-                Err(CallError::Timeout {
-                    plugin: self.name().to_string(),
-                    method: method.to_string(),
-                    after: deadline,
-                }
-                .into())
-            }
+        inner.calls.fetch_add(1, Ordering::Relaxed);
+        let result = inner
+            .backend
+            .call(CallRequest {
+                id,
+                method: method.to_string(),
+                input: input.into(),
+                progress: options.progress,
+                deadline,
+            })
+            .await;
+        if result.is_err() {
+            inner.failures.fetch_add(1, Ordering::Relaxed);
         }
+        result.map_err(Error::from)
     }
 
     /// [`call`](Self::call) for code without an async runtime: blocks this thread.
@@ -298,7 +293,40 @@ impl Plugin {
     /// The process id of the plugin's worker, for untrusted plugins whose worker is
     /// running (`None` for trusted plugins). Useful for monitoring and fault injection.
     pub fn worker_pid(&self) -> Option<u32> {
-        self.inner.backend.pid()
+        self.inner.backend.status().pid
+    }
+
+    /// State and counters: calls, failures, crashes, restarts, uptime.
+    pub fn status(&self) -> Status {
+        let backend = self.inner.backend.status();
+        let state = if self.is_stopped() {
+            PluginState::Stopped
+        } else {
+            backend.state
+        };
+        Status {
+            state,
+            calls: self.inner.calls.load(Ordering::Relaxed),
+            failures: self.inner.failures.load(Ordering::Relaxed),
+            crashes: backend.crashes,
+            restarts: backend.restarts,
+            uptime: backend.uptime,
+            pid: backend.pid,
+            last_crash: backend.last_crash,
+        }
+    }
+
+    /// Lifecycle events from now on (crashes, restarts, quarantine, stop). Each call
+    /// returns a new receiver; drop it to unsubscribe. A receiver more than 256 events
+    /// behind is dropped.
+    pub fn subscribe(&self) -> async_channel::Receiver<PluginEvent> {
+        self.inner.backend.subscribe()
+    }
+
+    /// Lifts a quarantine: forgets the crash history and starts a fresh worker. Does
+    /// nothing for a plugin that is not quarantined.
+    pub async fn enable(&self) {
+        self.inner.backend.enable().await
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

@@ -4,18 +4,23 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::backend::{outcome, Backend, BoxFuture, CallRequest, ProgressFn};
+use crate::backend::{
+    outcome, timeout, Backend, BackendStatus, BoxFuture, CallRequest, ProgressFn,
+};
 use crate::error::{CallError, LoadError};
 use crate::loader::{emit_log, HostServices, Instance, Library};
 use crate::manifest::Manifest;
 use crate::plugin::{PluginInfo, Progress};
+use crate::status::{EventHub, PluginEvent, PluginState};
 
 pub(crate) struct InProcess {
     name: Arc<str>,
     methods: Arc<[String]>,
     instance: Arc<Instance>,
+    events: EventHub,
+    loaded: Instant,
 }
 
 /// Host services during `create`: logs only.
@@ -82,6 +87,8 @@ impl InProcess {
             name: manifest.name.as_str().into(),
             methods: desc.methods.into(),
             instance: Arc::new(instance),
+            events: EventHub::default(),
+            loaded: Instant::now(),
         };
         Ok((backend, info))
     }
@@ -94,11 +101,14 @@ impl Backend for InProcess {
             self.methods.clone(),
             self.instance.clone(),
         );
-        Box::pin(blocking::unblock(move || {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let flag = cancelled.clone();
+        let method = call.method.clone();
+        let work = blocking::unblock(move || {
             let services = CallServices {
                 plugin: &name,
                 progress: call.progress.as_ref(),
-                cancelled: &call.cancelled,
+                cancelled: &flag,
             };
             let (code, output) = instance.call(&call.method, &call.input, &services);
             outcome(
@@ -108,17 +118,48 @@ impl Backend for InProcess {
                 code,
                 output.as_slice().to_vec(),
             )
-        }))
-    }
-
-    fn cancel(&self, _id: u64) -> BoxFuture<()> {
-        // The caller already set the call's cancellation flag, which `is_cancelled` reads.
-        Box::pin(async {})
+        });
+        let name = self.name.clone();
+        Box::pin(async move {
+            let timer = async {
+                smol::Timer::after(call.deadline).await;
+                None
+            };
+            match futures_lite::future::or(async { Some(work.await) }, timer).await {
+                Some(result) => result,
+                None => {
+                    // The thread cannot be stopped: tell the plugin and let it finish.
+                    cancelled.store(true, Ordering::Release);
+                    Err(timeout(&name, &method, call.deadline))
+                }
+            }
+        })
     }
 
     fn shutdown(&self, _grace: Duration) -> BoxFuture<()> {
         // Calls in flight hold their own reference to the instance, so they finish; the
         // instance is destroyed when the last of them and this backend are gone.
+        self.events.emit(PluginEvent::Stopped);
+        Box::pin(async {})
+    }
+
+    fn status(&self) -> BackendStatus {
+        BackendStatus {
+            state: PluginState::Ready,
+            crashes: 0,
+            restarts: 0,
+            uptime: Some(self.loaded.elapsed()),
+            pid: None,
+            last_crash: None,
+        }
+    }
+
+    fn subscribe(&self) -> async_channel::Receiver<PluginEvent> {
+        self.events.subscribe()
+    }
+
+    fn enable(&self) -> BoxFuture<()> {
+        // An in-process plugin is never quarantined.
         Box::pin(async {})
     }
 }

@@ -7,14 +7,15 @@ pub(crate) mod isolated;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use plugin_api::abi::status;
 
+use crate::crash::CrashReport;
 use crate::error::CallError;
 use crate::plugin::Progress;
+use crate::status::{PluginEvent, PluginState};
 
 /// A boxed `Send` future, as backends return them.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -29,22 +30,42 @@ pub(crate) struct CallRequest {
     pub method: String,
     pub input: Vec<u8>,
     pub progress: Option<ProgressFn>,
-    /// Set by the caller's side when it gives up on the call (deadline passed).
-    pub cancelled: Arc<AtomicBool>,
+    /// At this point the caller gets `Timeout` and the plugin is told to cancel.
+    pub deadline: Duration,
+}
+
+/// What a backend reports for [`crate::Status`].
+pub(crate) struct BackendStatus {
+    pub state: PluginState,
+    pub crashes: u64,
+    pub restarts: u64,
+    pub uptime: Option<Duration>,
+    pub pid: Option<u32>,
+    pub last_crash: Option<Arc<CrashReport>>,
 }
 
 /// A running plugin.
 pub(crate) trait Backend: Send + Sync {
-    /// Runs one call; the future resolves with the plugin's output bytes.
+    /// Runs one call; the future resolves with the plugin's output bytes, or `Timeout`
+    /// at the deadline.
     fn call(&self, call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>>;
-    /// Tells the plugin that the caller gave up on call `id` (its deadline passed).
-    fn cancel(&self, id: u64) -> BoxFuture<()>;
-    /// The worker process id, for isolated plugins with a live worker.
-    fn pid(&self) -> Option<u32> {
-        None
-    }
     /// Lets calls in flight finish for up to `grace`, then stops the plugin.
     fn shutdown(&self, grace: Duration) -> BoxFuture<()>;
+    /// State and counters.
+    fn status(&self) -> BackendStatus;
+    /// Lifecycle events from now on.
+    fn subscribe(&self) -> async_channel::Receiver<PluginEvent>;
+    /// Lifts a quarantine and starts a fresh worker.
+    fn enable(&self) -> BoxFuture<()>;
+}
+
+/// The error for a call whose deadline passed.
+pub(crate) fn timeout(plugin: &str, method: &str, after: Duration) -> CallError {
+    CallError::Timeout {
+        plugin: plugin.to_string(),
+        method: method.to_string(),
+        after,
+    }
 }
 
 /// Turns an ABI status code and its bytes into the call's outcome.

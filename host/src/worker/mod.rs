@@ -187,7 +187,7 @@ fn serve(stream: Stream, plugin: &str, token: String) -> Result<(), String> {
         let shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("worker-{i}"))
-            .stack_size(8 << 20)
+            .stack_size(4 << 20)
             .spawn(move || serve_loop(&shared))
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
         threads.push(thread);
@@ -369,13 +369,31 @@ fn run_call(shared: &Shared, call: QueuedCall) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&call.id);
+    let bytes = output.as_slice();
+    // An honest worker never sends a frame the host would have to refuse.
+    if bytes.len() as u64 + 1024 > shared.max_frame as u64 {
+        let text = format!(
+            "output of {} bytes exceeds the frame limit of {} bytes (limits.max_frame)",
+            bytes.len(),
+            shared.max_frame
+        );
+        let status = plugin_api::abi::status::BAD_OUTPUT;
+        shared.send(
+            &Message::Reply {
+                id: call.id,
+                status,
+            },
+            text.as_bytes(),
+        );
+        return;
+    }
+    // Written straight from the plugin's buffer.
     shared.send(
         &Message::Reply {
             id: call.id,
             status,
         },
-        // Written straight from the plugin's buffer.
-        output.as_slice(),
+        bytes,
     );
 }
 

@@ -16,9 +16,11 @@
 //! | `output` | `{bytes}` | returns that many bytes (MessagePack binary) |
 //! | `progress` | `{steps}` | reports progress `steps` times, returns `steps` |
 //! | `fail` | `{message}` | returns an error with the message |
+//! | `wire` | `{mode}` | writes to the worker's socket behind its back (Linux; isolated only): `garbage`, `oversized` (a length past any limit), `unknown_reply` (a reply to a call never made), `truncated` (half a frame, then exit) |
 //!
 //! Configuration (`[config]`): `create_sleep_ms`, `create_fail`, `create_panic`,
-//! `create_abort`, to misbehave in `create()`.
+//! `create_abort`, to misbehave in `create()`; `create_abort_if_exists = "PATH"` aborts
+//! in `create()` while that file exists (a crash loop a test can switch on and off).
 
 use plugin_api::{export_plugin, Context, CreateContext, Methods, Plugin, PluginError};
 use serde::de::IgnoredAny;
@@ -32,6 +34,7 @@ struct Config {
     create_fail: Option<String>,
     create_panic: Option<String>,
     create_abort: bool,
+    create_abort_if_exists: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +75,71 @@ struct Output {
 }
 
 #[derive(Deserialize)]
+struct Wire {
+    mode: String,
+}
+
+/// Finds the worker's connection: its only socket (Linux, via /proc).
+#[cfg(target_os = "linux")]
+fn worker_socket() -> Result<std::fs::File, PluginError> {
+    use std::os::fd::BorrowedFd;
+    for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().starts_with("socket:") {
+            // SAFETY: the fd was just listed as open in this process, and the borrow only
+            // lives long enough to duplicate it into an owned descriptor.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            return Ok(std::fs::File::from(borrowed.try_clone_to_owned()?));
+        }
+    }
+    Err(PluginError::new(
+        "no socket found: not running in a worker process?",
+    ))
+}
+
+/// Writes bytes that break the wire protocol, as a compromised plugin could.
+#[cfg(target_os = "linux")]
+fn corrupt_wire(mode: &str) -> Result<(), PluginError> {
+    use std::io::Write;
+    let mut socket = worker_socket()?;
+    match mode {
+        "garbage" => socket.write_all(&[
+            12, 0, 0, 0, 8, 0, 0, 0, 0xc1, 0xc1, 0xc1, 0xc1, 0xde, 0xad, 0xbe, 0xef,
+        ])?,
+        "oversized" => socket.write_all(&0xfff0_0000u32.to_le_bytes())?,
+        "unknown_reply" => {
+            // {"kind": "reply", "id": 2^62, "status": 0} as a MessagePack map.
+            let mut head = vec![0x83, 0xa4];
+            head.extend_from_slice(b"kind");
+            head.push(0xa5);
+            head.extend_from_slice(b"reply");
+            head.push(0xa2);
+            head.extend_from_slice(b"id");
+            head.push(0xcf);
+            head.extend_from_slice(&(1u64 << 62).to_be_bytes());
+            head.push(0xa6);
+            head.extend_from_slice(b"status");
+            head.push(0x00);
+            let mut frame = ((4 + head.len()) as u32).to_le_bytes().to_vec();
+            frame.extend_from_slice(&(head.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&head);
+            socket.write_all(&frame)?;
+        }
+        "truncated" => {
+            socket.write_all(&[100, 0, 0, 0, 8, 0, 0, 0])?;
+            std::process::exit(0);
+        }
+        other => return Err(PluginError::new(format!("unknown mode `{other}`"))),
+    }
+    // Keep the call running so the host, not this reply, decides what happens next.
+    std::thread::sleep(Duration::from_secs(10));
+    Ok(())
+}
+
+#[derive(Deserialize)]
 struct Steps {
     steps: u32,
 }
@@ -96,6 +164,11 @@ impl Plugin for Faulty {
         }
         if config.create_abort {
             std::process::abort();
+        }
+        if let Some(path) = config.create_abort_if_exists {
+            if std::path::Path::new(&path).exists() {
+                std::process::abort();
+            }
         }
         if let Some(message) = config.create_fail {
             return Err(PluginError::new(message));
@@ -183,6 +256,12 @@ impl Plugin for Faulty {
                     0xabu8;
                     o.bytes
                 ]))
+            })
+            .add("wire", |_: &Faulty, _: &Context<'_>, w: Wire| {
+                #[cfg(target_os = "linux")]
+                return corrupt_wire(&w.mode);
+                #[cfg(not(target_os = "linux"))]
+                return Err::<(), _>(PluginError::new(format!("`wire` ({}) needs Linux", w.mode)));
             })
             .add("progress", |_: &Faulty, ctx: &Context<'_>, s: Steps| {
                 for i in 1..=s.steps {

@@ -34,6 +34,9 @@ pub(crate) enum CloseReason {
     Io(String),
     /// The host ended it (shutdown).
     Host,
+    /// The host killed the worker for a reason (a call ignored its deadline, no answer to
+    /// a ping).
+    Killed(String),
 }
 
 /// A closed connection: why, and which methods were in flight at that moment.
@@ -42,6 +45,9 @@ pub(crate) struct Closed {
     pub reason: CloseReason,
     pub in_flight: Vec<String>,
 }
+
+/// Pending-table keys for pings carry this bit, so they never collide with call ids.
+const PING_BIT: u64 = 1 << 63;
 
 struct Pending {
     method: String,
@@ -198,49 +204,61 @@ impl Conn {
         (self.on_close)();
     }
 
-    /// Sends a call and waits for its reply: `(status, bytes)`, or why the connection
-    /// closed. Dropping the future abandons the call (its late reply is discarded).
+    /// Registers call `id` as waiting for a reply. Dropping the guard abandons it (a late
+    /// reply is then discarded).
+    fn register(
+        self: &Arc<Self>,
+        id: u64,
+        method: &str,
+        progress: Option<ProgressFn>,
+    ) -> Result<CallGuard, Closed> {
+        let mut state = self.lock();
+        if let Some(closed) = &state.closed {
+            return Err(closed.clone());
+        }
+        let pending = Pending {
+            method: method.to_string(),
+            waker: None,
+            reply: None,
+            progress,
+        };
+        state.pending.insert(id, pending);
+        if id & PING_BIT == 0 {
+            state.max_issued = state.max_issued.max(id);
+        }
+        Ok(CallGuard {
+            conn: self.clone(),
+            id,
+            reader: false,
+        })
+    }
+
+    /// Sends a call; wait for its reply with [`CallGuard::reply`].
     pub async fn call(
-        &self,
+        self: &Arc<Self>,
         id: u64,
         method: &str,
         input: &[u8],
         progress: Option<ProgressFn>,
-    ) -> Result<(i32, Vec<u8>), Closed> {
-        {
-            let mut state = self.lock();
-            if let Some(closed) = &state.closed {
-                return Err(closed.clone());
-            }
-            state.pending.insert(
-                id,
-                Pending {
-                    method: method.to_string(),
-                    waker: None,
-                    reply: None,
-                    progress,
-                },
-            );
-            state.max_issued = state.max_issued.max(id);
-        }
-        let mut guard = CallGuard {
-            conn: self,
+    ) -> Result<CallGuard, Closed> {
+        let guard = self.register(id, method, progress)?;
+        let message = Message::Call {
             id,
-            reader: false,
+            method: method.to_string(),
         };
-        if let Err(e) = self
-            .send(
-                &Message::Call {
-                    id,
-                    method: method.to_string(),
-                },
-                input,
-            )
-            .await
-        {
+        if let Err(e) = self.send(&message, input).await {
             self.close(CloseReason::Io(format!("sending the call failed: {e}")));
         }
-        poll_fn(|cx| guard.poll_reply(cx)).await
+        Ok(guard)
+    }
+
+    /// Pings the worker and waits for its `Pong`.
+    pub async fn ping(self: &Arc<Self>, seq: u64) -> Result<(), Closed> {
+        let mut guard = self.register(PING_BIT | seq, "ping", None)?;
+        if let Err(e) = self.send(&Message::Ping { seq }, &[]).await {
+            self.close(CloseReason::Io(format!("sending a ping failed: {e}")));
+        }
+        guard.reply().await.map(|_| ())
     }
 
     /// Hands the reader role to another waiting call, if any.
@@ -283,7 +301,15 @@ impl Conn {
                 }
             }
             Message::Log { level, message, .. } => deferred.push(Deferred::Log(level, message)),
-            Message::Pong { .. } | Message::Unknown => {}
+            Message::Pong { seq } => {
+                if let Some(p) = state.pending.get_mut(&(PING_BIT | seq)) {
+                    p.reply = Some((0, Vec::new()));
+                    if let Some(w) = p.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+            Message::Unknown => {}
             other => return Err(format!("unexpected message from the worker: {other:?}")),
         }
         Ok(())
@@ -304,18 +330,23 @@ impl Conn {
 }
 
 /// One waiting call. Dropping it removes the call and passes on the reader role.
-struct CallGuard<'a> {
-    conn: &'a Conn,
+pub(crate) struct CallGuard {
+    conn: Arc<Conn>,
     id: u64,
     reader: bool,
 }
 
-impl CallGuard<'_> {
+impl CallGuard {
+    /// Waits for the reply: `(status, bytes)`, or why the connection closed.
+    pub async fn reply(&mut self) -> Result<(i32, Vec<u8>), Closed> {
+        poll_fn(|cx| self.poll_reply(cx)).await
+    }
+
     fn poll_reply(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
-        let conn = self.conn;
+        let conn = &*self.conn;
         loop {
             let mut guard = conn.lock();
             let state = &mut *guard;
@@ -407,7 +438,7 @@ impl CallGuard<'_> {
     }
 }
 
-impl Drop for CallGuard<'_> {
+impl Drop for CallGuard {
     fn drop(&mut self) {
         let mut state = self.conn.lock();
         state.pending.remove(&self.id);

@@ -1,38 +1,38 @@
 //! The isolated backend for untrusted plugins: each plugin runs in a `worker-shim`
-//! process, reached over a local socket. A crash ends the worker, never the host: calls in
-//! flight fail with `Crashed` and a report, and the next call starts a fresh worker.
+//! process, reached over a local socket. A crash ends the worker, never the host.
 //!
-//! Starting a worker: listen on a fresh random socket name, spawn the shim with that name
-//! and a one-time token, accept exactly one peer whose pid is the child's (where the OS
-//! reports it) and whose `Hello` carries the token, check protocol versions, send `Load`,
-//! receive `Loaded`. The whole sequence is bounded by the connect timeout.
+//! Supervision, per plugin: `Ready -> (crash) -> Restarting -> Ready ...`, or
+//! `Quarantined` once the crash budget (`restart.max_crashes` within `restart.window`) is
+//! spent or the policy is `never`. A crash is noticed by whoever sees it first: a call
+//! whose connection closed, or the waiter thread reaping the process (an idle worker that
+//! died). Restarts happen in the background after an exponential backoff; calls that
+//! arrive meanwhile wait for the fresh worker within their own deadline.
+//!
+//! The host also kills workers: one still busy with a call `timeouts.cancel_grace` after
+//! that call's deadline, and one that does not answer a ping within
+//! `timeouts.ping_timeout` (pings every `timeouts.ping_interval`). Calls that were on such
+//! a worker fail with [`CallError::Killed`].
 
 pub(crate) mod conn;
 pub(crate) mod process;
+mod start;
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use smol::Async;
-
-use crate::backend::{outcome, Backend, BoxFuture, CallRequest};
-use crate::crash::{CrashReport, ExitInfo};
+use crate::backend::{outcome, timeout, Backend, BackendStatus, BoxFuture, CallRequest};
+use crate::crash::{CrashReport, ExitInfo, LimitExceeded};
 use crate::error::{CallError, LoadError};
-use crate::loader::{emit_log, Descriptor};
-use crate::manifest::Limits;
+use crate::loader::Descriptor;
+use crate::manifest::{Limits, RestartMode, RestartPolicy, Timeouts};
 use crate::plugin::PluginInfo;
-use crate::protocol::frame::{Frame, FrameError};
-use crate::protocol::{self, Message, WireLimits};
-use crate::worker::{PARENT_ENV, TOKEN_ENV};
+use crate::protocol::Message;
+use crate::status::{EventHub, PluginEvent, PluginState};
 use conn::{CloseReason, Closed, Conn};
 use process::WorkerProcess;
-
-/// How long an accepted connection has to send its `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything needed to start (and restart) a plugin's worker.
 pub(crate) struct Spec {
@@ -42,40 +42,67 @@ pub(crate) struct Spec {
     pub config: Vec<u8>,
     pub connect_timeout: Duration,
     pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub restart: RestartPolicy,
 }
 
 /// A running worker: its process and connection.
-struct Worker {
+pub(crate) struct Worker {
     process: Arc<WorkerProcess>,
-    conn: Conn,
+    conn: Arc<Conn>,
     desc: Descriptor,
+    /// Set by whoever handles this worker's death first.
+    handled: AtomicBool,
 }
 
 impl Worker {
+    fn new(process: Arc<WorkerProcess>, conn: Arc<Conn>, desc: Descriptor) -> Worker {
+        Worker {
+            process,
+            conn,
+            desc,
+            handled: AtomicBool::new(false),
+        }
+    }
+
     fn is_alive(&self) -> bool {
         self.conn.closed().is_none() && !self.process.has_exited()
     }
 
     /// Builds the crash report once the process has been reaped.
-    async fn report(&self, plugin: &str, closed: &Closed) -> CrashReport {
+    async fn report(&self, spec: &Spec, closed: &Closed, restarts: u64) -> CrashReport {
         let exit = self
             .process
             .wait_exit(Duration::from_secs(2))
             .await
             .map(ExitInfo::from_status);
         let stderr_tail = self.process.stderr_tail();
+        let (panic, panic_location) = CrashReport::find_panic(&self.process.panic_lines())
+            .map_or((None, None), |(m, l)| (Some(m), l));
         CrashReport {
-            plugin: plugin.to_string(),
+            plugin: spec.plugin.to_string(),
+            limit: limit_hit(
+                &spec.limits,
+                exit.as_ref(),
+                self.process.allocation_failed(),
+            ),
             exit,
             in_flight: closed.in_flight.clone(),
-            panic: CrashReport::find_panic(&stderr_tail),
+            panic,
+            panic_location,
             protocol_error: match &closed.reason {
                 CloseReason::Protocol(m) => Some(m.clone()),
                 CloseReason::Io(m) => Some(format!("i/o error on the worker connection: {m}")),
-                CloseReason::Eof | CloseReason::Host => None,
+                _ => None,
             },
+            killed_by_host: match &closed.reason {
+                CloseReason::Killed(why) => Some(why.clone()),
+                _ => None,
+            },
+            start_error: None,
             stderr_tail,
             uptime: self.process.uptime(),
+            restarts,
         }
     }
 }
@@ -87,10 +114,38 @@ impl Drop for Worker {
     }
 }
 
+/// Which resource limit, if any, explains how the worker ended.
+fn limit_hit(
+    limits: &Limits,
+    exit: Option<&ExitInfo>,
+    allocation_failed: bool,
+) -> Option<LimitExceeded> {
+    if exit.and_then(ExitInfo::signal_name) == Some("SIGXCPU") {
+        return Some(LimitExceeded::Cpu {
+            limit: limits.cpu.unwrap_or_default(),
+        });
+    }
+    let bytes = limits.memory?;
+    allocation_failed.then_some(LimitExceeded::Memory { bytes })
+}
+
+/// Where the plugin is in its life (see the module documentation).
+enum Slot {
+    Ready(Arc<Worker>),
+    /// Closed when the restart attempt settles (ready, or quarantined).
+    Restarting(async_channel::Receiver<()>),
+    Quarantined(Arc<CrashReport>),
+    Stopped,
+}
+
 struct Inner {
     spec: Spec,
-    current: smol::lock::Mutex<Option<Arc<Worker>>>,
-    restarts: AtomicU32,
+    slot: Mutex<Slot>,
+    crash_times: Mutex<VecDeque<Instant>>,
+    last_crash: Mutex<Option<Arc<CrashReport>>>,
+    crashes: AtomicU64,
+    restarts: AtomicU64,
+    events: EventHub,
 }
 
 /// The backend handle.
@@ -101,44 +156,268 @@ pub(crate) struct Isolated {
 impl Isolated {
     /// Starts the first worker; its `Loaded` answer is the plugin's info.
     pub async fn load(spec: Spec) -> Result<(Isolated, PluginInfo), LoadError> {
-        let worker = start(&spec).await?;
+        let worker = Arc::new(start::start(&spec).await?);
         let info = PluginInfo::new(&spec.plugin, &worker.desc);
-        let inner = Inner {
+        let inner = Arc::new(Inner {
             spec,
-            current: smol::lock::Mutex::new(Some(Arc::new(worker))),
-            restarts: AtomicU32::new(0),
-        };
-        Ok((
-            Isolated {
-                inner: Arc::new(inner),
-            },
-            info,
-        ))
+            slot: Mutex::new(Slot::Ready(worker.clone())),
+            crash_times: Mutex::new(VecDeque::new()),
+            last_crash: Mutex::new(None),
+            crashes: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            events: EventHub::default(),
+        });
+        inner.watch(&worker);
+        Ok((Isolated { inner }, info))
     }
 }
 
+impl Drop for Isolated {
+    fn drop(&mut self) {
+        // Stops pending restarts; dropping the worker kills it.
+        *self.inner.slot() = Slot::Stopped;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Inner {
-    /// The live worker, starting a fresh one if the last one died.
-    async fn worker(&self) -> Result<Arc<Worker>, CallError> {
-        let mut current = self.current.lock().await;
-        if let Some(worker) = current.as_ref() {
-            if worker.is_alive() {
-                return Ok(worker.clone());
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        lock(&self.slot)
+    }
+
+    fn plugin(&self) -> String {
+        self.spec.plugin.to_string()
+    }
+
+    /// Watches a fresh worker: its death is handled when the process is reaped, and it is
+    /// pinged while it lives.
+    fn watch(self: &Arc<Self>, worker: &Arc<Worker>) {
+        let (inner, w) = (Arc::downgrade(self), Arc::downgrade(worker));
+        worker.process.on_exit(move || {
+            smol::spawn(async move {
+                if let (Some(inner), Some(worker)) = (inner.upgrade(), w.upgrade()) {
+                    inner.crashed(&worker).await;
+                }
+            })
+            .detach();
+        });
+        let interval = self.spec.timeouts.ping_interval;
+        let patience = self.spec.timeouts.ping_timeout;
+        smol::spawn(ping_loop(Arc::downgrade(worker), interval, patience)).detach();
+    }
+
+    /// The live worker, waiting (within `deadline`) for a restart in progress.
+    async fn worker(
+        self: &Arc<Self>,
+        deadline: Instant,
+        method: &str,
+        after: Duration,
+    ) -> Result<Arc<Worker>, CallError> {
+        loop {
+            let wait = match &*self.slot() {
+                Slot::Ready(w) if w.is_alive() => return Ok(w.clone()),
+                Slot::Ready(w) => Err(w.clone()),
+                Slot::Restarting(done) => Ok(done.clone()),
+                Slot::Quarantined(report) => {
+                    return Err(CallError::Quarantined {
+                        plugin: self.plugin(),
+                        report: report.clone(),
+                    })
+                }
+                Slot::Stopped => {
+                    return Err(CallError::Stopped {
+                        plugin: self.plugin(),
+                    })
+                }
+            };
+            match wait {
+                // Dead but not yet handled: handle it here (it becomes Restarting at once).
+                Err(dead) => self.crashed(&dead).await,
+                Ok(done) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let settled = futures_lite::future::or(
+                        async {
+                            let _ = done.recv().await;
+                            true
+                        },
+                        async {
+                            smol::Timer::after(left).await;
+                            false
+                        },
+                    )
+                    .await;
+                    if !settled {
+                        return Err(timeout(&self.spec.plugin, method, after));
+                    }
+                }
             }
         }
-        let plugin = self.spec.plugin.to_string();
-        tracing::info!(plugin, "starting a fresh worker");
-        let worker = Arc::new(
-            start(&self.spec)
-                .await
-                .map_err(|e| CallError::RestartFailed {
-                    plugin: plugin.clone(),
-                    error: Box::new(e),
-                })?,
+    }
+
+    /// Handles a worker's death once: the slot becomes `Restarting` immediately, then the
+    /// report is built and the restart policy decides.
+    async fn crashed(self: &Arc<Self>, worker: &Arc<Worker>) {
+        if worker.handled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (done_tx, done_rx) = async_channel::bounded(1);
+        {
+            let mut slot = self.slot();
+            match &*slot {
+                Slot::Ready(current) if Arc::ptr_eq(current, worker) => {
+                    *slot = Slot::Restarting(done_rx)
+                }
+                // Shut down, or already replaced: nothing to supervise.
+                _ => return,
+            }
+        }
+        let closed = worker.conn.closed().unwrap_or(Closed {
+            reason: CloseReason::Eof,
+            in_flight: Vec::new(),
+        });
+        worker.conn.close(CloseReason::Eof);
+        let report = worker
+            .report(&self.spec, &closed, self.restarts.load(Ordering::Relaxed))
+            .await;
+        self.after_crash(Arc::new(report), done_tx);
+    }
+
+    /// Counts a crash and applies the restart policy. `done` is closed when the plugin
+    /// settles (ready again, or quarantined).
+    fn after_crash(self: &Arc<Self>, report: Arc<CrashReport>, done: async_channel::Sender<()>) {
+        tracing::warn!(plugin = %self.spec.plugin, "{report}");
+        self.crashes.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_crash) = Some(report.clone());
+        self.events.emit(PluginEvent::Crashed(report.clone()));
+        let policy = &self.spec.restart;
+        let recent = {
+            let mut times = lock(&self.crash_times);
+            let now = Instant::now();
+            times.push_back(now);
+            while times
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > policy.window)
+            {
+                times.pop_front();
+            }
+            times.len() as u32
+        };
+        let mut slot = self.slot();
+        if matches!(*slot, Slot::Stopped) {
+            return;
+        }
+        if policy.mode == RestartMode::Never || recent > policy.max_crashes {
+            tracing::error!(plugin = %self.spec.plugin, "quarantined after {recent} crashes");
+            *slot = Slot::Quarantined(report.clone());
+            drop(slot);
+            self.events.emit(PluginEvent::Quarantined(report));
+            return;
+        }
+        drop(slot);
+        let factor = 1u32 << (recent.saturating_sub(1)).min(20);
+        let backoff = policy
+            .backoff
+            .saturating_mul(factor)
+            .min(policy.backoff_max);
+        smol::spawn(self.clone().restart_after(backoff, done)).detach();
+    }
+
+    /// Starts a fresh worker after `backoff`; a failed start counts as a crash.
+    async fn restart_after(self: Arc<Self>, backoff: Duration, done: async_channel::Sender<()>) {
+        smol::Timer::after(backoff).await;
+        if matches!(*self.slot(), Slot::Stopped) {
+            return;
+        }
+        match start::start(&self.spec).await {
+            Ok(worker) => {
+                let worker = Arc::new(worker);
+                {
+                    let mut slot = self.slot();
+                    if matches!(*slot, Slot::Stopped) {
+                        return;
+                    }
+                    *slot = Slot::Ready(worker.clone());
+                }
+                let restarts = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
+                self.watch(&worker);
+                tracing::info!(plugin = %self.spec.plugin, pid = worker.process.pid(), "restarted");
+                self.events.emit(PluginEvent::Restarted {
+                    pid: worker.process.pid(),
+                    restarts,
+                });
+                drop(done);
+            }
+            Err(error) => {
+                let report = match error {
+                    LoadError::CreateCrashed { report, .. } => *report,
+                    other => CrashReport::start_failure(
+                        &self.spec.plugin,
+                        &other,
+                        self.restarts.load(Ordering::Relaxed),
+                    ),
+                };
+                self.after_crash(Arc::new(report), done);
+            }
+        }
+    }
+
+    /// Turns a closed connection into the caller's error.
+    async fn closed_error(&self, worker: &Worker, closed: &Closed, method: &str) -> CallError {
+        let plugin = self.plugin();
+        if matches!(closed.reason, CloseReason::Host) {
+            return CallError::Stopped { plugin };
+        }
+        let report = Box::new(
+            worker
+                .report(&self.spec, closed, self.restarts.load(Ordering::Relaxed))
+                .await,
         );
-        self.restarts.fetch_add(1, Ordering::Relaxed);
-        *current = Some(worker.clone());
-        Ok(worker)
+        let method = method.to_string();
+        match closed.reason {
+            CloseReason::Killed(_) => CallError::Killed {
+                plugin,
+                method,
+                report,
+            },
+            _ => CallError::Crashed {
+                plugin,
+                method,
+                report,
+            },
+        }
+    }
+}
+
+/// Pings a worker every `interval`; one that does not answer within `patience` is killed.
+async fn ping_loop(worker: Weak<Worker>, interval: Duration, patience: Duration) {
+    let mut seq = 0;
+    loop {
+        smol::Timer::after(interval).await;
+        let Some(worker) = worker.upgrade() else {
+            return;
+        };
+        if !worker.is_alive() {
+            return;
+        }
+        seq += 1;
+        let answered =
+            futures_lite::future::or(async { Some(worker.conn.ping(seq).await) }, async {
+                smol::Timer::after(patience).await;
+                None
+            })
+            .await;
+        match answered {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return,
+            None => {
+                let why = format!("it did not answer a ping within {patience:?}");
+                worker.conn.close(CloseReason::Killed(why));
+                return;
+            }
+        }
     }
 }
 
@@ -146,37 +425,56 @@ impl Backend for Isolated {
     fn call(&self, call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let worker = inner.worker().await?;
+            let started = Instant::now();
+            let deadline = started + call.deadline;
+            let worker = inner.worker(deadline, &call.method, call.deadline).await?;
             let plugin = &inner.spec.plugin;
-            match worker
+            let mut guard = match worker
                 .conn
                 .call(call.id, &call.method, &call.input, call.progress)
                 .await
             {
-                Ok((status, bytes)) => {
+                Ok(guard) => guard,
+                Err(closed) => {
+                    return Err(inner.closed_error(&worker, &closed, &call.method).await)
+                }
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reply = futures_lite::future::or(async { Some(guard.reply().await) }, async {
+                smol::Timer::after(left).await;
+                None
+            })
+            .await;
+            match reply {
+                Some(Ok((status, bytes))) => {
                     outcome(plugin, &call.method, &worker.desc.methods, status, bytes)
                 }
-                Err(Closed {
-                    reason: CloseReason::Host,
-                    ..
-                }) => Err(CallError::Stopped {
-                    plugin: plugin.to_string(),
-                }),
-                Err(closed) => Err(CallError::Crashed {
-                    plugin: plugin.to_string(),
-                    method: call.method,
-                    report: Box::new(worker.report(plugin, &closed).await),
-                }),
-            }
-        })
-    }
-
-    fn cancel(&self, id: u64) -> BoxFuture<()> {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let worker = inner.current.lock().await.clone();
-            if let Some(worker) = worker.filter(|w| w.is_alive()) {
-                let _ = worker.conn.send(&Message::Cancel { id }, &[]).await;
+                Some(Err(closed)) => Err(inner.closed_error(&worker, &closed, &call.method).await),
+                None => {
+                    let _ = worker
+                        .conn
+                        .send(&Message::Cancel { id: call.id }, &[])
+                        .await;
+                    // Give the plugin `cancel_grace` to stop; past that, end the worker.
+                    let grace = inner.spec.timeouts.cancel_grace;
+                    let (method, after) = (call.method.clone(), call.deadline);
+                    let watched = worker.clone();
+                    smol::spawn(async move {
+                        let finished = futures_lite::future::or(async { guard.reply().await.is_ok() }, async {
+                            smol::Timer::after(grace).await;
+                            false
+                        })
+                        .await;
+                        if !finished && watched.is_alive() {
+                            let why = format!(
+                                "call `{method}` was still running {grace:?} after its {after:?} deadline"
+                            );
+                            watched.conn.close(CloseReason::Killed(why));
+                        }
+                    })
+                    .detach();
+                    Err(timeout(plugin, &call.method, call.deadline))
+                }
             }
         })
     }
@@ -184,7 +482,9 @@ impl Backend for Isolated {
     fn shutdown(&self, grace: Duration) -> BoxFuture<()> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let Some(worker) = inner.current.lock().await.take() else {
+            let previous = std::mem::replace(&mut *inner.slot(), Slot::Stopped);
+            inner.events.emit(PluginEvent::Stopped);
+            let Slot::Ready(worker) = previous else {
                 return;
             };
             let deadline = Instant::now() + grace;
@@ -208,341 +508,43 @@ impl Backend for Isolated {
         })
     }
 
-    fn pid(&self) -> Option<u32> {
-        let current = self.inner.current.try_lock()?;
-        current
-            .as_ref()
-            .filter(|w| w.is_alive())
-            .map(|w| w.process.pid())
-    }
-}
-
-/// Spawns a worker and brings it to `Loaded`, all within the connect timeout.
-async fn start(spec: &Spec) -> Result<Worker, LoadError> {
-    let plugin = spec.plugin.to_string();
-    let spawn_error = |reason: String| LoadError::WorkerSpawn {
-        plugin: plugin.clone(),
-        shim: spec.shim.clone(),
-        reason,
-    };
-    let name = format!("plugin-host-{}-{}.sock", std::process::id(), random_hex(8));
-    let token = random_hex(16);
-    let listener = listen(&name)
-        .map_err(|e| spawn_error(format!("cannot listen on local socket `{name}`: {e}")))?;
-    let mut command = Command::new(&spec.shim);
-    command
-        .arg("--connect")
-        .arg(&name)
-        .arg("--plugin")
-        .arg(&plugin)
-        .env(TOKEN_ENV, &token)
-        .env(PARENT_ENV, std::process::id().to_string());
-    let process = Arc::new(
-        WorkerProcess::spawn(command, &plugin, spec.limits.stderr_lines as usize)
-            .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.display())))?,
-    );
-    let refused = std::sync::Mutex::new(Vec::new());
-    let attempt = handshake(spec, &listener, &process, &token, &refused);
-    let limit = spec.connect_timeout;
-    let result = futures_lite::future::or(async { Some(attempt.await) }, async {
-        smol::Timer::after(limit).await;
-        None
-    })
-    .await;
-    match result {
-        Some(Ok(worker)) => Ok(worker),
-        Some(Err(e)) => {
-            process.kill();
-            process.wait_exit(Duration::from_secs(2)).await;
-            Err(e)
-        }
-        None => {
-            process.kill();
-            let exit = process
-                .wait_exit(Duration::from_secs(2))
-                .await
-                .map(ExitInfo::from_status);
-            let refused = refused.into_inner().unwrap_or_default();
-            Err(LoadError::WorkerTimeout {
-                plugin,
-                after: limit,
-                exit,
-                refused,
-                stderr: process.stderr_tail(),
-            })
+    fn status(&self) -> BackendStatus {
+        let (state, worker) = match &*self.inner.slot() {
+            Slot::Ready(w) => (PluginState::Ready, Some(w.clone())),
+            Slot::Restarting(_) => (PluginState::Restarting, None),
+            Slot::Quarantined(_) => (PluginState::Quarantined, None),
+            Slot::Stopped => (PluginState::Stopped, None),
+        };
+        let live = worker.filter(|w| w.is_alive());
+        BackendStatus {
+            state,
+            crashes: self.inner.crashes.load(Ordering::Relaxed),
+            restarts: self.inner.restarts.load(Ordering::Relaxed),
+            uptime: live.as_ref().map(|w| w.process.uptime()),
+            pid: live.as_ref().map(|w| w.process.pid()),
+            last_crash: lock(&self.inner.last_crash).clone(),
         }
     }
-}
 
-async fn handshake(
-    spec: &Spec,
-    listener: &Async<UnixListener>,
-    process: &Arc<WorkerProcess>,
-    token: &str,
-    refused: &std::sync::Mutex<Vec<String>>,
-) -> Result<Worker, LoadError> {
-    let plugin = spec.plugin.to_string();
-    let refuse = |why: String| {
-        tracing::warn!(plugin = %spec.plugin, "refused a connection on the worker socket: {why}");
-        refused.lock().unwrap_or_else(|e| e.into_inner()).push(why);
-    };
-    let conn = loop {
-        let exited = async {
-            process
-                .wait_exit(Duration::from_secs(u32::MAX as u64))
-                .await;
-            None
-        };
-        let accepted =
-            futures_lite::future::or(async { Some(listener.accept().await) }, exited).await;
-        let Some(accepted) = accepted else {
-            return Err(LoadError::WorkerExited {
-                plugin,
-                exit: process.exit_status().map(ExitInfo::from_status),
-                refused: refused.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-                stderr: process.stderr_tail(),
-            });
-        };
-        let (stream, _) = accepted.map_err(|e| LoadError::Handshake {
-            plugin: plugin.clone(),
-            message: format!("accepting the worker's connection failed: {e}"),
-        })?;
-        if let Some(refusal) = check_peer(&stream, process.pid()) {
-            refuse(refusal);
-            continue;
-        }
-        let on_close_process = process.clone();
-        let conn = Conn::new(
-            stream,
-            spec.plugin.clone(),
-            protocol::HANDSHAKE_MAX_FRAME,
-            Box::new(move || on_close_process.kill()),
-        );
-        let hello = futures_lite::future::or(async { Some(conn.recv().await) }, async {
-            smol::Timer::after(HELLO_TIMEOUT).await;
-            None
+    fn subscribe(&self) -> async_channel::Receiver<PluginEvent> {
+        self.inner.events.subscribe()
+    }
+
+    fn enable(&self) -> BoxFuture<()> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+            {
+                let mut slot = inner.slot();
+                if !matches!(*slot, Slot::Quarantined(_)) {
+                    return;
+                }
+                *slot = Slot::Restarting(done_rx.clone());
+            }
+            lock(&inner.crash_times).clear();
+            inner.events.emit(PluginEvent::Enabled);
+            smol::spawn(inner.clone().restart_after(Duration::ZERO, done_tx)).detach();
+            let _ = done_rx.recv().await;
         })
-        .await;
-        match hello {
-            Some(Ok(Frame {
-                message:
-                    Message::Hello {
-                        protocol,
-                        version,
-                        token: t,
-                        ..
-                    },
-                ..
-            })) => {
-                if t.as_deref() != Some(token) {
-                    refuse("wrong token".into());
-                    continue;
-                }
-                if let Err(message) = protocol::check_hello(&protocol, &version) {
-                    return Err(LoadError::ProtocolMismatch {
-                        plugin,
-                        host: protocol::VERSION.to_string(),
-                        worker: version,
-                        message,
-                    });
-                }
-                break conn;
-            }
-            Some(Ok(other)) => refuse(format!("expected Hello, got {:?}", other.message)),
-            Some(Err(e)) => refuse(format!("no valid Hello: {e}")),
-            None => refuse(format!("no Hello within {HELLO_TIMEOUT:?}")),
-        }
-    };
-
-    let io_error = |e: std::io::Error| LoadError::Handshake {
-        plugin: plugin.clone(),
-        message: format!("writing to the worker failed: {e}"),
-    };
-    conn.send(&protocol::hello(None, None), &[])
-        .await
-        .map_err(io_error)?;
-    let limits = &spec.limits;
-    let load = Message::Load {
-        name: plugin.clone(),
-        library: spec.library.to_string_lossy().into_owned(),
-        max_frame: limits.max_frame,
-        concurrency: limits.concurrency,
-        limits: WireLimits {
-            memory: limits.memory,
-            cpu_seconds: limits.cpu.map(|d| d.as_secs().max(1)),
-            open_files: limits.open_files,
-            core_dumps: limits.core_dumps,
-        },
-    };
-    conn.send(&load, &spec.config).await.map_err(io_error)?;
-    conn.set_max_frame(limits.max_frame.min(u32::MAX as u64) as u32);
-    loop {
-        match conn.recv().await {
-            Ok(Frame {
-                message:
-                    Message::Loaded {
-                        name,
-                        version,
-                        abi_major,
-                        abi_minor,
-                        methods,
-                    },
-                ..
-            }) => {
-                let desc = Descriptor {
-                    name,
-                    version,
-                    abi: (abi_major, abi_minor),
-                    methods,
-                };
-                return Ok(Worker {
-                    process: process.clone(),
-                    conn,
-                    desc,
-                });
-            }
-            Ok(Frame {
-                message:
-                    Message::LoadFailed {
-                        reason,
-                        message,
-                        abi,
-                    },
-                ..
-            }) => {
-                return Err(load_failure(spec, &reason, message, abi));
-            }
-            Ok(Frame {
-                message: Message::Log { level, message, .. },
-                ..
-            }) => emit_log(&plugin, level, &message),
-            Ok(Frame {
-                message: Message::Unknown,
-                ..
-            }) => {}
-            Ok(other) => {
-                return Err(LoadError::Handshake {
-                    plugin,
-                    message: format!("expected Loaded, got {:?}", other.message),
-                })
-            }
-            Err(FrameError::Eof | FrameError::Truncated { .. } | FrameError::Io(_)) => {
-                let closed = Closed {
-                    reason: CloseReason::Eof,
-                    in_flight: vec!["create".into()],
-                };
-                let worker = Worker {
-                    process: process.clone(),
-                    conn,
-                    desc: Descriptor::default(),
-                };
-                let report = worker.report(&plugin, &closed).await;
-                return Err(LoadError::CreateCrashed {
-                    plugin,
-                    report: Box::new(report),
-                });
-            }
-            Err(e) => {
-                return Err(LoadError::Handshake {
-                    plugin,
-                    message: e.to_string(),
-                });
-            }
-        }
     }
-}
-
-/// Maps the worker's `LoadFailed` to the same error kinds the in-process loader returns.
-fn load_failure(spec: &Spec, reason: &str, message: String, abi: Option<(u16, u16)>) -> LoadError {
-    let plugin = spec.plugin.to_string();
-    let path = spec.library.clone();
-    match reason {
-        "not_found" => LoadError::LibraryNotFound {
-            plugin,
-            library: path.display().to_string(),
-            searched: vec![path],
-        },
-        "not_a_library" => LoadError::NotALibrary {
-            plugin,
-            path,
-            reason: message,
-        },
-        "entry_missing" => LoadError::EntryMissing {
-            plugin,
-            path,
-            symbol: message,
-        },
-        "abi_mismatch" => LoadError::AbiMismatch {
-            plugin,
-            path,
-            found: abi.unwrap_or_default(),
-            supported: (plugin_api::abi::ABI_MAJOR, plugin_api::abi::ABI_MINOR),
-        },
-        "create_failed" => LoadError::CreateFailed { plugin, message },
-        "create_panicked" => LoadError::CreatePanicked { plugin, message },
-        "limits" => LoadError::Limits { plugin, message },
-        _ => LoadError::BadDescriptor {
-            plugin,
-            path,
-            reason: message,
-        },
-    }
-}
-
-/// Listens on a local socket name (Linux: abstract namespace, so there is no file to leak).
-fn listen(name: &str) -> std::io::Result<Async<UnixListener>> {
-    use interprocess::local_socket::{
-        prelude::*, GenericNamespaced, Listener, ListenerNonblockingMode, ListenerOptions,
-    };
-    let listener = ListenerOptions::new()
-        .name(name.to_ns_name::<GenericNamespaced>()?)
-        .nonblocking(ListenerNonblockingMode::Both)
-        .create_sync()?;
-    #[allow(irrefutable_let_patterns)]
-    let Listener::UdSocket(listener) = listener
-    else {
-        unreachable!("Unix local sockets are Unix domain sockets")
-    };
-    Async::new(UnixListener::from(listener))
-}
-
-/// Refuses a peer whose credentials are not the spawned worker's. `None` means accepted.
-fn check_peer(stream: &Async<UnixStream>, expected_pid: u32) -> Option<String> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        match rustix::net::sockopt::socket_peercred(stream.get_ref()) {
-            Ok(cred) => {
-                let pid = cred.pid.as_raw_nonzero().get() as u32;
-                if pid != expected_pid {
-                    return Some(format!(
-                        "peer pid {pid} is not the worker's ({expected_pid})"
-                    ));
-                }
-                if cred.uid != rustix::process::geteuid() {
-                    return Some(format!("peer uid {} is not ours", cred.uid.as_raw()));
-                }
-            }
-            Err(e) => return Some(format!("cannot read peer credentials: {e}")),
-        }
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = (stream, expected_pid);
-    None
-}
-
-/// `n` random bytes as hex, from the OS's random source.
-fn random_hex(n: usize) -> String {
-    use std::io::Read;
-    let mut bytes = vec![0u8; n];
-    let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    if from_os.is_err() {
-        // No /dev/urandom: fall back on std's per-process random hash keys.
-        use std::hash::{BuildHasher, Hasher};
-        for chunk in bytes.chunks_mut(8) {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(Instant::now().elapsed().as_nanos());
-            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
-        }
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

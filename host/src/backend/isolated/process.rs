@@ -12,10 +12,14 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A callback run once the process has been reaped.
+type OnExit = Box<dyn FnOnce() + Send>;
+
 /// What the waiter thread knows.
 #[derive(Default)]
 struct State {
     exit: Option<ExitStatus>,
+    on_exit: Option<OnExit>,
 }
 
 /// A running (or finished) worker process.
@@ -23,7 +27,7 @@ pub(crate) struct WorkerProcess {
     pid: u32,
     state: Arc<Mutex<State>>,
     exited: async_channel::Receiver<()>,
-    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr: Arc<Mutex<Stderr>>,
     started: Instant,
 }
 
@@ -45,7 +49,7 @@ impl WorkerProcess {
             command.process_group(0);
         }
         let state = Arc::new(Mutex::new(State::default()));
-        let stderr = Arc::new(Mutex::new(VecDeque::with_capacity(stderr_lines.min(1024))));
+        let stderr = Arc::new(Mutex::new(Stderr::default()));
         let (exited_tx, exited) = async_channel::bounded::<()>(1);
         let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
         let (thread_state, thread_stderr, name) =
@@ -86,6 +90,14 @@ impl WorkerProcess {
                 // (bounded: a process that escaped the group may still hold the pipe).
                 let _ = drained.recv_timeout(Duration::from_millis(500));
                 drop(exited_tx);
+                let on_exit = thread_state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .on_exit
+                    .take();
+                if let Some(f) = on_exit {
+                    f();
+                }
             })?;
         let pid = spawned_rx.recv().map_err(|_| {
             std::io::Error::other("the worker's waiter thread ended before spawning")
@@ -112,6 +124,17 @@ impl WorkerProcess {
     /// Its exit status, once reaped.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).exit
+    }
+
+    /// Runs `f` (once) when the process has been reaped; at once if it already was.
+    pub fn on_exit(&self, f: impl FnOnce() + Send + 'static) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.exited.is_closed() {
+            drop(state);
+            f();
+        } else {
+            state.on_exit = Some(Box::new(f));
+        }
     }
 
     /// Whether it has been reaped.
@@ -147,19 +170,59 @@ impl WorkerProcess {
 
     /// The last lines of stderr.
     pub fn stderr_tail(&self) -> Vec<String> {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        lock(&self.stderr).tail.iter().cloned().collect()
+    }
+
+    /// The lines of the last panic that was not caught (the panic header and message),
+    /// kept even when a long backtrace pushed them out of the tail.
+    pub fn panic_lines(&self) -> Vec<String> {
+        lock(&self.stderr).panic.clone()
+    }
+
+    /// Whether the worker reported a failed memory allocation.
+    pub fn allocation_failed(&self) -> bool {
+        lock(&self.stderr).allocation_failed
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the stderr reader keeps: the tail, and notable lines that must not scroll away.
+#[derive(Default)]
+struct Stderr {
+    tail: VecDeque<String>,
+    panic: Vec<String>,
+    allocation_failed: bool,
+}
+
+impl Stderr {
+    fn push(&mut self, line: String, keep: usize) {
+        if line.contains("panicked at") {
+            self.panic = vec![line.clone()];
+        } else if self.panic.len() == 1 {
+            self.panic.push(line.clone());
+        }
+        if line == crate::crash::CAUGHT_PANIC_MARKER {
+            self.panic.clear();
+        }
+        if line.contains("memory allocation of") && line.contains("failed") {
+            self.allocation_failed = true;
+        }
+        if keep > 0 {
+            if self.tail.len() == keep {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(line);
+        }
     }
 }
 
 fn drain_stderr(
     pipe: std::process::ChildStderr,
     plugin: &str,
-    tail: &Mutex<VecDeque<String>>,
+    stderr: &Mutex<Stderr>,
     keep: usize,
 ) {
     let mut reader = BufReader::new(pipe);
@@ -171,13 +234,7 @@ fn drain_stderr(
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line).trim_end().to_string();
                 tracing::info!(target: "plugin::stderr", plugin, "{text}");
-                if keep > 0 {
-                    let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-                    if tail.len() == keep {
-                        tail.pop_front();
-                    }
-                    tail.push_back(text);
-                }
+                lock(stderr).push(text, keep);
             }
         }
     }

@@ -102,7 +102,7 @@ fn exit_code(err: &Error) -> u8 {
 fn is_crash(err: &CallError) -> bool {
     matches!(
         err,
-        CallError::Crashed { .. } | CallError::RestartFailed { .. }
+        CallError::Crashed { .. } | CallError::Killed { .. } | CallError::Quarantined { .. }
     )
 }
 

@@ -1,0 +1,95 @@
+//! What an application can observe about a plugin: its state and counters
+//! ([`Status`]), and a stream of lifecycle events ([`PluginEvent`]) to drive a badge or a
+//! log.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::crash::CrashReport;
+
+/// Where a plugin is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginState {
+    /// Its first worker is starting.
+    Starting,
+    /// It serves calls.
+    Ready,
+    /// Its worker died and a fresh one is being started (after a backoff).
+    Restarting,
+    /// It crashed more often than its restart policy allows; calls fail at once with
+    /// [`CallError::Quarantined`](crate::CallError::Quarantined) until
+    /// [`Plugin::enable`](crate::Plugin::enable).
+    Quarantined,
+    /// It was shut down.
+    Stopped,
+}
+
+/// A snapshot of a plugin's health.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// Current state.
+    pub state: PluginState,
+    /// Calls started.
+    pub calls: u64,
+    /// Calls that returned an error of any kind.
+    pub failures: u64,
+    /// Worker crashes (including workers the host killed, and failed restarts).
+    pub crashes: u64,
+    /// Successful restarts.
+    pub restarts: u64,
+    /// How long the current worker (or the in-process instance) has been up.
+    pub uptime: Option<Duration>,
+    /// The current worker's process id, for untrusted plugins.
+    pub pid: Option<u32>,
+    /// The most recent crash.
+    pub last_crash: Option<Arc<CrashReport>>,
+}
+
+/// A lifecycle event.
+#[derive(Clone, Debug)]
+pub enum PluginEvent {
+    /// The worker crashed (or was killed by the host); the report says how.
+    Crashed(Arc<CrashReport>),
+    /// A fresh worker is serving after a crash.
+    Restarted {
+        /// The new worker's process id.
+        pid: u32,
+        /// Restarts so far.
+        restarts: u64,
+    },
+    /// The crash budget is spent: the plugin is quarantined.
+    Quarantined(Arc<CrashReport>),
+    /// The application re-enabled a quarantined plugin.
+    Enabled,
+    /// The plugin was shut down.
+    Stopped,
+}
+
+/// Fans events out to subscribers; a subscriber that is gone or too far behind is dropped.
+#[derive(Default)]
+pub(crate) struct EventHub {
+    subscribers: Mutex<Vec<async_channel::Sender<PluginEvent>>>,
+}
+
+impl EventHub {
+    pub fn subscribe(&self) -> async_channel::Receiver<PluginEvent> {
+        let (tx, rx) = async_channel::bounded(256);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        rx
+    }
+
+    pub fn emit(&self, event: PluginEvent) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subscribers.retain(|s| match s.try_send(event.clone()) {
+            Ok(()) => true,
+            Err(async_channel::TrySendError::Full(_)) => {
+                tracing::warn!("dropping a plugin event subscriber that stopped reading");
+                false
+            }
+            Err(async_channel::TrySendError::Closed(_)) => false,
+        });
+    }
+}

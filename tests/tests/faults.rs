@@ -1,0 +1,390 @@
+//! The fault matrix: every fault `faulty` can inject, in each situation (an idle worker;
+//! 8 innocent calls in flight on the same plugin; calls running on a second plugin).
+//! For each: the exact error kind, what happens to the innocent calls, that the second
+//! plugin is untouched, and that the faulty plugin serves the next call. At the end: no
+//! zombie, no extra open file descriptor, no socket file. One test, run in order, alone in
+//! its binary, so the leak counts are exact.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{host, manifest, run_with_limit, wait_until};
+use plugin_host::{CallError, CallOptions, CrashReport, Error, LimitExceeded, Plugin, Trust};
+use serde_json::{json, Value};
+
+/// What the 8 innocent calls on the same worker should see.
+#[derive(Clone, Copy, Debug)]
+enum Innocents {
+    /// They finish normally.
+    Complete,
+    /// The worker died under them: `Crashed`.
+    Crashed,
+    /// The host killed the worker under them (a call ignored its deadline): `Killed`.
+    Killed,
+}
+
+struct Case {
+    method: &'static str,
+    input: Value,
+    timeout: Option<Duration>,
+    check: fn(&Error),
+    innocents: Innocents,
+}
+
+fn report(err: &Error) -> &CrashReport {
+    match err {
+        Error::Call(CallError::Crashed { report, .. }) => report,
+        other => panic!("expected Crashed, got {other}"),
+    }
+}
+
+fn signal(err: &Error) -> Option<&str> {
+    report(err).exit.as_ref().and_then(|e| e.signal_name())
+}
+
+fn cases() -> Vec<Case> {
+    let deadline = Some(Duration::from_millis(300));
+    vec![
+        Case {
+            method: "panic",
+            input: json!({"message": "injected"}),
+            timeout: None,
+            check: |e| {
+                assert!(
+                    matches!(e, Error::Call(CallError::Panicked { message, .. }) if message == "injected"),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Complete,
+        },
+        Case {
+            method: "abort",
+            input: json!(null),
+            timeout: None,
+            check: |e| assert_eq!(signal(e), Some("SIGABRT"), "{e}"),
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "segfault",
+            input: json!(null),
+            timeout: None,
+            check: |e| assert_eq!(signal(e), Some("SIGSEGV"), "{e}"),
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "stack_overflow",
+            input: json!(null),
+            timeout: None,
+            check: |e| assert!(matches!(signal(e), Some("SIGABRT" | "SIGSEGV")), "{e}"),
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "infinite_loop",
+            input: json!(null),
+            timeout: deadline,
+            check: |e| assert!(matches!(e, Error::Call(CallError::Timeout { .. })), "{e}"),
+            innocents: Innocents::Killed,
+        },
+        Case {
+            method: "sleep",
+            input: json!({"ms": 60_000}),
+            timeout: deadline,
+            check: |e| assert!(matches!(e, Error::Call(CallError::Timeout { .. })), "{e}"),
+            innocents: Innocents::Killed,
+        },
+        Case {
+            method: "alloc",
+            input: json!({"chunk": 16 << 20}),
+            timeout: None,
+            check: |e| {
+                assert!(
+                    matches!(report(e).limit, Some(LimitExceeded::Memory { .. })),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "exit",
+            input: json!({"code": 3}),
+            timeout: None,
+            check: |e| {
+                assert_eq!(
+                    report(e).exit.as_ref().and_then(|x| x.code()),
+                    Some(3),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "output",
+            input: json!({"bytes": 2 << 20}),
+            timeout: None,
+            check: |e| {
+                assert!(
+                    matches!(e, Error::Call(CallError::BadOutput { message, .. }) if message.contains("frame limit")),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Complete,
+        },
+        Case {
+            method: "wire",
+            input: json!({"mode": "garbage"}),
+            timeout: None,
+            check: |e| {
+                assert!(
+                    report(e)
+                        .protocol_error
+                        .as_deref()
+                        .is_some_and(|p| p.contains("malformed")),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "wire",
+            input: json!({"mode": "oversized"}),
+            timeout: None,
+            check: |e| {
+                assert!(
+                    report(e)
+                        .protocol_error
+                        .as_deref()
+                        .is_some_and(|p| p.contains("exceeds the limit")),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "wire",
+            input: json!({"mode": "unknown_reply"}),
+            timeout: None,
+            check: |e| {
+                assert!(
+                    report(e)
+                        .protocol_error
+                        .as_deref()
+                        .is_some_and(|p| p.contains("never sent")),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Crashed,
+        },
+        Case {
+            method: "wire",
+            input: json!({"mode": "truncated"}),
+            timeout: None,
+            check: |e| {
+                assert!(
+                    report(e)
+                        .protocol_error
+                        .as_deref()
+                        .is_some_and(|p| p.contains("middle of a frame")),
+                    "{e}"
+                )
+            },
+            innocents: Innocents::Crashed,
+        },
+    ]
+}
+
+fn faulty_plugin() -> Plugin {
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.limits.concurrency = 16;
+    m.limits.memory = Some(768 << 20);
+    m.limits.max_frame = 1 << 20;
+    m.timeouts.cancel_grace = Duration::from_millis(500);
+    m.restart.max_crashes = 1000;
+    m.restart.backoff = Duration::from_millis(10);
+    m.restart.backoff_max = Duration::from_millis(50);
+    run_with_limit(Duration::from_secs(30), host().load_manifest(m)).unwrap()
+}
+
+fn call_fault(plugin: &Plugin, case: &Case) -> Error {
+    let mut options = CallOptions::new();
+    if let Some(t) = case.timeout {
+        options = options.timeout(t);
+    }
+    let result = run_with_limit(
+        Duration::from_secs(30),
+        plugin.call_with::<_, Value>(case.method, &case.input, options),
+    );
+    result.expect_err(case.method)
+}
+
+fn assert_serves(plugin: &Plugin, what: &str) {
+    let out = run_with_limit(
+        Duration::from_secs(30),
+        plugin.call_raw("echo", b"next".to_vec()),
+    );
+    assert_eq!(out.unwrap_or_else(|e| panic!("after {what}: {e}")), b"next");
+}
+
+fn idle(plugin: &Plugin, case: &Case) {
+    (case.check)(&call_fault(plugin, case));
+    assert_serves(plugin, case.method);
+}
+
+fn with_innocents(plugin: &Plugin, case: &Case) {
+    let innocents: Vec<_> = (0..8)
+        .map(|_| {
+            let p = plugin.clone();
+            std::thread::spawn(move || p.call_blocking::<_, u64>("sleep", &json!({"ms": 1500})))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    (case.check)(&call_fault(plugin, case));
+    for innocent in innocents {
+        let result = innocent.join().unwrap();
+        match (case.innocents, &result) {
+            (Innocents::Complete, Ok(1500)) => {}
+            (Innocents::Crashed, Err(Error::Call(CallError::Crashed { report, .. }))) => {
+                assert!(report.in_flight.iter().any(|m| m == "sleep"), "{report}")
+            }
+            (Innocents::Killed, Err(Error::Call(CallError::Killed { report, .. }))) => {
+                assert!(
+                    report
+                        .killed_by_host
+                        .as_deref()
+                        .is_some_and(|r| r.contains("deadline")),
+                    "{report}"
+                )
+            }
+            (expected, got) => panic!(
+                "{}: innocent call expected {expected:?}, got {got:?}",
+                case.method
+            ),
+        }
+    }
+    assert_serves(plugin, case.method);
+}
+
+fn with_neighbour(plugin: &Plugin, neighbour: &Plugin, case: &Case) {
+    let n = neighbour.clone();
+    let calls = std::thread::spawn(move || {
+        (0..40)
+            .map(|i| {
+                let name = format!("n{i}");
+                let out: Value = n.call_blocking("greet", &json!({ "name": name })).unwrap();
+                assert_eq!(out["message"], format!("Hello, {name}!"));
+                std::thread::sleep(Duration::from_millis(5));
+            })
+            .count()
+    });
+    (case.check)(&call_fault(plugin, case));
+    assert_eq!(
+        calls.join().unwrap(),
+        40,
+        "every call on the second plugin completed"
+    );
+    assert_serves(plugin, case.method);
+}
+
+fn children() -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.split_whitespace().nth(1) == Some(&me))
+                })
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn every_fault_in_every_situation() {
+    // Warm up the runtime's long-lived threads and descriptors, then count.
+    {
+        let p = faulty_plugin();
+        assert_serves(&p, "warm-up");
+        run_with_limit(Duration::from_secs(10), p.shutdown());
+    }
+    assert!(wait_until(Duration::from_secs(5), || children() == 0));
+    let fds_before = open_fds();
+
+    let plugin = faulty_plugin();
+    let neighbour = run_with_limit(
+        Duration::from_secs(30),
+        host().load_manifest(manifest("hello", Trust::Untrusted)),
+    )
+    .unwrap();
+    let events = plugin.subscribe();
+    let mut expected_crashes = 0;
+    for case in cases() {
+        let kills = !matches!(case.innocents, Innocents::Complete);
+        let situations: [&dyn Fn(); 3] = [
+            &|| idle(&plugin, &case),
+            &|| with_innocents(&plugin, &case),
+            &|| with_neighbour(&plugin, &neighbour, &case),
+        ];
+        for situation in situations {
+            situation();
+            if kills {
+                expected_crashes += 1;
+            }
+            // A worker killed for ignoring its deadline dies `cancel_grace` after the
+            // caller got `Timeout`: wait for the supervisor to count it and restart.
+            let settled = wait_until(Duration::from_secs(10), || {
+                let s = plugin.status();
+                s.crashes == expected_crashes && s.state == plugin_host::PluginState::Ready
+            });
+            assert!(
+                settled,
+                "after {} {}: {:?}",
+                case.method,
+                case.input,
+                plugin.status()
+            );
+        }
+    }
+    let status = plugin.status();
+    assert_eq!(status.restarts, status.crashes, "one restart per crash");
+    assert!(status.failures >= 3 * 13, "{status:?}");
+    let crashed_events = std::iter::from_fn(|| events.try_recv().ok())
+        .filter(|e| matches!(e, plugin_host::PluginEvent::Crashed(_)))
+        .count() as u64;
+    assert_eq!(crashed_events, expected_crashes);
+    assert_eq!(
+        neighbour.status().crashes,
+        0,
+        "the second plugin never crashed"
+    );
+
+    run_with_limit(Duration::from_secs(10), plugin.shutdown());
+    run_with_limit(Duration::from_secs(10), neighbour.shutdown());
+    drop(plugin);
+    drop(neighbour);
+    assert!(
+        wait_until(Duration::from_secs(10), || children() == 0),
+        "{} children left",
+        children()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || open_fds() <= fds_before),
+        "fds: {fds_before} before, {} after",
+        open_fds()
+    );
+    let sockets = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("plugin-host-"))
+        .count();
+    assert_eq!(sockets, 0, "socket files left behind");
+}
