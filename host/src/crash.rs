@@ -240,6 +240,17 @@ impl CrashReport {
     }
 }
 
+impl CrashReport {
+    /// The first line of the report: how it ended and what was running.
+    pub fn headline(&self) -> String {
+        self.to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
 impl fmt::Display for CrashReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "worker for plugin `{}` ", self.plugin)?;
@@ -260,8 +271,10 @@ impl fmt::Display for CrashReport {
             )?,
         }
         write!(f, " after {:.1?}", self.uptime)?;
-        if self.restarts > 0 {
-            write!(f, " (restarted {} times before)", self.restarts)?;
+        match self.restarts {
+            0 => {}
+            1 => write!(f, " (after 1 restart)")?,
+            n => write!(f, " (after {n} restarts)")?,
         }
         if let Some(limit) = &self.limit {
             write!(f, "\n  cause: {limit}")?;

@@ -195,6 +195,16 @@ fn the_demo_crashes_a_plugin_and_recovers() {
     let out = stdout(&o);
     assert!(out.contains("killed by SIGSEGV"), "{out}");
     assert!(out.contains("restarted in a fresh worker"), "{out}");
+    assert!(out.contains("timed out after 500ms"), "{out}");
+    assert!(
+        out.contains("killed by the host: call `infinite_loop` was still running"),
+        "{out}"
+    );
+    assert!(out.contains("[event] quarantined"), "{out}");
+    assert!(
+        out.contains("after Plugin::enable: faulty.echo -> \"back\""),
+        "{out}"
+    );
     assert!(out.contains("never stopped"), "{out}");
 }
 

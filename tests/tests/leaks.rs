@@ -68,7 +68,10 @@ fn socket_files() -> usize {
 }
 
 fn cycle() {
-    let plugin = run(host().load_manifest(manifest("faulty", Trust::Untrusted))).unwrap();
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.restart.backoff = Duration::from_millis(5);
+    m.restart.max_crashes = 1000;
+    let plugin = run(host().load_manifest(m)).unwrap();
     let err = run(plugin.call::<_, ()>("abort", &())).unwrap_err();
     assert!(
         matches!(err, Error::Call(CallError::Crashed { .. })),

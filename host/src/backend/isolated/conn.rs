@@ -39,6 +39,19 @@ pub(crate) enum CloseReason {
     Killed(String),
 }
 
+impl CloseReason {
+    /// A transport error. A reset or broken pipe means the worker went away: that is an
+    /// end of stream, not a fault of the connection.
+    fn from_io(doing: &str, e: &io::Error) -> CloseReason {
+        match e.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof => CloseReason::Eof,
+            _ => CloseReason::Io(format!("{doing}: {e}")),
+        }
+    }
+}
+
 /// A closed connection: why, and which methods were in flight at that moment.
 #[derive(Clone, Debug)]
 pub(crate) struct Closed {
@@ -247,7 +260,7 @@ impl Conn {
             method: method.to_string(),
         };
         if let Err(e) = self.send(&message, input).await {
-            self.close(CloseReason::Io(format!("sending the call failed: {e}")));
+            self.close(CloseReason::from_io("sending a call", &e));
         }
         Ok(guard)
     }
@@ -256,7 +269,7 @@ impl Conn {
     pub async fn ping(self: &Arc<Self>, seq: u64) -> Result<(), Closed> {
         let mut guard = self.register(PING_BIT | seq, "ping", None)?;
         if let Err(e) = self.send(&Message::Ping { seq }, &[]).await {
-            self.close(CloseReason::Io(format!("sending a ping failed: {e}")));
+            self.close(CloseReason::from_io("sending a ping", &e));
         }
         guard.reply().await.map(|_| ())
     }
@@ -406,7 +419,7 @@ impl CallGuard {
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        failure = Some(CloseReason::Io(e.to_string()));
+                        failure = Some(CloseReason::from_io("reading", &e));
                         break;
                     }
                 }

@@ -274,11 +274,13 @@ impl Inner {
                 _ => return,
             }
         }
+        // Closing is a no-op if a reader already saw the end; otherwise it records the
+        // calls that were in flight.
+        worker.conn.close(CloseReason::Eof);
         let closed = worker.conn.closed().unwrap_or(Closed {
             reason: CloseReason::Eof,
             in_flight: Vec::new(),
         });
-        worker.conn.close(CloseReason::Eof);
         let report = worker
             .report(&self.spec, &closed, self.restarts.load(Ordering::Relaxed))
             .await;
@@ -288,7 +290,7 @@ impl Inner {
     /// Counts a crash and applies the restart policy. `done` is closed when the plugin
     /// settles (ready again, or quarantined).
     fn after_crash(self: &Arc<Self>, report: Arc<CrashReport>, done: async_channel::Sender<()>) {
-        tracing::warn!(plugin = %self.spec.plugin, "{report}");
+        tracing::warn!(plugin = %self.spec.plugin, "{}", report.headline());
         self.crashes.fetch_add(1, Ordering::Relaxed);
         *lock(&self.last_crash) = Some(report.clone());
         self.events.emit(PluginEvent::Crashed(report.clone()));

@@ -1,11 +1,15 @@
 //! `plugin-host demo`: the main job in one command. Loads the example plugins, calls them,
-//! crashes one on purpose and shows the host surviving and the plugin recovering.
+//! crashes one on purpose and shows the host surviving and the plugin recovering; then a
+//! call that never returns (timeout, then the worker is killed and restarted) and a plugin
+//! that keeps crashing (quarantined, then re-enabled).
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use plugin_host::{CallError, CallOptions, Error, Host, Manifest, Plugin};
+use plugin_host::{
+    CallError, CallOptions, Error, Host, Manifest, Plugin, PluginEvent, PluginState,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -143,7 +147,86 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
         first_pid,
         faulty.worker_pid()
     );
-    for plugin in [hello, thumbnail, faulty] {
+
+    println!("\n-- 4. a call that never returns");
+    let mut manifest = Manifest::from_file(dir.join("faulty/plugin.toml"))?;
+    manifest.timeouts.cancel_grace = Duration::from_millis(300);
+    let stuck = host.load_manifest(manifest).await?;
+    let events = stuck.subscribe();
+    let started = Instant::now();
+    let options = CallOptions::new().timeout(Duration::from_millis(500));
+    match stuck
+        .call_with::<_, ()>("infinite_loop", &json!(null), options)
+        .await
+    {
+        Err(e) => println!(
+            "faulty.infinite_loop -> after {:.1?}: {e}",
+            started.elapsed()
+        ),
+        Ok(()) => return Err(unexpected("infinite_loop returned")),
+    }
+    println!(
+        "  the plugin ignores the cancellation; {:?} later the host kills its worker:",
+        Duration::from_millis(300)
+    );
+    print_events_until_restart(&events).await;
+    let echoed = stuck.call_raw("echo", b"ok".to_vec()).await?;
+    println!("faulty.echo -> {:?}", String::from_utf8_lossy(&echoed));
+
+    println!("\n-- 5. a plugin that keeps crashing is quarantined");
+    let mut manifest = Manifest::from_file(dir.join("faulty/plugin.toml"))?;
+    manifest.restart.max_crashes = 2;
+    let flaky = host.load_manifest(manifest).await?;
+    let events = flaky.subscribe();
+    println!(
+        "restart policy: at most {} crashes in {:?}",
+        2,
+        flaky.manifest().restart.window
+    );
+    for (i, method) in ["abort", "segfault", "exit"].into_iter().enumerate() {
+        let input = json!({"code": 3});
+        let err = flaky.call::<_, ()>(method, &input).await.err();
+        println!(
+            "crash {}: faulty.{method} -> {}",
+            i + 1,
+            err.map(|e| first_line(&e.to_string())).unwrap_or_default()
+        );
+        if i < 2 {
+            print_events_until_restart(&events).await;
+        }
+    }
+    let started = Instant::now();
+    while flaky.status().state != PluginState::Quarantined
+        && started.elapsed() < Duration::from_secs(5)
+    {
+        smol::Timer::after(Duration::from_millis(10)).await;
+    }
+    for event in std::iter::from_fn(|| events.try_recv().ok()) {
+        print_event(&event);
+    }
+    let started = Instant::now();
+    match flaky.call_raw("echo", b"hello?".to_vec()).await {
+        Err(e) => println!(
+            "faulty.echo -> fails at once ({:.1?}): {}",
+            started.elapsed(),
+            first_line(&e.to_string())
+        ),
+        Ok(_) => return Err(unexpected("quarantined plugin answered")),
+    }
+    println!(
+        "status: {:?}, {} crashes, {} restarts",
+        flaky.status().state,
+        flaky.status().crashes,
+        flaky.status().restarts
+    );
+    flaky.enable().await;
+    let echoed = flaky.call_raw("echo", b"back".to_vec()).await?;
+    println!(
+        "after Plugin::enable: faulty.echo -> {:?}",
+        String::from_utf8_lossy(&echoed)
+    );
+
+    for plugin in [hello, thumbnail, faulty, stuck, flaky] {
         plugin.shutdown().await;
     }
     println!(
@@ -151,6 +234,49 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
         std::process::id()
     );
     Ok(())
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+fn print_event(event: &PluginEvent) {
+    match event {
+        PluginEvent::Crashed(report) => {
+            println!("  [event] crashed: {}", report.headline());
+            if let Some(why) = &report.killed_by_host {
+                println!("          killed by the host: {why}");
+            }
+        }
+        PluginEvent::Restarted { pid, restarts } => {
+            println!("  [event] restarted: worker pid {pid} (restart #{restarts})")
+        }
+        PluginEvent::Quarantined(_) => {
+            println!("  [event] quarantined: calls now fail at once until Plugin::enable")
+        }
+        PluginEvent::Enabled => println!("  [event] enabled"),
+        PluginEvent::Stopped => println!("  [event] stopped"),
+    }
+}
+
+/// Prints events as they arrive until a restart (or quarantine), for at most 10 s.
+async fn print_events_until_restart(events: &async_channel::Receiver<PluginEvent>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let next = futures_lite::future::or(async { events.recv().await.ok() }, async {
+            smol::Timer::after(left).await;
+            None
+        })
+        .await;
+        let Some(event) = next else { return };
+        print_event(&event);
+        if matches!(
+            event,
+            PluginEvent::Restarted { .. } | PluginEvent::Quarantined(_)
+        ) {
+            return;
+        }
+    }
 }
 
 fn unexpected(what: &str) -> Error {

@@ -5,6 +5,8 @@
 mod bench;
 mod demo;
 mod json;
+#[cfg(target_os = "linux")]
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,7 +17,8 @@ use plugin_host::{manifest, CallError, CallOptions, Error, Host, LoadError};
 
 const EXIT_CODES: &str = "Exit codes: 0 success, 1 I/O or other error, 2 usage, 3 invalid \
 manifest, 4 plugin failed to load, 5 the call failed (plugin error, bad input, unknown \
-method), 6 the plugin crashed, 7 the call timed out, 8 `check` found problems.";
+method), 6 the plugin crashed (or was killed, or is quarantined), 7 the call timed out, \
+8 `check` found problems, 9 `soak` found a violation.";
 
 #[derive(Parser)]
 #[command(name = "plugin-host", version, about = "Load, inspect and call plugin-host plugins.", after_help = EXIT_CODES)]
@@ -79,6 +82,28 @@ enum Command {
         /// latency (large on virtual machines) does not dominate small round trips.
         #[arg(long)]
         warm: bool,
+    },
+    /// Chaos soak: many concurrent calls over several plugins with random faults; checks
+    /// every call is answered exactly once, restarts match crashes, nothing leaks.
+    Soak {
+        /// Directory holding the example plugins' manifests (uses faulty).
+        #[arg(long, default_value = "plugins")]
+        plugins: PathBuf,
+        /// Number of calls.
+        #[arg(long, default_value_t = 5000)]
+        calls: u64,
+        /// Number of plugin instances (each its own worker).
+        #[arg(long, default_value_t = 3)]
+        instances: u32,
+        /// Fraction of calls that inject a fault.
+        #[arg(long, default_value_t = 0.02)]
+        fault_rate: f64,
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Random seed (the run is reproducible in which faults it injects where).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Internal: the raw echo peer the benchmark spawns as its baseline.
     #[command(hide = true)]
@@ -157,6 +182,27 @@ fn main() -> ExitCode {
             },
             &host,
         ),
+        #[cfg(target_os = "linux")]
+        Command::Soak {
+            plugins,
+            calls,
+            instances,
+            fault_rate,
+            concurrency,
+            seed,
+        } => soak::run(
+            &soak::Settings {
+                plugins,
+                calls,
+                instances,
+                fault_rate,
+                concurrency,
+                seed,
+            },
+            &host,
+        ),
+        #[cfg(not(target_os = "linux"))]
+        Command::Soak { .. } => usage("soak runs on Linux only"),
         #[cfg(unix)]
         Command::BenchEchoServer { socket } => bench::echo_server(&socket),
         #[cfg(not(unix))]
