@@ -242,6 +242,16 @@ impl FrameBuffer {
         Ok(n)
     }
 
+    /// Whether a whole frame is buffered (so reading is not needed to make progress).
+    pub fn has_frame(&self) -> bool {
+        match &self.partial {
+            Some(p) => p.payload.len() == p.len,
+            None => self
+                .declared_len()
+                .is_some_and(|len| self.end - self.start >= 4 + len),
+        }
+    }
+
     fn declared_len(&self) -> Option<usize> {
         let avail = &self.buf[self.start..self.end];
         (avail.len() >= 4).then(|| u32::from_le_bytes(avail[0..4].try_into().unwrap()) as usize)

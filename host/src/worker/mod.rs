@@ -80,9 +80,9 @@ pub fn main() -> ExitCode {
             )
         }
     };
-    match serve(stream, &plugin, token) {
+    match serve(stream, token) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => die(EXIT_PROTOCOL, &message),
+        Err(message) => die(EXIT_PROTOCOL, &format!("plugin `{plugin}`: {message}")),
     }
 }
 
@@ -128,7 +128,7 @@ fn read(reader: &mut Reader, max: u32) -> Result<protocol::frame::Frame, String>
     }
 }
 
-fn serve(stream: Stream, plugin: &str, token: String) -> Result<(), String> {
+fn serve(stream: Stream, token: String) -> Result<(), String> {
     let stream = Arc::new(stream);
     let mut reader = BufReader::with_capacity(64 * 1024, SharedStream(stream.clone()));
     let writer = Mutex::new(SharedStream(stream));
@@ -170,7 +170,6 @@ fn serve(stream: Stream, plugin: &str, token: String) -> Result<(), String> {
             return Ok(());
         }
     };
-    let _ = plugin;
     let shared = Arc::new(Shared {
         writer,
         reader: Mutex::new(reader),

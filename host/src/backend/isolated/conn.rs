@@ -379,6 +379,15 @@ impl CallGuard {
                 }
                 state.reader_busy = true;
                 self.reader = true;
+                // A reply cannot be here yet when the reader role was just taken with
+                // nothing buffered: wait for readability first instead of a read that
+                // would only return EAGAIN.
+                let buffered = state.buf.as_ref().is_some_and(FrameBuffer::has_frame);
+                if !buffered {
+                    if let Poll::Pending = conn.stream.poll_readable(cx) {
+                        return Poll::Pending;
+                    }
+                }
             }
             let mut buf = state.buf.take().expect("the reader role owns the buffer");
             drop(guard);

@@ -1,0 +1,44 @@
+//! Calls the `hello` plugin's `echo` method in a loop and prints the mean time per call:
+//! the smallest program that embeds the host.
+//!
+//! ```sh
+//! cargo build --release --workspace
+//! ./target/release/examples/echo_loop plugins/hello/plugin.toml 10000
+//! ```
+
+use std::time::Instant;
+
+use plugin_host::Host;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let manifest = args
+        .next()
+        .unwrap_or_else(|| "plugins/hello/plugin.toml".into());
+    let calls: u32 = args.next().map_or(Ok(10_000), |n| n.parse())?;
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join(".."))
+        .unwrap_or_default();
+    let host = Host::builder()
+        .search_path(&exe_dir)
+        .worker_shim(exe_dir.join("worker-shim"))
+        .build()?;
+    smol::block_on(async {
+        let plugin = host.load(&manifest).await?;
+        let payload = vec![7u8; 16];
+        let started = Instant::now();
+        for _ in 0..calls {
+            let out = plugin.call_raw("echo", payload.clone()).await?;
+            assert_eq!(out, payload);
+        }
+        let per_call = started.elapsed() / calls;
+        println!(
+            "{calls} calls to {} ({:?}): {per_call:?} per call",
+            plugin.name(),
+            plugin.trust()
+        );
+        plugin.shutdown().await;
+        Ok(())
+    })
+}
