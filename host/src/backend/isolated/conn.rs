@@ -384,7 +384,7 @@ impl CallGuard {
                 // would only return EAGAIN.
                 let buffered = state.buf.as_ref().is_some_and(FrameBuffer::has_frame);
                 if !buffered {
-                    if let Poll::Pending = conn.stream.poll_readable(cx) {
+                    if conn.stream.poll_readable(cx).is_pending() {
                         return Poll::Pending;
                     }
                 }
