@@ -383,10 +383,8 @@ impl CallGuard {
                 // nothing buffered: wait for readability first instead of a read that
                 // would only return EAGAIN.
                 let buffered = state.buf.as_ref().is_some_and(FrameBuffer::has_frame);
-                if !buffered {
-                    if conn.stream.poll_readable(cx).is_pending() {
-                        return Poll::Pending;
-                    }
+                if !buffered && conn.stream.poll_readable(cx).is_pending() {
+                    return Poll::Pending;
                 }
             }
             let mut buf = state.buf.take().expect("the reader role owns the buffer");
