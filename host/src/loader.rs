@@ -329,10 +329,10 @@ unsafe extern "C" fn host_is_cancelled(data: *mut c_void) -> i32 {
 /// Emits a plugin's log record into `tracing` with the plugin's name as a field.
 pub(crate) fn emit_log(plugin: &str, level: u32, message: &str) {
     match level {
-        abi::level::ERROR => tracing::error!(target: "plugin", plugin, "{message}"),
-        abi::level::WARN => tracing::warn!(target: "plugin", plugin, "{message}"),
-        abi::level::INFO => tracing::info!(target: "plugin", plugin, "{message}"),
-        abi::level::DEBUG => tracing::debug!(target: "plugin", plugin, "{message}"),
-        _ => tracing::trace!(target: "plugin", plugin, "{message}"),
+        abi::level::ERROR => tracing::error!(target: "plugin", plugin = %plugin, "{message}"),
+        abi::level::WARN => tracing::warn!(target: "plugin", plugin = %plugin, "{message}"),
+        abi::level::INFO => tracing::info!(target: "plugin", plugin = %plugin, "{message}"),
+        abi::level::DEBUG => tracing::debug!(target: "plugin", plugin = %plugin, "{message}"),
+        _ => tracing::trace!(target: "plugin", plugin = %plugin, "{message}"),
     }
 }

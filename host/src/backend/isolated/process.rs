@@ -233,7 +233,7 @@ fn drain_stderr(
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                tracing::info!(target: "plugin::stderr", plugin, "{text}");
+                tracing::info!(target: "plugin::stderr", plugin = %plugin, "{text}");
                 lock(stderr).push(text, keep);
             }
         }
