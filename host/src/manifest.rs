@@ -69,21 +69,28 @@ impl Timeouts {
     /// `PLUGIN_HOST_WORKER_TIMEOUT` (whole seconds, at least 1; empty or 0 means the
     /// default; anything else logs a warning and uses the default), else 10 s.
     pub fn connect_timeout(&self) -> Duration {
-        const DEFAULT: Duration = Duration::from_secs(10);
-        if let Some(d) = self.connect {
-            return d;
+        match self.connect {
+            Some(d) => d,
+            None => connect_timeout_from_env(std::env::var(WORKER_TIMEOUT_ENV).ok().as_deref()),
         }
-        let Ok(text) = std::env::var(WORKER_TIMEOUT_ENV) else {
-            return DEFAULT;
-        };
-        match text.trim().parse::<u64>() {
-            _ if text.trim().is_empty() => DEFAULT,
-            Ok(0) => DEFAULT,
-            Ok(n) => Duration::from_secs(n),
-            Err(_) => {
-                tracing::warn!("{WORKER_TIMEOUT_ENV}={text:?} is not a whole number of seconds; using {DEFAULT:?}");
-                DEFAULT
-            }
+    }
+}
+
+/// The connect timeout given the value of `PLUGIN_HOST_WORKER_TIMEOUT` (if set).
+fn connect_timeout_from_env(value: Option<&str>) -> Duration {
+    const DEFAULT: Duration = Duration::from_secs(10);
+    let Some(text) = value.map(str::trim) else {
+        return DEFAULT;
+    };
+    match text.parse::<u64>() {
+        _ if text.is_empty() => DEFAULT,
+        Ok(0) => DEFAULT,
+        Ok(n) => Duration::from_secs(n),
+        Err(_) => {
+            tracing::warn!(
+                "{WORKER_TIMEOUT_ENV}={text:?} is not a whole number of seconds; using {DEFAULT:?}"
+            );
+            DEFAULT
         }
     }
 }
@@ -747,6 +754,30 @@ mod tests {
         assert_eq!(parse_size("4096"), Some(4096));
         assert_eq!(parse_size("12 parsecs"), None);
         assert_eq!(parse_size("99999999999999GiB"), None);
+    }
+
+    #[test]
+    fn worker_timeout_variable_rules() {
+        let default = Duration::from_secs(10);
+        assert_eq!(connect_timeout_from_env(None), default);
+        assert_eq!(connect_timeout_from_env(Some("")), default);
+        assert_eq!(connect_timeout_from_env(Some("0")), default);
+        assert_eq!(connect_timeout_from_env(Some("3")), Duration::from_secs(3));
+        assert_eq!(
+            connect_timeout_from_env(Some(" 7 ")),
+            Duration::from_secs(7)
+        );
+        assert_eq!(connect_timeout_from_env(Some("soon")), default);
+        assert_eq!(connect_timeout_from_env(Some("-1")), default);
+        let explicit = Timeouts {
+            connect: Some(Duration::from_secs(2)),
+            ..Timeouts::default()
+        };
+        assert_eq!(
+            explicit.connect_timeout(),
+            Duration::from_secs(2),
+            "the manifest wins"
+        );
     }
 
     #[test]
