@@ -380,6 +380,22 @@ pub enum CallError {
         /// The decoder's message.
         message: String,
     },
+    /// The input is larger than the plugin's frame limit (`limits.max_frame`); nothing was
+    /// sent. Raise the limit in the manifest or send less.
+    #[error(
+        "input of {size} bytes for plugin `{plugin}` method `{method}` exceeds its frame limit \
+         of {limit} bytes (limits.max_frame in the manifest)"
+    )]
+    InputTooLarge {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
+        /// The input's size in bytes.
+        size: usize,
+        /// The frame limit in bytes.
+        limit: u64,
+    },
     /// The call's deadline passed. The plugin was told to cancel it.
     #[error("plugin `{plugin}` method `{method}` timed out after {after:?}")]
     Timeout {

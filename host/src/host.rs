@@ -76,6 +76,8 @@ impl Host {
             .into());
         }
         let library = manifest.resolve_library(&self.config.search_paths)?;
+        // An absolute path, so the system loader never searches its own paths instead.
+        let library = library.canonicalize().unwrap_or(library);
         match manifest.trust {
             Trust::Trusted => {
                 let (backend, info, manifest) = blocking::unblock(move || {
@@ -93,7 +95,6 @@ impl Host {
     async fn load_isolated(&self, manifest: Manifest, library: PathBuf) -> Result<Plugin, Error> {
         use crate::backend::isolated::{Isolated, Spec};
         let shim = self.worker_shim(&manifest.name)?;
-        let library = library.canonicalize().unwrap_or(library);
         let spec = Spec {
             plugin: manifest.name.as_str().into(),
             shim,

@@ -112,6 +112,9 @@ impl Library {
         for i in 0..descriptor.method_count {
             // SAFETY: the table holds `method_count` entries (checked non-null above).
             let entry = unsafe { *descriptor.methods.add(i) };
+            if entry.len > 0 && entry.ptr.is_null() {
+                return Err(bad(format!("method #{i} has a null name")));
+            }
             let bytes = if entry.len == 0 {
                 &[][..]
             } else {

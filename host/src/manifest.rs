@@ -640,7 +640,14 @@ impl Manifest {
 
     /// The directory relative paths resolve against: the manifest's own directory.
     pub fn dir(&self) -> Option<&Path> {
-        self.path.as_deref().and_then(Path::parent)
+        // `plugin.toml` has the parent "": that is the current directory.
+        self.path.as_deref().and_then(Path::parent).map(|d| {
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            }
+        })
     }
 
     /// The platform file name for a base library name: `libNAME.so` on Linux,

@@ -10,7 +10,8 @@ use crate::crash::CrashReport;
 /// Where a plugin is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PluginState {
-    /// Its first worker is starting.
+    /// Its first worker is starting. Not observable through a `Plugin` today, since
+    /// `Host::load` returns once the plugin is ready; kept for hosts that load lazily.
     Starting,
     /// It serves calls.
     Ready,

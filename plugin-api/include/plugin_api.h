@@ -72,6 +72,8 @@ typedef struct PluginDescriptor {
                     const uint8_t *input, size_t input_len, const PluginHostContext *host,
                     PluginBuffer *output);
     void (*free_buffer)(PluginBuffer buffer);
+    /* May never be called: a worker process simply ends; an in-process host calls it when
+     * the last handle to the plugin is gone. Do not rely on it to persist anything. */
     void (*destroy)(void *instance);
 } PluginDescriptor;
 

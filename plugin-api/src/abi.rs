@@ -144,7 +144,9 @@ pub struct PluginDescriptor {
     ) -> i32,
     /// Free a buffer the plugin returned from `create` or `call`.
     pub free_buffer: unsafe extern "C" fn(buffer: Buffer),
-    /// Destroy an instance. Hosts call it on orderly shutdown only.
+    /// Destroy an instance. A host may never call it: a worker process simply ends, and
+    /// an in-process host calls it when the last handle to the plugin is gone. Do not
+    /// rely on it to persist anything.
     pub destroy: unsafe extern "C" fn(instance: *mut c_void),
 }
 

@@ -480,3 +480,80 @@ fn dropping_the_plugin_kills_and_reaps_its_worker() {
         "worker {pid} reaped"
     );
 }
+
+#[test]
+fn an_input_over_the_frame_limit_is_refused_before_sending() {
+    let mut m = manifest("hello", Trust::Untrusted);
+    m.limits.max_frame = 64 * 1024;
+    let plugin = run(host().load_manifest(m)).unwrap();
+    let pid = plugin.worker_pid();
+    let err = run(plugin.call_raw("echo", vec![0u8; 100 * 1024])).unwrap_err();
+    match &err {
+        Error::Call(CallError::InputTooLarge { size, limit, .. }) => {
+            assert_eq!((*size, *limit), (100 * 1024, 64 * 1024))
+        }
+        other => panic!("expected InputTooLarge, got {other}"),
+    }
+    assert_eq!(
+        run(plugin.call_raw("echo", vec![1u8; 1000])).unwrap(),
+        vec![1u8; 1000]
+    );
+    assert_eq!(plugin.worker_pid(), pid, "the worker was never bothered");
+}
+
+#[test]
+fn a_dropped_call_is_cancelled_in_the_worker() {
+    // One call at a time: an abandoned call that kept running would block the next one.
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.limits.concurrency = 1;
+    let plugin = run(host().load_manifest(m)).unwrap();
+    let input = json!({"ms": 30_000, "cooperative": true});
+    run(async {
+        // Give up on the call by dropping its future (not through its deadline).
+        let call = plugin.call::<_, u64>("sleep", &input);
+        let gave_up = futures_lite::future::or(async { call.await.ok() }, async {
+            smol::Timer::after(Duration::from_millis(100)).await;
+            None
+        })
+        .await;
+        assert_eq!(gave_up, None);
+    });
+    let started = std::time::Instant::now();
+    let n: u64 = run(plugin.call("sleep", &json!({"ms": 1}))).unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the abandoned call was cancelled"
+    );
+    assert_eq!(plugin.status().crashes, 0);
+}
+
+#[test]
+fn a_manifest_given_as_a_bare_file_name_resolves_its_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = common::artifacts().join("libhello.so");
+    std::fs::copy(&lib, dir.path().join("libhello.so")).unwrap();
+    std::fs::write(
+        dir.path().join("plugin.toml"),
+        "name = \"hello\"\nversion = \"0.1.0\"\nlibrary = \"hello\"\napi = \"^1\"\ntrust = \"trusted\"\n",
+    )
+    .unwrap();
+    // Run from the manifest's directory with a path that has no directory part.
+    let out = std::process::Command::new(common::artifacts().join("plugin-host"))
+        .args([
+            "call",
+            "plugin.toml",
+            "greet",
+            "--json",
+            r#"{"name":"here"}"#,
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, here!"));
+}

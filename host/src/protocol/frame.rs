@@ -55,6 +55,11 @@ pub(crate) fn encode_head(message: &Message, payload_len: usize) -> Vec<u8> {
     rmp_serde::encode::write_named(&mut out, message).expect("messages always encode");
     let head_len = out.len() - 8;
     let body_len = 4 + head_len + payload_len;
+    // Both sides check payloads against the negotiated limit (at most 2 GiB) first.
+    assert!(
+        body_len <= u32::MAX as usize,
+        "frame of {body_len} bytes cannot be encoded"
+    );
     out[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[4..8].copy_from_slice(&(head_len as u32).to_le_bytes());
     out

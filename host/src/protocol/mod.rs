@@ -119,7 +119,8 @@ pub enum Message {
         #[serde(default)]
         call: Option<u64>,
     },
-    /// Liveness check; the peer answers with `Pong` carrying the same `seq`.
+    /// Host -> worker liveness check; the worker answers with `Pong` carrying the same
+    /// `seq`. (A `Ping` from a worker is ignored.)
     Ping {
         /// Echoed back.
         seq: u64,

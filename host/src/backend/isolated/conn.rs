@@ -243,6 +243,7 @@ impl Conn {
             conn: self.clone(),
             id,
             reader: false,
+            answered: false,
         })
     }
 
@@ -322,7 +323,8 @@ impl Conn {
                     }
                 }
             }
-            Message::Unknown => {}
+            // The host does not answer pings from the worker; they are harmless.
+            Message::Ping { .. } | Message::Unknown => {}
             other => return Err(format!("unexpected message from the worker: {other:?}")),
         }
         Ok(())
@@ -347,12 +349,16 @@ pub(crate) struct CallGuard {
     conn: Arc<Conn>,
     id: u64,
     reader: bool,
+    /// Set once the reply (or the connection's end) was returned to the caller.
+    answered: bool,
 }
 
 impl CallGuard {
     /// Waits for the reply: `(status, bytes)`, or why the connection closed.
     pub async fn reply(&mut self) -> Result<(i32, Vec<u8>), Closed> {
-        poll_fn(|cx| self.poll_reply(cx)).await
+        let result = poll_fn(|cx| self.poll_reply(cx)).await;
+        self.answered = true;
+        result
     }
 
     fn poll_reply(
@@ -461,7 +467,21 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let mut state = self.conn.lock();
-        state.pending.remove(&self.id);
+        let abandoned = state
+            .pending
+            .remove(&self.id)
+            .is_some_and(|p| p.reply.is_none())
+            && !self.answered
+            && state.closed.is_none()
+            && self.id & PING_BIT == 0;
+        if abandoned {
+            // The caller gave up (dropped the future): tell the plugin, as at a deadline.
+            let (conn, id) = (self.conn.clone(), self.id);
+            smol::spawn(async move {
+                let _ = conn.send(&Message::Cancel { id }, &[]).await;
+            })
+            .detach();
+        }
         if self.reader {
             state.reader_busy = false;
         }

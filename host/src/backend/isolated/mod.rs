@@ -429,6 +429,16 @@ impl Backend for Isolated {
         Box::pin(async move {
             let started = Instant::now();
             let deadline = started + call.deadline;
+            // Room for the frame header; the worker would refuse a larger frame and die.
+            let limit = inner.spec.limits.max_frame;
+            if call.input.len() as u64 + 1024 > limit {
+                return Err(CallError::InputTooLarge {
+                    plugin: inner.plugin(),
+                    method: call.method,
+                    size: call.input.len(),
+                    limit,
+                });
+            }
             let worker = inner.worker(deadline, &call.method, call.deadline).await?;
             let plugin = &inner.spec.plugin;
             let mut guard = match worker
@@ -493,18 +503,8 @@ impl Backend for Isolated {
             while worker.conn.in_flight() > 0 && worker.is_alive() && Instant::now() < deadline {
                 smol::Timer::after(Duration::from_millis(5)).await;
             }
-            let _ = worker
-                .conn
-                .send(&Message::Shutdown { grace_ms: 0 }, &[])
-                .await;
-            if worker
-                .process
-                .wait_exit(Duration::from_secs(1))
-                .await
-                .is_none()
-            {
-                worker.process.kill();
-            }
+            // Calls still running past the grace period fail with `Stopped`; closing the
+            // connection also kills the worker (it would exit on EOF anyway).
             worker.conn.close(CloseReason::Host);
             worker.process.wait_exit(Duration::from_secs(2)).await;
         })
