@@ -129,6 +129,13 @@ fn read(reader: &mut Reader, max: u32) -> Result<protocol::frame::Frame, String>
 }
 
 fn serve(stream: Stream, token: String) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        #[allow(irrefutable_let_patterns)]
+        if let Stream::UdSocket(s) = &stream {
+            protocol::tune_socket(s);
+        }
+    }
     let stream = Arc::new(stream);
     let mut reader = BufReader::with_capacity(64 * 1024, SharedStream(stream.clone()));
     let writer = Mutex::new(SharedStream(stream));

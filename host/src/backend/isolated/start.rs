@@ -120,6 +120,7 @@ async fn handshake(
             refuse(refusal);
             continue;
         }
+        protocol::tune_socket(stream.get_ref());
         let on_close_process = process.clone();
         let conn = Conn::new(
             stream,
