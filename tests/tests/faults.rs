@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{host, manifest, run_with_limit, wait_until};
+use common::{children, host, manifest, open_fds, run_with_limit, socket_files, wait_until};
 use plugin_host::{CallError, CallOptions, CrashReport, Error, LimitExceeded, Plugin, Trust};
 use serde_json::{json, Value};
 
@@ -286,28 +286,6 @@ fn with_neighbour(plugin: &Plugin, neighbour: &Plugin, case: &Case) {
     assert_serves(plugin, case.method);
 }
 
-fn children() -> usize {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, r)| r.split_whitespace().nth(1) == Some(&me))
-                })
-                .unwrap_or(false)
-        })
-        .count()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
 #[test]
 fn every_fault_in_every_situation() {
     // Warm up the runtime's long-lived threads and descriptors, then count.
@@ -316,7 +294,7 @@ fn every_fault_in_every_situation() {
         assert_serves(&p, "warm-up");
         run_with_limit(Duration::from_secs(10), p.shutdown());
     }
-    assert!(wait_until(Duration::from_secs(5), || children() == 0));
+    assert!(wait_until(Duration::from_secs(5), || children().is_empty()));
     let fds_before = open_fds();
 
     let plugin = faulty_plugin();
@@ -372,8 +350,8 @@ fn every_fault_in_every_situation() {
     drop(plugin);
     drop(neighbour);
     assert!(
-        wait_until(Duration::from_secs(10), || children() == 0),
-        "{} children left",
+        wait_until(Duration::from_secs(10), || children().is_empty()),
+        "children left (pid, state): {:?}",
         children()
     );
     assert!(
@@ -381,10 +359,5 @@ fn every_fault_in_every_situation() {
         "fds: {fds_before} before, {} after",
         open_fds()
     );
-    let sockets = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("plugin-host-"))
-        .count();
-    assert_eq!(sockets, 0, "socket files left behind");
+    assert_eq!(socket_files(), 0, "socket files left behind");
 }
