@@ -557,3 +557,33 @@ fn a_manifest_given_as_a_bare_file_name_resolves_its_library() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Hello, here!"));
 }
+
+#[test]
+fn calls_work_under_tokio_too() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let plugin = rt
+        .block_on(host().load_manifest(manifest("hello", Trust::Untrusted)))
+        .unwrap();
+    let results = rt.block_on(async {
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let plugin = plugin.clone();
+                tokio::spawn(async move {
+                    let name = format!("tokio{i}");
+                    let out: Greeting = plugin.call("greet", &Greet { name: &name }).await.unwrap();
+                    out.message == format!("Hello, {name}!")
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.push(t.await.unwrap());
+        }
+        all
+    });
+    assert_eq!(results, vec![true; 16]);
+    rt.block_on(plugin.shutdown());
+}
