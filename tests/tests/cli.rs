@@ -224,3 +224,70 @@ fn the_bench_command_runs_and_prints_ratios() {
     }
     assert!(out.matches("ratio").count() >= 5, "{out}");
 }
+
+/// Children of `parent` (Linux /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.split_whitespace().nth(1) == Some(&parent.to_string()))
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn workers_die_when_the_host_process_is_killed() {
+    let mut host = Command::new(artifacts().join("plugin-host"))
+        .args([
+            "call",
+            "plugins/faulty/plugin.toml",
+            "sleep",
+            "--json",
+            r#"{"ms": 20000}"#,
+        ])
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut worker = None;
+    common::wait_until(Duration::from_secs(10), || {
+        worker = children_of(host.id()).first().copied();
+        worker.is_some()
+    });
+    let worker = worker.expect("the host started a worker");
+    // Freeze the worker so it cannot notice the closed socket itself, then SIGKILL the
+    // host, which gives it no chance to clean up. What ends the worker is the kernel: the
+    // parent-death signal, and (for a stopped process) the SIGHUP sent to a process group
+    // orphaned by its parent's death.
+    assert!(Command::new("kill")
+        .args(["-STOP", &worker.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = host.kill();
+    let _ = host.wait();
+    let gone = common::wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{worker}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    });
+    if !gone {
+        let _ = Command::new("kill")
+            .args(["-9", &worker.to_string()])
+            .status();
+    }
+    assert!(gone, "worker {worker} outlived its host");
+}
