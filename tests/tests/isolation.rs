@@ -587,3 +587,82 @@ fn calls_work_under_tokio_too() {
     assert_eq!(results, vec![true; 16]);
     rt.block_on(plugin.shutdown());
 }
+
+#[test]
+fn a_call_dropped_half_way_through_sending_leaves_the_stream_intact() {
+    let plugin = run(host().load_manifest(manifest("hello", Trust::Untrusted))).unwrap();
+    let big = vec![7u8; 32 << 20];
+    run(async {
+        // Poll the call just long enough to start writing 32 MiB, then drop it.
+        let call = plugin.call_raw("echo", big);
+        let dropped = futures_lite::future::or(async { call.await.ok() }, async {
+            smol::Timer::after(Duration::from_millis(2)).await;
+            None
+        })
+        .await;
+        assert!(dropped.is_none());
+    });
+    let started = std::time::Instant::now();
+    let out = run(plugin.call_raw("echo", b"after".to_vec())).unwrap();
+    assert_eq!(out, b"after");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        plugin.status().crashes,
+        0,
+        "a healthy worker was not blamed"
+    );
+}
+
+#[test]
+fn the_deadline_covers_sending_to_a_stalled_worker() {
+    let plugin = faulty();
+    let pid = plugin.worker_pid().unwrap();
+    let stop = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    stop("-STOP");
+    let started = std::time::Instant::now();
+    let options = CallOptions::new().timeout(Duration::from_secs(1));
+    let result = run(plugin.call_raw_with("echo", vec![1u8; 16 << 20], options));
+    stop("-CONT");
+    assert!(
+        matches!(result, Err(Error::Call(CallError::Timeout { .. }))),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn abandoning_a_load_kills_the_worker_it_started() {
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.name = "abandoned-load-probe".into();
+    m.config.insert("create_sleep_ms".into(), 30_000.into());
+    let host = host();
+    run(async {
+        let load = host.load_manifest(m);
+        let gave_up = futures_lite::future::or(async { load.await.ok() }, async {
+            smol::Timer::after(Duration::from_millis(500)).await;
+            None
+        })
+        .await;
+        assert!(gave_up.is_none());
+    });
+    let probe_running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("abandoned-load-probe"))
+                .unwrap_or(false)
+        })
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(5), || !probe_running()),
+        "the worker outlived its load"
+    );
+}

@@ -85,7 +85,7 @@ enum Deferred {
 
 pub(crate) struct Conn {
     stream: Async<UnixStream>,
-    write_lock: smol::lock::Mutex<()>,
+    write_lock: Arc<smol::lock::Mutex<()>>,
     state: Mutex<State>,
     plugin: Arc<str>,
     on_close: Box<dyn Fn() + Send + Sync>,
@@ -102,7 +102,7 @@ impl Conn {
     ) -> Conn {
         Conn {
             stream,
-            write_lock: smol::lock::Mutex::new(()),
+            write_lock: Arc::new(smol::lock::Mutex::new(())),
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 reader_busy: false,
@@ -138,7 +138,11 @@ impl Conn {
 
     /// Writes one frame. Small frames go out in one write; large payloads are written from
     /// the caller's buffer with a vectored write (no copy).
-    pub async fn send(&self, message: &Message, payload: &[u8]) -> io::Result<()> {
+    ///
+    /// Cancel-safe: if the future is dropped after part of the frame went out, the rest is
+    /// copied and finished by a background task that keeps the write lock, so the stream
+    /// never carries half a frame followed by another.
+    pub async fn send(self: &Arc<Self>, message: &Message, payload: &[u8]) -> io::Result<()> {
         let mut head = encode_head(message, payload.len());
         let payload = if payload.len() <= 16 * 1024 {
             head.extend_from_slice(payload);
@@ -146,22 +150,40 @@ impl Conn {
         } else {
             payload
         };
-        let _guard = self.write_lock.lock().await;
-        let (mut a, mut b) = (&head[..], payload);
-        while !a.is_empty() || !b.is_empty() {
-            let n = self
+        let lock = self.write_lock.lock_arc().await;
+        let mut write = FrameWrite {
+            conn: self,
+            lock: Some(lock),
+            a: &head,
+            b: payload,
+            started: false,
+        };
+        while !write.a.is_empty() || !write.b.is_empty() {
+            let (a, b) = (write.a, write.b);
+            let written = self
                 .stream
                 .write_with(|s| {
                     let mut w: &UnixStream = s;
                     w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
                 })
-                .await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
+                .await;
+            let n = match written {
+                Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                other => other,
+            };
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing to finish: the caller closes the connection.
+                    write.a = &[];
+                    write.b = &[];
+                    return Err(e);
+                }
+            };
+            write.started = true;
             let from_a = n.min(a.len());
-            a = &a[from_a..];
-            b = &b[n - from_a..];
+            write.a = &a[from_a..];
+            write.b = &b[n - from_a..];
         }
         Ok(())
     }
@@ -341,6 +363,40 @@ impl Conn {
                 Deferred::Log(level, message) => emit_log(&self.plugin, level, &message),
             }
         }
+    }
+}
+
+/// A frame being written. Dropped half-way, it hands the rest to a background task.
+struct FrameWrite<'a> {
+    conn: &'a Arc<Conn>,
+    lock: Option<smol::lock::MutexGuardArc<()>>,
+    a: &'a [u8],
+    b: &'a [u8],
+    started: bool,
+}
+
+impl Drop for FrameWrite<'_> {
+    fn drop(&mut self) {
+        if !self.started || (self.a.is_empty() && self.b.is_empty()) {
+            return;
+        }
+        let Some(lock) = self.lock.take() else { return };
+        let rest = [self.a, self.b].concat();
+        let conn = self.conn.clone();
+        smol::spawn(async move {
+            let _lock = lock;
+            let mut rest = &rest[..];
+            while !rest.is_empty() {
+                match conn.stream.write_with(|s| (&mut &*s).write(rest)).await {
+                    Ok(n) if n > 0 => rest = &rest[n..],
+                    Ok(_) => return conn.close(CloseReason::Eof),
+                    Err(e) => {
+                        return conn.close(CloseReason::from_io("finishing an abandoned frame", &e))
+                    }
+                }
+            }
+        })
+        .detach();
     }
 }
 

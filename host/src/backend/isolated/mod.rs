@@ -140,6 +140,9 @@ enum Slot {
 
 struct Inner {
     spec: Spec,
+    /// Closed when the plugin is shut down or dropped.
+    stopped: async_channel::Receiver<()>,
+    stop: Mutex<Option<async_channel::Sender<()>>>,
     slot: Mutex<Slot>,
     crash_times: Mutex<VecDeque<Instant>>,
     last_crash: Mutex<Option<Arc<CrashReport>>>,
@@ -158,8 +161,11 @@ impl Isolated {
     pub async fn load(spec: Spec) -> Result<(Isolated, PluginInfo), LoadError> {
         let worker = Arc::new(start::start(&spec).await?);
         let info = PluginInfo::new(&spec.plugin, &worker.desc);
+        let (stop, stopped) = async_channel::bounded(1);
         let inner = Arc::new(Inner {
             spec,
+            stopped,
+            stop: Mutex::new(Some(stop)),
             slot: Mutex::new(Slot::Ready(worker.clone())),
             crash_times: Mutex::new(VecDeque::new()),
             last_crash: Mutex::new(None),
@@ -176,6 +182,7 @@ impl Drop for Isolated {
     fn drop(&mut self) {
         // Stops pending restarts; dropping the worker kills it.
         *self.inner.slot() = Slot::Stopped;
+        lock(&self.inner.stop).take();
     }
 }
 
@@ -197,12 +204,9 @@ impl Inner {
     fn watch(self: &Arc<Self>, worker: &Arc<Worker>) {
         let (inner, w) = (Arc::downgrade(self), Arc::downgrade(worker));
         worker.process.on_exit(move || {
-            smol::spawn(async move {
-                if let (Some(inner), Some(worker)) = (inner.upgrade(), w.upgrade()) {
-                    inner.crashed(&worker).await;
-                }
-            })
-            .detach();
+            if let (Some(inner), Some(worker)) = (inner.upgrade(), w.upgrade()) {
+                inner.begin_crash(&worker);
+            }
         });
         let interval = self.spec.timeouts.ping_interval;
         let patience = self.spec.timeouts.ping_timeout;
@@ -233,45 +237,52 @@ impl Inner {
                     })
                 }
             };
-            match wait {
-                // Dead but not yet handled: handle it here (it becomes Restarting at once).
-                Err(dead) => self.crashed(&dead).await,
-                Ok(done) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let settled = futures_lite::future::or(
-                        async {
-                            let _ = done.recv().await;
-                            true
-                        },
-                        async {
-                            smol::Timer::after(left).await;
-                            false
-                        },
-                    )
-                    .await;
-                    if !settled {
-                        return Err(timeout(&self.spec.plugin, method, after));
-                    }
-                }
+            if Instant::now() >= deadline {
+                return Err(timeout(&self.spec.plugin, method, after));
             }
+            let done = match wait {
+                // Dead but not yet handled. The handling must not depend on this caller's
+                // future staying alive, so the slot turns `Restarting` here, synchronously,
+                // and the rest runs in its own task.
+                Err(dead) => match self.begin_crash(&dead) {
+                    Some(done) => done,
+                    None => {
+                        // Someone else is handling it; let them move the slot on.
+                        smol::future::yield_now().await;
+                        continue;
+                    }
+                },
+                Ok(done) => done,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            futures_lite::future::or(
+                async {
+                    let _ = done.recv().await;
+                },
+                async {
+                    smol::Timer::after(left).await;
+                },
+            )
+            .await;
         }
     }
 
-    /// Handles a worker's death once: the slot becomes `Restarting` immediately, then the
-    /// report is built and the restart policy decides.
-    async fn crashed(self: &Arc<Self>, worker: &Arc<Worker>) {
+    /// Starts handling a worker's death, once: the slot becomes `Restarting` at once, and
+    /// a detached task builds the report and applies the restart policy. Returns the
+    /// channel that closes when the plugin settles, or `None` if someone else handles it.
+    fn begin_crash(self: &Arc<Self>, worker: &Arc<Worker>) -> Option<async_channel::Receiver<()>> {
         if worker.handled.swap(true, Ordering::AcqRel) {
-            return;
+            return None;
         }
         let (done_tx, done_rx) = async_channel::bounded(1);
         {
             let mut slot = self.slot();
             match &*slot {
                 Slot::Ready(current) if Arc::ptr_eq(current, worker) => {
-                    *slot = Slot::Restarting(done_rx)
+                    *slot = Slot::Restarting(done_rx.clone())
                 }
                 // Shut down, or already replaced: nothing to supervise.
-                _ => return,
+                _ => return None,
             }
         }
         // Closing is a no-op if a reader already saw the end; otherwise it records the
@@ -281,10 +292,14 @@ impl Inner {
             reason: CloseReason::Eof,
             in_flight: Vec::new(),
         });
-        let report = worker
-            .report(&self.spec, &closed, self.restarts.load(Ordering::Relaxed))
-            .await;
-        self.after_crash(Arc::new(report), done_tx);
+        let (inner, worker) = (self.clone(), worker.clone());
+        smol::spawn(async move {
+            let restarts = inner.restarts.load(Ordering::Relaxed);
+            let report = worker.report(&inner.spec, &closed, restarts).await;
+            inner.after_crash(Arc::new(report), done_tx);
+        })
+        .detach();
+        Some(done_rx)
     }
 
     /// Counts a crash and applies the restart policy. `done` is closed when the plugin
@@ -333,7 +348,16 @@ impl Inner {
         if matches!(*self.slot(), Slot::Stopped) {
             return;
         }
-        match start::start(&self.spec).await {
+        // Shutdown or drop abandons a start in progress (its half-started worker is killed).
+        let stopped = self.stopped.clone();
+        let started =
+            futures_lite::future::or(async { Some(start::start(&self.spec).await) }, async {
+                let _ = stopped.recv().await;
+                None
+            })
+            .await;
+        let Some(started) = started else { return };
+        match started {
             Ok(worker) => {
                 let worker = Arc::new(worker);
                 {
@@ -441,15 +465,31 @@ impl Backend for Isolated {
             }
             let worker = inner.worker(deadline, &call.method, call.deadline).await?;
             let plugin = &inner.spec.plugin;
-            let mut guard = match worker
-                .conn
-                .call(call.id, &call.method, &call.input, call.progress)
-                .await
-            {
-                Ok(guard) => guard,
-                Err(closed) => {
+            // The deadline covers sending too (a stalled worker may not drain its socket).
+            // Abandoning a half-written frame is safe: the connection finishes it.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let sent = futures_lite::future::or(
+                async {
+                    Some(
+                        worker
+                            .conn
+                            .call(call.id, &call.method, &call.input, call.progress)
+                            .await,
+                    )
+                },
+                async {
+                    smol::Timer::after(left).await;
+                    None
+                },
+            )
+            .await;
+            let mut guard = match sent {
+                Some(Ok(guard)) => guard,
+                Some(Err(closed)) => {
                     return Err(inner.closed_error(&worker, &closed, &call.method).await)
                 }
+                // Dropping the unsent call's guard told the worker to cancel it.
+                None => return Err(timeout(plugin, &call.method, call.deadline)),
             };
             let left = deadline.saturating_duration_since(Instant::now());
             let reply = futures_lite::future::or(async { Some(guard.reply().await) }, async {
@@ -463,24 +503,28 @@ impl Backend for Isolated {
                 }
                 Some(Err(closed)) => Err(inner.closed_error(&worker, &closed, &call.method).await),
                 None => {
-                    let _ = worker
-                        .conn
-                        .send(&Message::Cancel { id: call.id }, &[])
-                        .await;
-                    // Give the plugin `cancel_grace` to stop; past that, end the worker.
+                    // Tell the plugin, give it `cancel_grace` to stop; past that, end the
+                    // worker. All of it off the caller's path: the caller gets Timeout now.
                     let grace = inner.spec.timeouts.cancel_grace;
-                    let (method, after) = (call.method.clone(), call.deadline);
+                    let (id, method, after) = (call.id, call.method.clone(), call.deadline);
                     let watched = worker.clone();
                     smol::spawn(async move {
+                        let deadline = Instant::now() + grace;
+                        let _ = futures_lite::future::or(
+                            async { watched.conn.send(&Message::Cancel { id }, &[]).await.ok() },
+                            async {
+                                smol::Timer::at(deadline).await;
+                                None
+                            },
+                        )
+                        .await;
                         let finished = futures_lite::future::or(async { guard.reply().await.is_ok() }, async {
-                            smol::Timer::after(grace).await;
+                            smol::Timer::at(deadline).await;
                             false
                         })
                         .await;
                         if !finished && watched.is_alive() {
-                            let why = format!(
-                                "call `{method}` was still running {grace:?} after its {after:?} deadline"
-                            );
+                            let why = format!("call `{method}` was still running {grace:?} after its {after:?} deadline");
                             watched.conn.close(CloseReason::Killed(why));
                         }
                     })
@@ -495,6 +539,7 @@ impl Backend for Isolated {
         let inner = self.inner.clone();
         Box::pin(async move {
             let previous = std::mem::replace(&mut *inner.slot(), Slot::Stopped);
+            lock(&inner.stop).take();
             inner.events.emit(PluginEvent::Stopped);
             let Slot::Ready(worker) = previous else {
                 return;

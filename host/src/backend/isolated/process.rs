@@ -19,6 +19,8 @@ type OnExit = Box<dyn FnOnce() + Send>;
 #[derive(Default)]
 struct State {
     exit: Option<ExitStatus>,
+    /// The process was reaped by someone else: never signal its pid again.
+    reaped_elsewhere: bool,
     on_exit: Option<OnExit>,
 }
 
@@ -80,11 +82,17 @@ impl WorkerProcess {
                 let _ = spawned_tx.send(Ok(pid));
                 // Wait for the exit without reaping, so the pid stays reserved while we clean up
                 // under the lock `kill` takes: nobody can signal a recycled pid.
-                wait_without_reaping(pid);
+                let still_ours = wait_without_reaping(pid);
                 let mut state = thread_state.lock().unwrap_or_else(|e| e.into_inner());
-                // Whatever the plugin started in the worker's group goes with it.
-                kill_group(pid);
-                state.exit = child.wait().ok();
+                if still_ours {
+                    // Whatever the plugin started in the worker's group goes with it.
+                    kill_group(pid);
+                    state.exit = child.wait().ok();
+                } else {
+                    // Someone else reaped it (the application reaps children itself, or
+                    // ignores SIGCHLD): its pid may already be reused, so signal nothing.
+                    state.reaped_elsewhere = true;
+                }
                 drop(state);
                 // Let the stderr reader take in the last lines before anyone reads the tail
                 // (bounded: a process that escaped the group may still hold the pipe).
@@ -147,7 +155,7 @@ impl WorkerProcess {
     pub fn kill(&self) {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // `exit` is set under this lock in the same step that reaps the pid.
-        if state.exit.is_none() && !self.exited.is_closed() {
+        if state.exit.is_none() && !state.reaped_elsewhere && !self.exited.is_closed() {
             kill_group(self.pid);
         }
     }
@@ -240,13 +248,14 @@ fn drain_stderr(
     }
 }
 
-/// Blocks until `pid` (our child) has exited, leaving it a zombie.
-fn wait_without_reaping(pid: u32) {
+/// Blocks until `pid` (our child) has exited, leaving it a zombie. Returns false when the
+/// wait failed (for example someone else reaped it): the pid is then no longer ours.
+fn wait_without_reaping(pid: u32) -> bool {
     #[cfg(unix)]
     {
         use rustix::process::{waitid, Pid, WaitId, WaitIdOptions};
         let Some(pid) = Pid::from_raw(pid as i32) else {
-            return;
+            return false;
         };
         loop {
             match waitid(
@@ -254,12 +263,16 @@ fn wait_without_reaping(pid: u32) {
                 WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
             ) {
                 Err(rustix::io::Errno::INTR) => continue,
-                _ => return,
+                Ok(_) => return true,
+                Err(_) => return false,
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = pid;
+    {
+        let _ = pid;
+        true
+    }
 }
 
 /// SIGKILL to the process group `pid` leads, and to `pid` itself in case it left the

@@ -18,6 +18,17 @@ use crate::protocol::frame::{Frame, FrameError};
 use crate::protocol::{self, Message, WireLimits};
 use crate::worker::{PARENT_ENV, TOKEN_ENV};
 
+/// Kills a worker that is still starting when the start is abandoned.
+struct KillOnDrop(Option<Arc<WorkerProcess>>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(process) = self.0.take() {
+            process.kill();
+        }
+    }
+}
+
 /// How long an accepted connection has to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -51,6 +62,8 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
             .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.display())))?,
     );
     let refused = std::sync::Mutex::new(Vec::new());
+    // If this future is dropped before the worker is ready, the worker must not outlive it.
+    let mut armed = KillOnDrop(Some(process.clone()));
     let attempt = handshake(spec, &listener, &process, &token, &refused);
     let limit = spec.connect_timeout;
     let result = futures_lite::future::or(async { Some(attempt.await) }, async {
@@ -59,7 +72,10 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
     })
     .await;
     match result {
-        Some(Ok(worker)) => Ok(worker),
+        Some(Ok(worker)) => {
+            armed.0 = None;
+            Ok(worker)
+        }
         Some(Err(e)) => {
             process.kill();
             process.wait_exit(Duration::from_secs(2)).await;
@@ -122,12 +138,12 @@ async fn handshake(
         }
         protocol::tune_socket(stream.get_ref());
         let on_close_process = process.clone();
-        let conn = Conn::new(
+        let conn = Arc::new(Conn::new(
             stream,
             spec.plugin.clone(),
             protocol::HANDSHAKE_MAX_FRAME,
             Box::new(move || on_close_process.kill()),
-        );
+        ));
         let hello = futures_lite::future::or(async { Some(conn.recv().await) }, async {
             smol::Timer::after(HELLO_TIMEOUT).await;
             None
@@ -205,7 +221,7 @@ async fn handshake(
                     abi: (abi_major, abi_minor),
                     methods,
                 };
-                return Ok(Worker::new(process.clone(), Arc::new(conn), desc));
+                return Ok(Worker::new(process.clone(), conn, desc));
             }
             Ok(Frame {
                 message:
@@ -237,7 +253,7 @@ async fn handshake(
                     reason: CloseReason::Eof,
                     in_flight: vec!["create".into()],
                 };
-                let worker = Worker::new(process.clone(), Arc::new(conn), Descriptor::default());
+                let worker = Worker::new(process.clone(), conn, Descriptor::default());
                 let report = worker.report(spec, &closed, 0).await;
                 return Err(LoadError::CreateCrashed {
                     plugin,
