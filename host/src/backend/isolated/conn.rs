@@ -297,6 +297,94 @@ impl Conn {
         guard.reply().await.map(|_| ())
     }
 
+    /// Reads whatever is available without blocking. Returns the frames read, why the
+    /// connection must close (if it must), and whether the socket would block.
+    /// `stop_at_frames`: return as soon as some frames are in, to deliver them promptly.
+    fn read_available(
+        &self,
+        buf: &mut FrameBuffer,
+        stop_at_frames: bool,
+    ) -> (Vec<Frame>, Option<CloseReason>, bool) {
+        let mut frames = Vec::new();
+        loop {
+            match buf.next_frame() {
+                Ok(Some(frame)) => {
+                    frames.push(frame);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return (frames, Some(CloseReason::Protocol(e.to_string())), false),
+            }
+            if stop_at_frames && !frames.is_empty() {
+                return (frames, None, false);
+            }
+            match buf.fill(&mut self.stream.get_ref()) {
+                Ok(0) => {
+                    let reason = match buf.partial() {
+                        Some((have, need)) => {
+                            CloseReason::Protocol(FrameError::Truncated { have, need }.to_string())
+                        }
+                        None => CloseReason::Eof,
+                    };
+                    return (frames, Some(reason), false);
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (frames, None, true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (frames, Some(CloseReason::from_io("reading", &e)), false),
+            }
+        }
+    }
+
+    /// Puts the buffer back, routes the frames (completing calls), closes the connection
+    /// if `failure` says so, then runs callbacks outside the lock.
+    fn deliver(&self, buf: FrameBuffer, frames: Vec<Frame>, mut failure: Option<CloseReason>) {
+        let mut state = self.lock();
+        state.buf = Some(buf);
+        let mut deferred = Vec::new();
+        for frame in frames {
+            if let Err(violation) = self.dispatch(&mut state, frame, &mut deferred) {
+                failure.get_or_insert(CloseReason::Protocol(violation));
+                break;
+            }
+        }
+        if let Some(reason) = failure {
+            self.close_locked(&mut state, reason);
+        }
+        drop(state);
+        self.run_deferred(deferred);
+    }
+
+    /// Called once the worker process is gone: reads what it wrote before dying (replies
+    /// that made it out still reach their callers; half a frame is a protocol error), then
+    /// closes. If a reader is mid-read it sees the end itself.
+    pub fn finish_after_exit(&self) {
+        for _ in 0..2000 {
+            let mut state = self.lock();
+            if state.closed.is_some() {
+                return;
+            }
+            if !state.reader_busy {
+                // Take the reader role for this one read.
+                let Some(mut buf) = state.buf.take() else {
+                    return;
+                };
+                state.reader_busy = true;
+                drop(state);
+                let (frames, failure, _) = self.read_available(&mut buf, false);
+                // With the process gone, "would block" means something else holds the
+                // socket open; the worker is over all the same.
+                self.deliver(buf, frames, Some(failure.unwrap_or(CloseReason::Eof)));
+                Conn::release_reader(&mut self.lock());
+                return;
+            }
+            // A caller holds the reader role; the end of the stream wakes it and it will
+            // report precisely what it finds. Give it a moment.
+            drop(state);
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+
     /// Hands the reader role to another waiting call, if any.
     fn release_reader(state: &mut State) {
         state.reader_busy = false;
@@ -452,62 +540,8 @@ impl CallGuard {
             let mut buf = state.buf.take().expect("the reader role owns the buffer");
             drop(guard);
 
-            // Read whatever is available without blocking.
-            let mut frames = Vec::new();
-            let mut failure = None;
-            let mut would_block = false;
-            loop {
-                match buf.next_frame() {
-                    Ok(Some(frame)) => {
-                        frames.push(frame);
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        failure = Some(CloseReason::Protocol(e.to_string()));
-                        break;
-                    }
-                }
-                if !frames.is_empty() {
-                    break;
-                }
-                match buf.fill(&mut conn.stream.get_ref()) {
-                    Ok(0) => {
-                        failure = Some(match buf.partial() {
-                            Some((have, need)) => CloseReason::Protocol(
-                                FrameError::Truncated { have, need }.to_string(),
-                            ),
-                            None => CloseReason::Eof,
-                        });
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        would_block = true;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        failure = Some(CloseReason::from_io("reading", &e));
-                        break;
-                    }
-                }
-            }
-
-            let mut state = conn.lock();
-            state.buf = Some(buf);
-            let mut deferred = Vec::new();
-            for frame in frames {
-                if let Err(violation) = conn.dispatch(&mut state, frame, &mut deferred) {
-                    failure.get_or_insert(CloseReason::Protocol(violation));
-                    break;
-                }
-            }
-            if let Some(reason) = failure {
-                conn.close_locked(&mut state, reason);
-            }
-            drop(state);
-            conn.run_deferred(deferred);
+            let (frames, failure, would_block) = conn.read_available(&mut buf, true);
+            conn.deliver(buf, frames, failure);
             if !would_block {
                 continue;
             }

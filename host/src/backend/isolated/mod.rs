@@ -285,8 +285,11 @@ impl Inner {
                 _ => return None,
             }
         }
-        // Closing is a no-op if a reader already saw the end; otherwise it records the
-        // calls that were in flight.
+        // Read what the worker wrote before it died, then close (a no-op if a reader
+        // already saw the end); this records the calls that were in flight.
+        if worker.process.has_exited() {
+            worker.conn.finish_after_exit();
+        }
         worker.conn.close(CloseReason::Eof);
         let closed = worker.conn.closed().unwrap_or(Closed {
             reason: CloseReason::Eof,
