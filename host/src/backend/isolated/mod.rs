@@ -469,8 +469,9 @@ impl Backend for Isolated {
             let worker = inner.worker(deadline, &call.method, call.deadline).await?;
             let plugin = &inner.spec.plugin;
             // The deadline covers sending too (a stalled worker may not drain its socket).
-            // Abandoning a half-written frame is safe: the connection finishes it.
-            let left = deadline.saturating_duration_since(Instant::now());
+            // Abandoning a half-written frame is safe: the connection finishes it. One
+            // timer serves both phases (each timer costs the reactor a syscall).
+            let mut timer = smol::Timer::at(deadline);
             let sent = futures_lite::future::or(
                 async {
                     Some(
@@ -481,7 +482,7 @@ impl Backend for Isolated {
                     )
                 },
                 async {
-                    smol::Timer::after(left).await;
+                    (&mut timer).await;
                     None
                 },
             )
@@ -494,9 +495,8 @@ impl Backend for Isolated {
                 // Dropping the unsent call's guard told the worker to cancel it.
                 None => return Err(timeout(plugin, &call.method, call.deadline)),
             };
-            let left = deadline.saturating_duration_since(Instant::now());
             let reply = futures_lite::future::or(async { Some(guard.reply().await) }, async {
-                smol::Timer::after(left).await;
+                (&mut timer).await;
                 None
             })
             .await;
