@@ -1,9 +1,10 @@
-//! Calls the `hello` plugin's `echo` method in a loop and prints the mean time per call:
-//! the smallest program that embeds the host.
+//! Calls a plugin's `echo` method in a loop and prints the mean time per call: the smallest
+//! program that embeds the host, and a handy target for `strace -c` or `perf`.
 //!
 //! ```sh
 //! cargo build --release --workspace
-//! ./target/release/examples/echo_loop plugins/hello/plugin.toml 10000
+//! ./target/release/examples/echo_loop plugins/hello/plugin.toml 20000        # 16 B calls
+//! ./target/release/examples/echo_loop plugins/hello/plugin.toml 500 1048576  # 1 MiB calls
 //! ```
 
 use std::time::Instant;
@@ -16,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "plugins/hello/plugin.toml".into());
     let calls: u32 = args.next().map_or(Ok(10_000), |n| n.parse())?;
+    let size: usize = args.next().map_or(Ok(16), |n| n.parse())?;
     let exe_dir = std::env::current_exe()?
         .parent()
         .map(|d| d.join(".."))
@@ -26,15 +28,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     smol::block_on(async {
         let plugin = host.load(&manifest).await?;
-        let payload = vec![7u8; 16];
+        let payload = vec![7u8; size];
         let started = Instant::now();
         for _ in 0..calls {
             let out = plugin.call_raw("echo", payload.clone()).await?;
-            assert_eq!(out, payload);
+            assert_eq!(out.len(), size);
         }
         let per_call = started.elapsed() / calls;
         println!(
-            "{calls} calls to {} ({:?}): {per_call:?} per call",
+            "{calls} calls of {size} bytes to {} ({:?}): {per_call:?} per call",
             plugin.name(),
             plugin.trust()
         );
