@@ -666,3 +666,33 @@ fn abandoning_a_load_kills_the_worker_it_started() {
         "the worker outlived its load"
     );
 }
+
+#[test]
+fn a_call_future_left_unpolled_does_not_stall_other_calls() {
+    let mut m = manifest("hello", Trust::Untrusted);
+    m.timeouts.ping_interval = Duration::from_millis(200);
+    m.timeouts.ping_timeout = Duration::from_secs(2);
+    let plugin = run(host().load_manifest(m)).unwrap();
+    // Call A is polled once (it takes the reader role), then kept without being polled.
+    let mut a = Box::pin(plugin.call_raw("echo", b"a".to_vec()));
+    assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut a)).is_none());
+    // Call B, from another thread, must not wait on A.
+    let other = plugin.clone();
+    let b = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        (
+            other.call_raw_blocking("echo", b"b".to_vec()),
+            started.elapsed(),
+        )
+    });
+    let (result, took) = b.join().unwrap();
+    assert_eq!(result.unwrap(), b"b");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert_eq!(
+        plugin.status().crashes,
+        0,
+        "a healthy worker was not killed"
+    );
+    // A still gets its reply when it is polled again.
+    assert_eq!(run(a).unwrap(), b"a");
+}

@@ -14,6 +14,7 @@ use std::io::{self, IoSlice, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use smol::Async;
 
@@ -59,6 +60,10 @@ pub(crate) struct Closed {
     pub in_flight: Vec<String>,
 }
 
+/// How long the reader role may sit with a holder that is not polled before another
+/// waiting call (or the ping) takes it over.
+const STALE_READER: Duration = Duration::from_millis(20);
+
 /// Pending-table keys for pings carry this bit, so they never collide with call ids.
 const PING_BIT: u64 = 1 << 63;
 
@@ -72,6 +77,11 @@ struct Pending {
 struct State {
     pending: HashMap<u64, Pending>,
     reader_busy: bool,
+    /// Bumped whenever the reader role changes hands, so a holder knows if it lost it.
+    reader_epoch: u64,
+    /// When the role holder last ran; a holder idle longer than [`STALE_READER`] (a future
+    /// polled once and then kept unpolled) can have the role taken over.
+    reader_seen: Instant,
     buf: Option<FrameBuffer>,
     closed: Option<Closed>,
     max_issued: u64,
@@ -106,6 +116,8 @@ impl Conn {
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 reader_busy: false,
+                reader_epoch: 0,
+                reader_seen: Instant::now(),
                 buf: Some(FrameBuffer::new(max_frame)),
                 closed: None,
                 max_issued: 0,
@@ -265,6 +277,7 @@ impl Conn {
             conn: self.clone(),
             id,
             reader: false,
+            epoch: 0,
             answered: false,
         })
     }
@@ -493,6 +506,8 @@ pub(crate) struct CallGuard {
     conn: Arc<Conn>,
     id: u64,
     reader: bool,
+    /// The role's epoch when this guard took it.
+    epoch: u64,
     /// Set once the reply (or the connection's end) was returned to the caller.
     answered: bool,
 }
@@ -522,19 +537,41 @@ impl CallGuard {
             if let Some(closed) = &state.closed {
                 return Poll::Ready(Err(closed.clone()));
             }
+            if self.reader && state.reader_epoch != self.epoch {
+                // Taken over while this future was not being polled.
+                self.reader = false;
+            }
             if !self.reader {
-                if state.reader_busy {
+                let stale = state.reader_busy
+                    && state.buf.is_some()
+                    && state.reader_seen.elapsed() > STALE_READER;
+                if state.reader_busy && !stale {
                     pending.waker = Some(cx.waker().clone());
                     return Poll::Pending;
                 }
                 state.reader_busy = true;
+                state.reader_epoch += 1;
+                self.epoch = state.reader_epoch;
                 self.reader = true;
+                state.reader_seen = Instant::now();
+                // If the role is taken from this future while it waits, its reply must
+                // still wake it.
+                pending.waker = Some(cx.waker().clone());
                 // A reply cannot be here yet when the reader role was just taken with
                 // nothing buffered: wait for readability first instead of a read that
                 // would only return EAGAIN.
                 let buffered = state.buf.as_ref().is_some_and(FrameBuffer::has_frame);
                 if !buffered && conn.stream.poll_readable(cx).is_pending() {
                     return Poll::Pending;
+                }
+            } else {
+                state.reader_seen = Instant::now();
+                if pending
+                    .waker
+                    .as_ref()
+                    .is_none_or(|w| !w.will_wake(cx.waker()))
+                {
+                    pending.waker = Some(cx.waker().clone());
                 }
             }
             let mut buf = state.buf.take().expect("the reader role owns the buffer");
@@ -572,7 +609,7 @@ impl Drop for CallGuard {
             })
             .detach();
         }
-        if self.reader {
+        if self.reader && state.reader_epoch == self.epoch {
             state.reader_busy = false;
         }
         // Nobody reading (we held the role, or were woken to take it but no longer need
