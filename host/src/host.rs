@@ -100,7 +100,6 @@ impl Host {
             shim,
             library,
             config: manifest.config_bytes(),
-            connect_timeout: manifest.timeouts.connect_timeout(),
             limits: manifest.limits.clone(),
             timeouts: manifest.timeouts.clone(),
             restart: manifest.restart.clone(),

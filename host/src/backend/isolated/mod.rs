@@ -40,7 +40,6 @@ pub(crate) struct Spec {
     pub shim: PathBuf,
     pub library: PathBuf,
     pub config: Vec<u8>,
-    pub connect_timeout: Duration,
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub restart: RestartPolicy,
@@ -205,6 +204,10 @@ impl Inner {
         let (inner, w) = (Arc::downgrade(self), Arc::downgrade(worker));
         worker.process.on_exit(move || {
             if let (Some(inner), Some(worker)) = (inner.upgrade(), w.upgrade()) {
+                // On the waiter thread, where waiting briefly for a reader is harmless: read
+                // what the worker wrote before dying, so replies that made it out arrive and
+                // half a frame is reported as such.
+                worker.conn.finish_after_exit();
                 inner.begin_crash(&worker);
             }
         });
@@ -285,11 +288,8 @@ impl Inner {
                 _ => return None,
             }
         }
-        // Read what the worker wrote before it died, then close (a no-op if a reader
-        // already saw the end); this records the calls that were in flight.
-        if worker.process.has_exited() {
-            worker.conn.finish_after_exit();
-        }
+        // A no-op if a reader (or the exit hook's drain) already saw the end; otherwise it
+        // records the calls that were in flight.
         worker.conn.close(CloseReason::Eof);
         let closed = worker.conn.closed().unwrap_or(Closed {
             reason: CloseReason::Eof,

@@ -65,7 +65,7 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
     // If this future is dropped before the worker is ready, the worker must not outlive it.
     let mut armed = KillOnDrop(Some(process.clone()));
     let attempt = handshake(spec, &listener, &process, &token, &refused);
-    let limit = spec.connect_timeout;
+    let limit = spec.timeouts.connect_timeout();
     let result = futures_lite::future::or(async { Some(attempt.await) }, async {
         smol::Timer::after(limit).await;
         None
