@@ -51,6 +51,27 @@ impl ExitInfo {
         }
     }
 
+    /// Whether the signal is one a process gets from outside (SIGKILL, SIGTERM, ...) rather
+    /// than from a fault of its own (SIGSEGV, SIGABRT, a CPU limit, ...).
+    pub fn is_outside_signal(&self) -> bool {
+        match self {
+            ExitInfo::Signal { name, .. } => !matches!(
+                name.as_str(),
+                "SIGSEGV"
+                    | "SIGBUS"
+                    | "SIGILL"
+                    | "SIGFPE"
+                    | "SIGABRT"
+                    | "SIGSYS"
+                    | "SIGTRAP"
+                    | "SIGXCPU"
+                    | "SIGXFSZ"
+                    | "SIGPIPE"
+            ),
+            ExitInfo::Code(_) => false,
+        }
+    }
+
     /// The exit code, if it exited normally.
     pub fn code(&self) -> Option<i32> {
         match self {
@@ -120,7 +141,7 @@ fn signal_meaning(name: &str) -> Option<&'static str> {
         "SIGBUS" => "bus error: invalid memory access",
         "SIGILL" => "illegal instruction",
         "SIGFPE" => "arithmetic fault",
-        "SIGKILL" => "killed: by the host (deadline, shutdown) or by the system (out of memory)",
+        "SIGKILL" => "killed outright",
         "SIGXCPU" => "CPU time limit exceeded",
         "SIGSYS" => "forbidden system call",
         _ => return None,
@@ -177,6 +198,10 @@ pub struct CrashReport {
     /// Why the host killed it, when the host did (a call ignored its deadline, the worker
     /// stopped answering pings).
     pub killed_by_host: Option<String>,
+    /// The worker died of a signal the host did not send and that is not a fault of its
+    /// own (SIGKILL, SIGTERM, ...): another process, the plugin itself, or the kernel's
+    /// out-of-memory killer sent it.
+    pub outside_signal: bool,
     /// Set when a fresh worker failed to start (after an earlier crash): why.
     pub start_error: Option<String>,
     /// How many times this plugin had been restarted before this crash.
@@ -211,6 +236,7 @@ impl CrashReport {
             panic_location: None,
             limit: None,
             killed_by_host: None,
+            outside_signal: false,
             protocol_error: None,
             start_error: Some(error.to_string()),
             stderr_tail,
@@ -284,6 +310,11 @@ impl fmt::Display for CrashReport {
         }
         if let Some(reason) = &self.killed_by_host {
             write!(f, "\n  killed by the host: {reason}")?;
+        } else if self.outside_signal {
+            write!(
+                f,
+                "\n  cause: a signal the host did not send (another process, the plugin itself, or the kernel's out-of-memory killer)"
+            )?;
         }
         if let Some(p) = &self.protocol_error {
             write!(f, "\n  protocol error: {p}")?;

@@ -213,15 +213,12 @@ pub enum LoadError {
     },
     /// The worker did not connect and load the plugin within the connect timeout.
     #[error(
-        "plugin `{plugin}`: the worker did not connect and load within {after:?} ({}){}{}; \
+        "plugin `{plugin}`: the worker did not connect and load within {after:?} ({}){}; \
          raise timeouts.connect in the manifest or PLUGIN_HOST_WORKER_TIMEOUT",
         exit.as_ref().map_or("still running, killed".to_string(), |e| e.to_string()),
-        refusal_suffix(refused),
         stderr_suffix(stderr)
     )]
     WorkerTimeout {
-        /// Connections on the worker socket that were refused, and why.
-        refused: Vec<String>,
         /// The plugin's manifest name.
         plugin: String,
         /// The timeout that passed.
@@ -233,14 +230,11 @@ pub enum LoadError {
     },
     /// The worker exited before completing the handshake.
     #[error(
-        "plugin `{plugin}`: the worker exited before completing the handshake ({}){}{}",
+        "plugin `{plugin}`: the worker exited before completing the handshake ({}){}",
         exit.as_ref().map_or("exit status unknown".to_string(), |e| e.to_string()),
-        refusal_suffix(refused),
         stderr_suffix(stderr)
     )]
     WorkerExited {
-        /// Connections on the worker socket that were refused, and why.
-        refused: Vec<String>,
         /// The plugin's manifest name.
         plugin: String,
         /// How it ended.
@@ -276,6 +270,18 @@ pub enum LoadError {
         /// The crash report.
         report: Box<CrashReport>,
     },
+    /// The sandbox could not be put in force: a layer the mode requires is not available on
+    /// this system, or a granted path is unusable.
+    #[error(
+        "plugin `{plugin}`: cannot sandbox the worker: {message}; run `plugin-host doctor` to see \
+         what this system supports, or have the app grant sandbox = \"best-effort\""
+    )]
+    Sandbox {
+        /// The plugin's manifest name.
+        plugin: String,
+        /// Which layer, and why.
+        message: String,
+    },
     /// A resource limit from the manifest could not be applied.
     #[error("plugin `{plugin}`: cannot apply resource limits: {message}")]
     Limits {
@@ -284,14 +290,6 @@ pub enum LoadError {
         /// What failed.
         message: String,
     },
-}
-
-fn refusal_suffix(refused: &[String]) -> String {
-    if refused.is_empty() {
-        String::new()
-    } else {
-        format!("; refused connections: {}", refused.join("; "))
-    }
 }
 
 fn stderr_suffix(lines: &[String]) -> String {

@@ -6,16 +6,33 @@ use std::sync::Arc;
 use crate::backend::in_process::InProcess;
 use crate::error::{Error, LoadError};
 use crate::manifest::{Manifest, Trust};
+use crate::permissions::{Grant, PermissionRequest, Policy};
 use crate::plugin::Plugin;
 
 /// Environment variable naming the `worker-shim` executable.
 pub const WORKER_SHIM_ENV: &str = "PLUGIN_HOST_WORKER_SHIM";
 
 /// Configures a [`Host`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct HostBuilder {
     search_paths: Vec<PathBuf>,
     worker_shim: Option<PathBuf>,
+    policy: Option<Policy>,
+    data_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for HostBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuilder")
+            .field("search_paths", &self.search_paths)
+            .field("worker_shim", &self.worker_shim)
+            .field(
+                "policy",
+                &self.policy.as_ref().map_or("deny all", |_| "custom"),
+            )
+            .field("data_dir", &self.data_dir)
+            .finish()
+    }
 }
 
 impl HostBuilder {
@@ -29,6 +46,48 @@ impl HostBuilder {
     /// Uses this `worker-shim` executable for untrusted plugins instead of looking for one.
     pub fn worker_shim(mut self, path: impl Into<PathBuf>) -> Self {
         self.worker_shim = Some(path.into());
+        self
+    }
+
+    /// The app's permission policy: called once per load with what the plugin's manifest
+    /// requests; the plugin gets what was both requested and granted
+    /// ([`Grant::effective`]). Without a policy every plugin gets [`Grant::deny_all`]:
+    /// untrusted, in the required sandbox, with no permissions, whatever its manifest says.
+    ///
+    /// ```
+    /// use plugin_host::{Grant, Host, Trust};
+    /// let host = Host::builder()
+    ///     .permissions(|request| {
+    ///         let mut grant = Grant::deny_all();
+    ///         if request.plugin == "thumbnail" {
+    ///             // Our own plugin: let it read its assets.
+    ///             grant.permissions.read = request.permissions.read.clone();
+    ///         }
+    ///         grant
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = (host, Trust::Untrusted);
+    /// ```
+    pub fn permissions(
+        mut self,
+        policy: impl Fn(&PermissionRequest) -> Grant + Send + Sync + 'static,
+    ) -> Self {
+        self.policy = Some(std::sync::Arc::new(policy));
+        self
+    }
+
+    /// Grants every plugin whatever its manifest requests, trust included. For plugins the
+    /// app ships itself and for tests; never for plugins users download.
+    pub fn grant_requested(self) -> Self {
+        self.permissions(Grant::requested)
+    }
+
+    /// Where plugins' private data directories (`$DATA_DIR`) are created: one
+    /// subdirectory per plugin name. Default: `$XDG_DATA_HOME/plugin-host/data`, else
+    /// `~/.local/share/plugin-host/data`.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
         self
     }
 
@@ -78,23 +137,46 @@ impl Host {
         let library = manifest.resolve_library(&self.config.search_paths)?;
         // An absolute path, so the system loader never searches its own paths instead.
         let library = library.canonicalize().unwrap_or(library);
-        match manifest.trust {
+        let request = PermissionRequest::from_manifest(&manifest);
+        let grant = match &self.config.policy {
+            Some(policy) => policy(&request),
+            None => Grant::deny_all(),
+        }
+        .effective(&request);
+        if request.trust == Trust::Trusted && grant.trust != Trust::Trusted {
+            tracing::warn!(
+                plugin = %manifest.name,
+                "the manifest asks to run in-process (trusted); the app's policy did not grant it, so it runs in a sandboxed worker"
+            );
+        }
+        match grant.trust {
             Trust::Trusted => {
                 let (backend, info, manifest) = blocking::unblock(move || {
                     InProcess::load(&manifest, &library).map(|(b, i)| (b, i, manifest))
                 })
                 .await?;
                 tracing::info!(plugin = %info.name, version = %info.version, "loaded in-process");
-                Ok(Plugin::new(manifest, info, Box::new(backend)))
+                Ok(Plugin::new(manifest, info, grant, Box::new(backend)))
             }
-            Trust::Untrusted => self.load_isolated(manifest, library).await,
+            Trust::Untrusted => self.load_isolated(manifest, library, grant).await,
         }
     }
 
     #[cfg(unix)]
-    async fn load_isolated(&self, manifest: Manifest, library: PathBuf) -> Result<Plugin, Error> {
+    async fn load_isolated(
+        &self,
+        manifest: Manifest,
+        library: PathBuf,
+        grant: Grant,
+    ) -> Result<Plugin, Error> {
         use crate::backend::isolated::{Isolated, Spec};
         let shim = self.worker_shim(&manifest.name)?;
+        let sandbox = crate::sandbox::plan(
+            &manifest.name,
+            &library,
+            &grant,
+            self.config.data_dir.as_deref(),
+        )?;
         let spec = Spec {
             plugin: manifest.name.as_str().into(),
             shim,
@@ -103,14 +185,23 @@ impl Host {
             limits: manifest.limits.clone(),
             timeouts: manifest.timeouts.clone(),
             restart: manifest.restart.clone(),
+            sandbox_mode: grant.sandbox,
+            sandbox: sandbox.wire,
+            env: sandbox.env,
+            tmp_dir: sandbox.tmp_dir,
         };
         let (backend, info) = Isolated::load(spec).await?;
         tracing::info!(plugin = %info.name, version = %info.version, "loaded in a worker process");
-        Ok(Plugin::new(manifest, info, Box::new(backend)))
+        Ok(Plugin::new(manifest, info, grant, Box::new(backend)))
     }
 
     #[cfg(not(unix))]
-    async fn load_isolated(&self, manifest: Manifest, _library: PathBuf) -> Result<Plugin, Error> {
+    async fn load_isolated(
+        &self,
+        manifest: Manifest,
+        _library: PathBuf,
+        _grant: Grant,
+    ) -> Result<Plugin, Error> {
         Err(LoadError::Unsupported {
             plugin: manifest.name.clone(),
             message: "untrusted plugins need the worker process, which is only implemented on Unix so far".into(),

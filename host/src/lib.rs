@@ -30,7 +30,9 @@
 pub mod crash;
 pub mod error;
 pub mod manifest;
+pub mod permissions;
 pub mod protocol;
+pub mod sandbox;
 #[doc(hidden)]
 pub mod worker;
 
@@ -49,6 +51,7 @@ pub use crash::{CrashReport, ExitInfo, LimitExceeded};
 pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
 pub use host::{Host, HostBuilder};
 pub use manifest::{Manifest, Trust};
+pub use permissions::{Grant, GrantStore, PermissionRequest, Permissions, SandboxMode};
 pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
 pub use status::{PluginEvent, PluginState, Status};
 

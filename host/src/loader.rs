@@ -331,11 +331,51 @@ unsafe extern "C" fn host_is_cancelled(data: *mut c_void) -> i32 {
 
 /// Emits a plugin's log record into `tracing` with the plugin's name as a field.
 pub(crate) fn emit_log(plugin: &str, level: u32, message: &str) {
+    let message = escape_text(message);
     match level {
         abi::level::ERROR => tracing::error!(target: "plugin", plugin = %plugin, "{message}"),
         abi::level::WARN => tracing::warn!(target: "plugin", plugin = %plugin, "{message}"),
         abi::level::INFO => tracing::info!(target: "plugin", plugin = %plugin, "{message}"),
         abi::level::DEBUG => tracing::debug!(target: "plugin", plugin = %plugin, "{message}"),
         _ => tracing::trace!(target: "plugin", plugin = %plugin, "{message}"),
+    }
+}
+
+/// Plugin text made safe for one log line: newlines, carriage returns, escape sequences and
+/// other control characters (and Unicode line separators and direction overrides) are
+/// written as escapes, so a plugin cannot forge host log lines or repaint a terminal.
+pub(crate) fn escape_text(text: &str) -> String {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escape_text;
+
+    #[test]
+    fn control_characters_cannot_forge_log_lines() {
+        assert_eq!(escape_text("plain text\tok"), "plain text\tok");
+        assert_eq!(
+            escape_text("one\nERROR forged\r\u{1b}[31m"),
+            "one\\nERROR forged\\r\\u{1b}[31m"
+        );
+        assert_eq!(escape_text("a\u{2028}b"), "a\\u{2028}b");
+        assert!(!escape_text("x\ny\0z").contains('\n'));
     }
 }

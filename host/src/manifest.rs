@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{LoadError, ManifestError, ManifestErrorKind};
+use crate::permissions::{Permissions, SandboxMode};
 
 /// How far the host trusts a plugin, which picks where it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,8 +174,14 @@ pub struct Manifest {
     pub library: String,
     /// Which plugin ABI versions the plugin was built for (`api`, a semver requirement).
     pub api: semver::VersionReq,
-    /// Where the plugin runs (`trust`, default untrusted).
+    /// Where the plugin asks to run (`trust`, default untrusted). A request: the app's
+    /// policy decides (see [`Grant`](crate::Grant)).
     pub trust: Trust,
+    /// The sandbox mode it asks for (`sandbox`, default `"required"`). A request: the
+    /// app's policy decides.
+    pub sandbox: SandboxMode,
+    /// `[permissions]`: what it asks to be allowed. A request: the app's policy decides.
+    pub permissions: Permissions,
     /// The `[config]` table, handed to the plugin's `create`.
     pub config: toml::Table,
     /// `[timeouts]`.
@@ -358,6 +365,81 @@ impl Reader<'_> {
     }
 }
 
+/// Reads `[permissions]`.
+fn parse_permissions(path: &Path, t: &toml::Table) -> Result<Permissions, ManifestError> {
+    let r = Reader {
+        path,
+        section: "permissions",
+    };
+    r.reject_unknown(
+        t,
+        &[
+            "read",
+            "write",
+            "network",
+            "env",
+            "exec",
+            "threads",
+            "processes",
+        ],
+    )?;
+    let strings = |key: &str| -> Result<Vec<String>, ManifestError> {
+        match t.get(key) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    toml::Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+                    toml::Value::String(_) => Err(r.err(
+                        &format!("{key}[{i}]"),
+                        ManifestErrorKind::InvalidValue,
+                        "must not be empty",
+                    )),
+                    other => Err(r.wrong_type(&format!("{key}[{i}]"), "a string", other)),
+                })
+                .collect(),
+            Some(other) => Err(r.wrong_type(key, "an array of strings", other)),
+        }
+    };
+    let read = strings("read")?;
+    let write = strings("write")?;
+    for (key, list) in [("read", &read), ("write", &write)] {
+        for (i, item) in list.iter().enumerate() {
+            let placeholder = ["$PLUGIN_DIR", "$DATA_DIR", "$TMP"].iter().any(|p| {
+                item.strip_prefix(p)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            });
+            if !placeholder && !Path::new(item).is_absolute() {
+                return Err(r.err(
+                    &format!("{key}[{i}]"),
+                    ManifestErrorKind::InvalidValue,
+                    format!("`{item}` is not an absolute path; use an absolute path or start with $PLUGIN_DIR, $DATA_DIR or $TMP"),
+                ));
+            }
+        }
+    }
+    let env = strings("env")?;
+    for (i, name) in env.iter().enumerate() {
+        if name.contains('=') || name.contains('\0') {
+            return Err(r.err(
+                &format!("env[{i}]"),
+                ManifestErrorKind::InvalidValue,
+                format!("`{name}` is not an environment variable name"),
+            ));
+        }
+    }
+    Ok(Permissions {
+        read,
+        write,
+        network: r.boolean(t, "network")?.unwrap_or(false),
+        env,
+        exec: r.boolean(t, "exec")?.unwrap_or(false),
+        threads: r.integer(t, "threads", 0, 100_000)?.map(|n| n as u32),
+        processes: r.integer(t, "processes", 0, 100_000)?.map(|n| n as u32),
+    })
+}
+
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` (also with fractions: `"1.5s"`).
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
@@ -405,6 +487,8 @@ const TOP_LEVEL: &[&str] = &[
     "library",
     "api",
     "trust",
+    "sandbox",
+    "permissions",
     "config",
     "timeouts",
     "limits",
@@ -492,6 +576,20 @@ impl Manifest {
                     ),
                 ))
             }
+        };
+        let sandbox = match top.string(&table, "sandbox")? {
+            None => SandboxMode::Required,
+            Some(text) => SandboxMode::parse(text).ok_or_else(|| {
+                top.err(
+                    "sandbox",
+                    ManifestErrorKind::InvalidValue,
+                    format!("`{text}` is not a sandbox mode; expected \"required\", \"best-effort\" or \"off\""),
+                )
+            })?,
+        };
+        let permissions = match top.table(&table, "permissions")? {
+            None => Permissions::default(),
+            Some(t) => parse_permissions(path, t)?,
         };
         let config = top.table(&table, "config")?.cloned().unwrap_or_default();
 
@@ -631,6 +729,8 @@ impl Manifest {
             library: library.to_string(),
             api,
             trust,
+            sandbox,
+            permissions,
             config,
             timeouts,
             limits,

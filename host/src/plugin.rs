@@ -12,6 +12,7 @@ use crate::backend::{Backend, CallRequest, ProgressFn};
 use crate::error::{CallError, Error};
 use crate::loader::Descriptor;
 use crate::manifest::{Manifest, Trust};
+use crate::permissions::{Grant, PermissionRequest};
 use crate::status::{PluginEvent, PluginState, Status};
 
 /// What a loaded plugin says about itself.
@@ -27,6 +28,10 @@ pub struct PluginInfo {
     pub abi: (u16, u16),
     /// The methods it exposes, in declaration order.
     pub methods: Vec<String>,
+    /// What its manifest asks for (trust, sandbox mode, permissions, and their digest).
+    pub requested: Option<PermissionRequest>,
+    /// What it got: the intersection of the request and the app's grant.
+    pub granted: Grant,
 }
 
 impl PluginInfo {
@@ -37,6 +42,8 @@ impl PluginInfo {
             version: desc.version.clone(),
             abi: desc.abi,
             methods: desc.methods.clone(),
+            requested: None,
+            granted: Grant::deny_all(),
         }
     }
 }
@@ -55,7 +62,7 @@ impl Progress {
         let fraction = (fraction.is_finite() && fraction >= 0.0).then(|| fraction.min(1.0));
         Progress {
             fraction,
-            message: message.to_string(),
+            message: crate::loader::escape_text(message),
         }
     }
 }
@@ -99,6 +106,7 @@ impl std::fmt::Debug for CallOptions {
 struct Inner {
     manifest: Manifest,
     info: PluginInfo,
+    grant: Grant,
     backend: Box<dyn Backend>,
     stopped: AtomicBool,
     next_id: AtomicU64,
@@ -127,11 +135,19 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
-    pub(crate) fn new(manifest: Manifest, info: PluginInfo, backend: Box<dyn Backend>) -> Plugin {
+    pub(crate) fn new(
+        manifest: Manifest,
+        mut info: PluginInfo,
+        grant: Grant,
+        backend: Box<dyn Backend>,
+    ) -> Plugin {
+        info.requested = Some(PermissionRequest::from_manifest(&manifest));
+        info.granted = grant.clone();
         Plugin {
             inner: Arc::new(Inner {
                 manifest,
                 info,
+                grant,
                 backend,
                 stopped: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
@@ -171,9 +187,17 @@ impl Plugin {
         &self.inner.manifest
     }
 
-    /// Whether it runs in-process (trusted) or in a worker process (untrusted).
+    /// Whether it runs in-process (trusted) or in a worker process (untrusted): what the
+    /// app's policy granted, which may be less than the manifest requested.
     pub fn trust(&self) -> Trust {
-        self.inner.manifest.trust
+        self.inner.grant.trust
+    }
+
+    /// What the plugin got: the intersection of its manifest's request and the app's
+    /// grant. Compare with [`manifest().permissions`](Manifest::permissions) for what it
+    /// asked.
+    pub fn grant(&self) -> &Grant {
+        &self.inner.grant
     }
 
     /// Calls `method` with `input` encoded as MessagePack and decodes the output as `O`.
@@ -313,6 +337,8 @@ impl Plugin {
             uptime: backend.uptime,
             pid: backend.pid,
             last_crash: backend.last_crash,
+            sandbox: backend.sandbox,
+            sandbox_missing: backend.sandbox_missing,
         }
     }
 

@@ -44,6 +44,12 @@ pub struct Status {
     pub pid: Option<u32>,
     /// The most recent crash.
     pub last_crash: Option<Arc<CrashReport>>,
+    /// The sandbox layers in force in the current worker (for example `landlock
+    /// filesystem`, `seccomp`, `pid namespace`); empty for in-process plugins, a stopped
+    /// worker, or the sandbox turned off.
+    pub sandbox: Vec<String>,
+    /// Layers the current worker runs without (best-effort mode only), each `layer: why`.
+    pub sandbox_missing: Vec<String>,
 }
 
 /// A lifecycle event.

@@ -151,6 +151,8 @@ impl Backend for InProcess {
             uptime: Some(self.loaded.elapsed()),
             pid: None,
             last_crash: None,
+            sandbox: Vec::new(),
+            sandbox_missing: Vec::new(),
         }
     }
 

@@ -42,6 +42,8 @@ pub(crate) struct BackendStatus {
     pub uptime: Option<Duration>,
     pub pid: Option<u32>,
     pub last_crash: Option<Arc<CrashReport>>,
+    pub sandbox: Vec<String>,
+    pub sandbox_missing: Vec<String>,
 }
 
 /// A running plugin.

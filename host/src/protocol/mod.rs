@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL: &str = "plugin-host-ipc";
 
 /// The protocol version this build speaks.
-pub const VERSION: &str = "0.1.0";
+pub const VERSION: &str = "0.2.0";
 
 /// Features this build offers. Unknown features from the peer are ignored.
 pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping"];
@@ -56,6 +56,9 @@ pub enum Message {
         /// Resource limits to apply before loading.
         #[serde(default)]
         limits: WireLimits,
+        /// The sandbox to enter before loading (absent: none).
+        #[serde(default)]
+        sandbox: Option<WireSandbox>,
     },
     /// Worker -> host: the plugin is ready.
     Loaded {
@@ -69,6 +72,12 @@ pub enum Message {
         abi_minor: u16,
         /// Method names.
         methods: Vec<String>,
+        /// The sandbox layers in force in the process that runs the plugin.
+        #[serde(default)]
+        sandbox: Vec<String>,
+        /// Layers that could not be applied (best-effort mode), each `layer: why`.
+        #[serde(default)]
+        sandbox_missing: Vec<String>,
     },
     /// Worker -> host: loading failed.
     LoadFailed {
@@ -152,6 +161,29 @@ pub struct WireLimits {
     /// Allow core files.
     #[serde(default)]
     pub core_dumps: bool,
+}
+
+/// The sandbox as sent in `Load`: the effective grant, with placeholders already expanded
+/// to absolute paths by the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireSandbox {
+    /// `"required"` or `"best-effort"` (`"off"` is sent as no sandbox at all).
+    pub mode: String,
+    /// Paths the plugin may read (its library's directory included by the host).
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Paths the plugin may write.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// Network sockets allowed.
+    #[serde(default)]
+    pub network: bool,
+    /// `execve` allowed.
+    #[serde(default)]
+    pub exec: bool,
+    /// Threads and processes the plugin may start beyond the worker's own.
+    #[serde(default)]
+    pub tasks: u32,
 }
 
 /// Socket buffer size both sides ask for: a 1 MiB payload then crosses in a few large

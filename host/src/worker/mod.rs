@@ -8,6 +8,8 @@
 //! queue that finishing threads drain first.
 
 mod limits;
+#[cfg(target_os = "linux")]
+pub(crate) mod sandbox;
 
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitCode;
@@ -17,14 +19,10 @@ use std::time::{Duration, Instant};
 
 use std::io::BufReader;
 
-use interprocess::local_socket::{prelude::*, GenericNamespaced, Stream};
-
 use crate::loader::{HostServices, Instance, Library};
 use crate::protocol::frame::{read_frame, write_frame, FrameError};
-use crate::protocol::{self, Message, WireLimits};
+use crate::protocol::{self, Message, WireLimits, WireSandbox};
 
-/// Environment variable carrying the one-time token (not argv: argv is world-readable).
-pub const TOKEN_ENV: &str = "PLUGIN_HOST_TOKEN";
 /// Environment variable with the host's pid; the worker exits if its parent is another.
 pub const PARENT_ENV: &str = "PLUGIN_HOST_PARENT_PID";
 /// Test hook: makes the worker announce this protocol version instead of its own.
@@ -40,7 +38,9 @@ fn die(code: u8, message: &str) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// The worker process's entry point: `worker-shim --connect NAME [--plugin NAME]`.
+/// The worker process's entry point: `worker-shim --fd N [--plugin NAME] [--sandbox MODE]`.
+/// The host hands the worker its end of a socket pair as descriptor `N` (by default 0,
+/// standard input): there is no socket anyone else could connect to.
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let arg = |flag: &str| {
@@ -49,42 +49,74 @@ pub fn main() -> ExitCode {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    if args.iter().any(|a| a == "--help" || a == "-h") || arg("--connect").is_none() {
+    if args.iter().any(|a| a == "--help" || a == "-h") || arg("--fd").is_none() {
         eprintln!(
             "worker-shim: runs one untrusted plugin for plugin-host.\n\
-             Started by the host, not by hand: worker-shim --connect SOCKET-NAME [--plugin NAME]\n\
-             (the one-time token comes in ${TOKEN_ENV})."
+             Started by the host, not by hand: worker-shim --fd N [--plugin NAME] [--sandbox MODE]\n\
+             (descriptor N is the worker's end of a socket pair the host created)."
         );
         return ExitCode::from(2);
     }
-    let socket = arg("--connect").unwrap_or_default();
     let plugin = arg("--plugin").unwrap_or_else(|| "plugin".into());
+    let sandboxed = arg("--sandbox").as_deref() != Some("off");
+    let fd: i32 = match arg("--fd").unwrap_or_default().parse() {
+        Ok(fd) if fd >= 0 => fd,
+        _ => return die(EXIT_NO_HOST, "--fd takes a descriptor number"),
+    };
 
     #[cfg(target_os = "linux")]
-    if let Err(message) = limits::die_with_parent() {
-        return die(EXIT_NO_HOST, &message);
+    {
+        // Before anything else: no same-user process may read our memory or copy the
+        // connection (ptrace, /proc/<pid>/mem, pidfd_getfd).
+        if sandboxed {
+            if let Err(message) = sandbox::not_dumpable() {
+                return die(EXIT_NO_HOST, &message);
+            }
+        }
+        if let Err(message) = limits::die_with_parent() {
+            return die(EXIT_NO_HOST, &message);
+        }
     }
     limits::stdout_to_stderr();
-
-    let token = std::env::var(TOKEN_ENV).unwrap_or_default();
-    let name = match socket.as_str().to_ns_name::<GenericNamespaced>() {
-        Ok(n) => n,
-        Err(e) => return die(EXIT_NO_HOST, &format!("bad socket name `{socket}`: {e}")),
-    };
-    let stream = match Stream::connect(name) {
-        Ok(s) => s,
-        Err(e) => {
-            return die(
-                EXIT_NO_HOST,
-                &format!("cannot connect to the host at `{socket}`: {e}"),
-            )
+    let version = std::env::var(VERSION_OVERRIDE_ENV).ok();
+    if sandboxed {
+        // Ours, not the plugin's.
+        std::env::remove_var(VERSION_OVERRIDE_ENV);
+        std::env::remove_var(PARENT_ENV);
+    }
+    #[cfg(unix)]
+    {
+        #[cfg(target_os = "linux")]
+        let conn = sandbox::settle_fds(fd);
+        #[cfg(not(target_os = "linux"))]
+        let conn = {
+            use std::os::fd::FromRawFd;
+            // SAFETY: the host passed this descriptor to us; nothing else in this process
+            // owns it.
+            Ok::<_, String>(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => return die(EXIT_NO_HOST, &format!("cannot take the connection: {e}")),
+        };
+        let stream = std::os::unix::net::UnixStream::from(conn);
+        match serve(stream, version, sandboxed) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => die(EXIT_PROTOCOL, &format!("plugin `{plugin}`: {message}")),
         }
-    };
-    match serve(stream, token) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => die(EXIT_PROTOCOL, &format!("plugin `{plugin}`: {message}")),
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (fd, version, plugin);
+        die(
+            EXIT_NO_HOST,
+            "the worker process is only implemented on Unix so far",
+        )
     }
 }
+
+#[cfg(unix)]
+type Stream = std::os::unix::net::UnixStream;
 
 /// The connection, shared by the reading and the writing side (`&Stream` does both).
 struct SharedStream(Arc<Stream>);
@@ -128,19 +160,13 @@ fn read(reader: &mut Reader, max: u32) -> Result<protocol::frame::Frame, String>
     }
 }
 
-fn serve(stream: Stream, token: String) -> Result<(), String> {
-    #[cfg(unix)]
-    {
-        #[allow(irrefutable_let_patterns)]
-        if let Stream::UdSocket(s) = &stream {
-            protocol::tune_socket(s);
-        }
-    }
+#[cfg(unix)]
+fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(), String> {
+    protocol::tune_socket(&stream);
     let stream = Arc::new(stream);
     let mut reader = BufReader::with_capacity(64 * 1024, SharedStream(stream.clone()));
-    let writer = Mutex::new(SharedStream(stream));
-    let version = std::env::var(VERSION_OVERRIDE_ENV).ok();
-    let mut hello = protocol::hello(Some(token), Some(std::process::id()));
+    let writer = Mutex::new(SharedStream(stream.clone()));
+    let mut hello = protocol::hello(None, Some(std::process::id()));
     if let (Some(v), Message::Hello { version, .. }) = (version, &mut hello) {
         *version = v;
     }
@@ -158,6 +184,7 @@ fn serve(stream: Stream, token: String) -> Result<(), String> {
         max_frame,
         concurrency,
         limits,
+        sandbox,
     } = load.message
     else {
         return Err(format!(
@@ -167,7 +194,17 @@ fn serve(stream: Stream, token: String) -> Result<(), String> {
     };
     let max_frame = max_frame.clamp(4096, u32::MAX as u64) as u32;
     let concurrency = concurrency.clamp(1, 1024);
-    let instance = match load_plugin(&name, &library, &load.payload, &limits, &writer) {
+    let sandbox = sandbox.filter(|_| sandboxed);
+    let setup = Setup {
+        name: &name,
+        library: &library,
+        config: &load.payload,
+        limits: &limits,
+        sandbox: sandbox.as_ref(),
+        concurrency,
+        conn: &stream,
+    };
+    let instance = match load_plugin(&setup, &writer) {
         Ok((instance, loaded)) => {
             send(&writer, &loaded, &[]);
             instance
@@ -234,16 +271,65 @@ impl HostServices for LoadServices<'_> {
     }
 }
 
-fn load_plugin(
-    name: &str,
-    library: &str,
-    config: &[u8],
-    limits: &WireLimits,
-    writer: &Writer,
-) -> Result<(Instance, Message), Message> {
+/// What the worker needs to set up and load the plugin.
+#[cfg(unix)]
+struct Setup<'a> {
+    name: &'a str,
+    library: &'a str,
+    config: &'a [u8],
+    limits: &'a WireLimits,
+    sandbox: Option<&'a WireSandbox>,
+    concurrency: u32,
+    conn: &'a Stream,
+}
+
+/// Enters the sandbox (if any), applies the limits, opens the library and creates the
+/// plugin. Returns the `Loaded` message, or the `LoadFailed` one.
+#[cfg(unix)]
+#[allow(clippy::result_large_err)] // once per worker, never on a call's path
+fn load_plugin(setup: &Setup<'_>, writer: &Writer) -> Result<(Instance, Message), Message> {
     use crate::error::LoadError as E;
-    if let Err(message) = limits::apply(limits) {
-        return Err(failed("limits", message, None));
+    let (name, library, config, limits) = (setup.name, setup.library, setup.config, setup.limits);
+    #[allow(unused_mut)]
+    let mut applied: (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    match setup.sandbox {
+        #[cfg(target_os = "linux")]
+        Some(spec) => {
+            use std::os::fd::AsRawFd;
+            let host_is_root = rustix::process::getuid().is_root();
+            let mut layers = sandbox::Applied::default();
+            layers.enforced.extend([
+                "environment".to_string(),
+                "file descriptors".into(),
+                "not dumpable".into(),
+            ]);
+            // The namespaces fork: from here on this is the process that runs the plugin.
+            let entered = sandbox::enter_namespaces(spec, setup.conn.as_raw_fd(), &mut layers);
+            if let Err(message) = entered {
+                return Err(failed("sandbox", message, None));
+            }
+            if let Err(message) = limits::apply(limits) {
+                return Err(failed("limits", message, None));
+            }
+            let restricted = sandbox::restrict(spec, setup.concurrency, host_is_root, &mut layers);
+            if let Err(message) = restricted {
+                return Err(failed("sandbox", message, None));
+            }
+            applied = (layers.enforced, layers.missing);
+        }
+        #[cfg(not(target_os = "linux"))]
+        Some(spec) if spec.mode == "required" => {
+            return Err(failed(
+                "sandbox",
+                "sandboxing: only implemented on Linux".into(),
+                None,
+            ));
+        }
+        _ => {
+            if let Err(message) = limits::apply(limits) {
+                return Err(failed("limits", message, None));
+            }
+        }
     }
     let path = std::path::Path::new(library);
     if !path.is_file() {
@@ -271,6 +357,8 @@ fn load_plugin(
         abi_major: desc.abi.0,
         abi_minor: desc.abi.1,
         methods: desc.methods,
+        sandbox: applied.0,
+        sandbox_missing: applied.1,
     };
     Ok((instance, loaded))
 }

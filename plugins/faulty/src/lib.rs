@@ -83,7 +83,19 @@ struct Wire {
 #[cfg(target_os = "linux")]
 fn worker_socket() -> Result<std::fs::File, PluginError> {
     use std::os::fd::BorrowedFd;
-    for entry in std::fs::read_dir("/proc/self/fd")?.flatten() {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        // The sandbox hides /proc; the worker keeps its connection on descriptor 3.
+        // SAFETY: in a worker process descriptor 3 is the connection, open for the
+        // process's whole life; the borrow only lives long enough to duplicate it.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(3) };
+        let file = std::fs::File::from(borrowed.try_clone_to_owned()?);
+        if !file.metadata()?.file_type().is_socket() {
+            return Err(PluginError::new("descriptor 3 is not the worker's socket"));
+        }
+        return Ok(file);
+    };
+    for entry in fds.flatten() {
         let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };

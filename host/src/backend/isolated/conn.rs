@@ -98,17 +98,17 @@ pub(crate) struct Conn {
     write_lock: Arc<smol::lock::Mutex<()>>,
     state: Mutex<State>,
     plugin: Arc<str>,
-    on_close: Box<dyn Fn() + Send + Sync>,
+    on_close: Box<dyn Fn(&CloseReason) + Send + Sync>,
 }
 
 impl Conn {
-    /// Wraps a connected stream. `on_close` runs once when the connection is cut (the
-    /// backend kills the worker there).
+    /// Wraps a connected stream. `on_close` runs once when the connection is cut, with
+    /// the reason (the backend kills the worker there).
     pub fn new(
         stream: Async<UnixStream>,
         plugin: Arc<str>,
         max_frame: u32,
-        on_close: Box<dyn Fn() + Send + Sync>,
+        on_close: Box<dyn Fn(&CloseReason) + Send + Sync>,
     ) -> Conn {
         Conn {
             stream,
@@ -241,6 +241,7 @@ impl Conn {
         }
         let mut in_flight: Vec<String> = state.pending.values().map(|p| p.method.clone()).collect();
         in_flight.sort();
+        (self.on_close)(&reason);
         state.closed = Some(Closed { reason, in_flight });
         for pending in state.pending.values_mut() {
             if let Some(w) = pending.waker.take() {
@@ -248,7 +249,6 @@ impl Conn {
             }
         }
         let _ = self.stream.get_ref().shutdown(std::net::Shutdown::Both);
-        (self.on_close)();
     }
 
     /// Registers call `id` as waiting for a reply. Dropping the guard abandons it (a late

@@ -28,8 +28,9 @@ use crate::crash::{CrashReport, ExitInfo, LimitExceeded};
 use crate::error::{CallError, LoadError};
 use crate::loader::Descriptor;
 use crate::manifest::{Limits, RestartMode, RestartPolicy, Timeouts};
+use crate::permissions::SandboxMode;
 use crate::plugin::PluginInfo;
-use crate::protocol::Message;
+use crate::protocol::{Message, WireSandbox};
 use crate::status::{EventHub, PluginEvent, PluginState};
 use conn::{CloseReason, Closed, Conn};
 use process::WorkerProcess;
@@ -43,6 +44,22 @@ pub(crate) struct Spec {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub restart: RestartPolicy,
+    /// The app's effective sandbox mode for this plugin.
+    pub sandbox_mode: SandboxMode,
+    /// What the worker must enforce (`None` when the mode is off).
+    pub sandbox: Option<WireSandbox>,
+    /// The environment the worker gets (granted names only, unless the sandbox is off).
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// A private temporary directory (`$TMP`) to remove when the plugin is dropped.
+    pub tmp_dir: Option<PathBuf>,
+}
+
+impl Drop for Spec {
+    fn drop(&mut self) {
+        if let Some(dir) = self.tmp_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// A running worker: its process and connection.
@@ -52,6 +69,10 @@ pub(crate) struct Worker {
     desc: Descriptor,
     /// Set by whoever handles this worker's death first.
     handled: AtomicBool,
+    /// Sandbox layers in force in the plugin's process.
+    sandbox: Vec<String>,
+    /// Layers missing (best-effort mode), `layer: why`.
+    sandbox_missing: Vec<String>,
 }
 
 impl Worker {
@@ -61,6 +82,8 @@ impl Worker {
             conn,
             desc,
             handled: AtomicBool::new(false),
+            sandbox: Vec::new(),
+            sandbox_missing: Vec::new(),
         }
     }
 
@@ -76,6 +99,8 @@ impl Worker {
             .await
             .map(ExitInfo::from_status);
         let stderr_tail = self.process.stderr_tail();
+        let outside_signal = exit.as_ref().is_some_and(ExitInfo::is_outside_signal)
+            && !self.process.killed_by_host();
         let (panic, panic_location) = CrashReport::find_panic(&self.process.panic_lines())
             .map_or((None, None), |(m, l)| (Some(m), l));
         CrashReport {
@@ -98,6 +123,7 @@ impl Worker {
                 CloseReason::Killed(why) => Some(why.clone()),
                 _ => None,
             },
+            outside_signal,
             start_error: None,
             stderr_tail,
             uptime: self.process.uptime(),
@@ -572,6 +598,11 @@ impl Backend for Isolated {
             restarts: self.inner.restarts.load(Ordering::Relaxed),
             uptime: live.as_ref().map(|w| w.process.uptime()),
             pid: live.as_ref().map(|w| w.process.pid()),
+            sandbox: live.as_ref().map(|w| w.sandbox.clone()).unwrap_or_default(),
+            sandbox_missing: live
+                .as_ref()
+                .map(|w| w.sandbox_missing.clone())
+                .unwrap_or_default(),
             last_crash: lock(&self.inner.last_crash).clone(),
         }
     }

@@ -21,6 +21,8 @@ struct State {
     exit: Option<ExitStatus>,
     /// The process was reaped by someone else: never signal its pid again.
     reaped_elsewhere: bool,
+    /// The host sent it SIGKILL (so a SIGKILL exit is not someone else's doing).
+    killed_by_host: bool,
     on_exit: Option<OnExit>,
 }
 
@@ -34,15 +36,17 @@ pub(crate) struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    /// Spawns `command` (stdin and stdout to /dev/null, stderr captured) in its own process
-    /// group. `plugin` names it in logs; `stderr_lines` bounds the kept stderr tail.
+    /// Spawns `command` (stdin from `stdin` or /dev/null, stdout to /dev/null, stderr
+    /// captured) in its own process group. `plugin` names it in logs; `stderr_lines` bounds
+    /// the kept stderr tail.
     pub fn spawn(
         mut command: Command,
         plugin: &str,
         stderr_lines: usize,
+        stdin: Option<std::os::fd::OwnedFd>,
     ) -> std::io::Result<WorkerProcess> {
         command
-            .stdin(Stdio::null())
+            .stdin(stdin.map_or_else(Stdio::null, Stdio::from))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         #[cfg(unix)]
@@ -67,6 +71,9 @@ impl WorkerProcess {
                     }
                 };
                 let pid = child.id();
+                // The child has its copies of the descriptors; ours (the worker's end of
+                // the socket pair) must go, or the host would never see end-of-file.
+                drop(command);
                 let (drained_tx, drained) = std::sync::mpsc::channel::<()>();
                 if let Some(pipe) = child.stderr.take() {
                     let spawn = std::thread::Builder::new()
@@ -153,11 +160,20 @@ impl WorkerProcess {
     /// Kills the worker and its process group with SIGKILL, unless it was already reaped
     /// (its pid may then belong to someone else). The waiter thread reaps it.
     pub fn kill(&self) {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // `exit` is set under this lock in the same step that reaps the pid.
         if state.exit.is_none() && !state.reaped_elsewhere && !self.exited.is_closed() {
+            state.killed_by_host = true;
             kill_group(self.pid);
         }
+    }
+
+    /// Whether the host killed it (as opposed to a signal from elsewhere).
+    pub fn killed_by_host(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .killed_by_host
     }
 
     /// Waits up to `limit` for the process to be reaped.
@@ -240,7 +256,7 @@ fn drain_stderr(
         match reader.read_until(b'\n', &mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {
-                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                let text = crate::loader::escape_text(String::from_utf8_lossy(&line).trim_end());
                 tracing::info!(target: "plugin::stderr", plugin = %plugin, "{text}");
                 lock(stderr).push(text, keep);
             }

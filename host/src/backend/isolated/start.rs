@@ -1,10 +1,10 @@
 //! Starting a worker: spawn, accept, handshake, load. Bounded as a whole by the connect
 //! timeout; every way it can fail is a distinct [`LoadError`].
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use smol::Async;
 
@@ -14,9 +14,10 @@ use super::{Spec, Worker};
 use crate::crash::ExitInfo;
 use crate::error::LoadError;
 use crate::loader::{emit_log, Descriptor};
+use crate::permissions::SandboxMode;
 use crate::protocol::frame::{Frame, FrameError};
 use crate::protocol::{self, Message, WireLimits};
-use crate::worker::{PARENT_ENV, TOKEN_ENV};
+use crate::worker::PARENT_ENV;
 
 /// Kills a worker that is still starting when the start is abandoned.
 struct KillOnDrop(Option<Arc<WorkerProcess>>);
@@ -29,10 +30,10 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// How long an accepted connection has to send its `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// Spawns a worker and brings it to `Loaded`, all within the connect timeout.
+///
+/// The connection is a socket pair: the worker gets its end as standard input, so there
+/// is no name anyone could connect to, no token to steal and no peer to check.
 pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
     let plugin = spec.plugin.to_string();
     let spawn_error = |reason: String| LoadError::WorkerSpawn {
@@ -40,31 +41,47 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
         shim: spec.shim.clone(),
         reason,
     };
-    let name = format!("plugin-host-{}-{}.sock", std::process::id(), random_hex(8));
-    let token = random_hex(16);
-    let listener = listen(&name)
-        .map_err(|e| spawn_error(format!("cannot listen on local socket `{name}`: {e}")))?;
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| spawn_error(format!("cannot create a socket pair: {e}")))?;
     let mut command = Command::new(&spec.shim);
     command
-        .arg("--connect")
-        .arg(&name)
+        .arg("--fd")
+        .arg("0")
         .arg("--plugin")
         .arg(&plugin)
-        .env(TOKEN_ENV, &token)
-        .env(PARENT_ENV, std::process::id().to_string());
+        .arg("--sandbox")
+        .arg(spec.sandbox_mode.as_str());
+    if spec.sandbox_mode != SandboxMode::Off {
+        // The plugin sees only the variables it was granted.
+        command.env_clear();
+        for (name, value) in &spec.env {
+            command.env(name, value);
+        }
+    }
+    command.env(PARENT_ENV, std::process::id().to_string());
     if spec.limits.memory.is_some() {
         // glibc reserves 64 MiB of address space per thread arena; under an address-space
         // limit that, not the plugin, would run out first.
         command.env("MALLOC_ARENA_MAX", "2");
     }
     let process = Arc::new(
-        WorkerProcess::spawn(command, &plugin, spec.limits.stderr_lines as usize)
-            .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.display())))?,
+        WorkerProcess::spawn(
+            command,
+            &plugin,
+            spec.limits.stderr_lines as usize,
+            Some(theirs.into()),
+        )
+        .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.display())))?,
     );
-    let refused = std::sync::Mutex::new(Vec::new());
     // If this future is dropped before the worker is ready, the worker must not outlive it.
     let mut armed = KillOnDrop(Some(process.clone()));
-    let attempt = handshake(spec, &listener, &process, &token, &refused);
+    let attempt = async {
+        let stream = Async::new(ours).map_err(|e| LoadError::Handshake {
+            plugin: plugin.clone(),
+            message: format!("cannot register the worker's socket: {e}"),
+        })?;
+        handshake(spec, stream, &process).await
+    };
     let limit = spec.timeouts.connect_timeout();
     let result = futures_lite::future::or(async { Some(attempt.await) }, async {
         smol::Timer::after(limit).await;
@@ -87,12 +104,10 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
                 .wait_exit(Duration::from_secs(2))
                 .await
                 .map(ExitInfo::from_status);
-            let refused = refused.into_inner().unwrap_or_default();
             Err(LoadError::WorkerTimeout {
                 plugin,
                 after: limit,
                 exit,
-                refused,
                 stderr: process.stderr_tail(),
             })
         }
@@ -101,84 +116,59 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
 
 async fn handshake(
     spec: &Spec,
-    listener: &Async<UnixListener>,
+    stream: Async<UnixStream>,
     process: &Arc<WorkerProcess>,
-    token: &str,
-    refused: &std::sync::Mutex<Vec<String>>,
 ) -> Result<Worker, LoadError> {
     let plugin = spec.plugin.to_string();
-    let refuse = |why: String| {
-        tracing::warn!(plugin = %spec.plugin, "refused a connection on the worker socket: {why}");
-        refused.lock().unwrap_or_else(|e| e.into_inner()).push(why);
-    };
-    let conn = loop {
-        let exited = async {
-            process
-                .wait_exit(Duration::from_secs(u32::MAX as u64))
-                .await;
-            None
-        };
-        let accepted =
-            futures_lite::future::or(async { Some(listener.accept().await) }, exited).await;
-        let Some(accepted) = accepted else {
+    protocol::tune_socket(stream.get_ref());
+    let on_close_process = process.clone();
+    let conn = Arc::new(Conn::new(
+        stream,
+        spec.plugin.clone(),
+        protocol::HANDSHAKE_MAX_FRAME,
+        Box::new(move |reason| on_close(&on_close_process, reason)),
+    ));
+    match conn.recv().await {
+        Ok(Frame {
+            message: Message::Hello {
+                protocol, version, ..
+            },
+            ..
+        }) => {
+            if let Err(message) = protocol::check_hello(&protocol, &version) {
+                return Err(LoadError::ProtocolMismatch {
+                    plugin,
+                    host: protocol::VERSION.to_string(),
+                    worker: version,
+                    message,
+                });
+            }
+        }
+        Ok(other) => {
+            return Err(LoadError::Handshake {
+                plugin,
+                message: format!("expected Hello, got {:?}", other.message),
+            })
+        }
+        Err(FrameError::Eof | FrameError::Truncated { .. } | FrameError::Io(_)) => {
+            // The worker went away (or never spoke): say how it ended.
+            let exit = process
+                .wait_exit(Duration::from_secs(2))
+                .await
+                .map(ExitInfo::from_status);
             return Err(LoadError::WorkerExited {
                 plugin,
-                exit: process.exit_status().map(ExitInfo::from_status),
-                refused: refused.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                exit,
                 stderr: process.stderr_tail(),
             });
-        };
-        let (stream, _) = accepted.map_err(|e| LoadError::Handshake {
-            plugin: plugin.clone(),
-            message: format!("accepting the worker's connection failed: {e}"),
-        })?;
-        if let Some(refusal) = check_peer(&stream, process.pid()) {
-            refuse(refusal);
-            continue;
         }
-        protocol::tune_socket(stream.get_ref());
-        let on_close_process = process.clone();
-        let conn = Arc::new(Conn::new(
-            stream,
-            spec.plugin.clone(),
-            protocol::HANDSHAKE_MAX_FRAME,
-            Box::new(move || on_close_process.kill()),
-        ));
-        let hello = futures_lite::future::or(async { Some(conn.recv().await) }, async {
-            smol::Timer::after(HELLO_TIMEOUT).await;
-            None
-        })
-        .await;
-        match hello {
-            Some(Ok(Frame {
-                message:
-                    Message::Hello {
-                        protocol,
-                        version,
-                        token: t,
-                        ..
-                    },
-                ..
-            })) => {
-                if t.as_deref() != Some(token) {
-                    refuse("wrong token".into());
-                    continue;
-                }
-                if let Err(message) = protocol::check_hello(&protocol, &version) {
-                    return Err(LoadError::ProtocolMismatch {
-                        plugin,
-                        host: protocol::VERSION.to_string(),
-                        worker: version,
-                        message,
-                    });
-                }
-                break conn;
-            }
-            Some(Ok(other)) => refuse(format!("expected Hello, got {:?}", other.message)),
-            Some(Err(e)) => refuse(format!("no valid Hello: {e}")),
-            None => refuse(format!("no Hello within {HELLO_TIMEOUT:?}")),
+        Err(e) => {
+            return Err(LoadError::Handshake {
+                plugin,
+                message: format!("no valid Hello: {e}"),
+            })
         }
-    };
+    }
 
     let io_error = |e: std::io::Error| LoadError::Handshake {
         plugin: plugin.clone(),
@@ -199,6 +189,7 @@ async fn handshake(
             open_files: limits.open_files,
             core_dumps: limits.core_dumps,
         },
+        sandbox: spec.sandbox.clone(),
     };
     conn.send(&load, &spec.config).await.map_err(io_error)?;
     conn.set_max_frame(limits.max_frame.min(u32::MAX as u64) as u32);
@@ -212,16 +203,36 @@ async fn handshake(
                         abi_major,
                         abi_minor,
                         methods,
+                        sandbox,
+                        sandbox_missing,
                     },
                 ..
             }) => {
+                // A task limit the kernel does not apply to root is worth a note, not a
+                // warning on every load; any other missing layer is a warning.
+                let (notes, warnings): (Vec<&String>, Vec<&String>) = sandbox_missing
+                    .iter()
+                    .partition(|m| m.starts_with("task limit"));
+                if !warnings.is_empty() {
+                    tracing::warn!(
+                        plugin = %spec.plugin,
+                        "sandbox layers not in force (best-effort): {}",
+                        warnings.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("; ")
+                    );
+                }
+                if !notes.is_empty() {
+                    tracing::debug!(plugin = %spec.plugin, "{}", notes[0]);
+                }
                 let desc = Descriptor {
                     name,
                     version,
                     abi: (abi_major, abi_minor),
                     methods,
                 };
-                return Ok(Worker::new(process.clone(), conn, desc));
+                let mut worker = Worker::new(process.clone(), conn, desc);
+                worker.sandbox = sandbox;
+                worker.sandbox_missing = sandbox_missing;
+                return Ok(worker);
             }
             Ok(Frame {
                 message:
@@ -270,6 +281,28 @@ async fn handshake(
     }
 }
 
+/// How long a worker that closed its connection has to exit before it is killed. The
+/// plugin process's death closes the connection a moment before the process the host
+/// spawned (the sandbox's relay) exits with the same status; killing it at once would
+/// replace the real cause (SIGSEGV, exit 3, ...) with the host's SIGKILL.
+const EOF_GRACE: Duration = Duration::from_millis(500);
+
+/// Ends the worker when its connection is cut.
+fn on_close(process: &Arc<WorkerProcess>, reason: &CloseReason) {
+    match reason {
+        CloseReason::Eof => {
+            let process = process.clone();
+            smol::spawn(async move {
+                if process.wait_exit(EOF_GRACE).await.is_none() {
+                    process.kill();
+                }
+            })
+            .detach();
+        }
+        _ => process.kill(),
+    }
+}
+
 /// Maps the worker's `LoadFailed` to the same error kinds the in-process loader returns.
 fn load_failure(spec: &Spec, reason: &str, message: String, abi: Option<(u16, u16)>) -> LoadError {
     let plugin = spec.plugin.to_string();
@@ -299,68 +332,11 @@ fn load_failure(spec: &Spec, reason: &str, message: String, abi: Option<(u16, u1
         "create_failed" => LoadError::CreateFailed { plugin, message },
         "create_panicked" => LoadError::CreatePanicked { plugin, message },
         "limits" => LoadError::Limits { plugin, message },
+        "sandbox" => LoadError::Sandbox { plugin, message },
         _ => LoadError::BadDescriptor {
             plugin,
             path,
             reason: message,
         },
     }
-}
-
-/// Listens on a local socket name (Linux: abstract namespace, so there is no file to leak).
-fn listen(name: &str) -> std::io::Result<Async<UnixListener>> {
-    use interprocess::local_socket::{
-        prelude::*, GenericNamespaced, Listener, ListenerNonblockingMode, ListenerOptions,
-    };
-    let listener = ListenerOptions::new()
-        .name(name.to_ns_name::<GenericNamespaced>()?)
-        .nonblocking(ListenerNonblockingMode::Both)
-        .create_sync()?;
-    #[allow(irrefutable_let_patterns)]
-    let Listener::UdSocket(listener) = listener
-    else {
-        unreachable!("Unix local sockets are Unix domain sockets")
-    };
-    Async::new(UnixListener::from(listener))
-}
-
-/// Refuses a peer whose credentials are not the spawned worker's. `None` means accepted.
-fn check_peer(stream: &Async<UnixStream>, expected_pid: u32) -> Option<String> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        match rustix::net::sockopt::socket_peercred(stream.get_ref()) {
-            Ok(cred) => {
-                let pid = cred.pid.as_raw_nonzero().get() as u32;
-                if pid != expected_pid {
-                    return Some(format!(
-                        "peer pid {pid} is not the worker's ({expected_pid})"
-                    ));
-                }
-                if cred.uid != rustix::process::geteuid() {
-                    return Some(format!("peer uid {} is not ours", cred.uid.as_raw()));
-                }
-            }
-            Err(e) => return Some(format!("cannot read peer credentials: {e}")),
-        }
-    }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = (stream, expected_pid);
-    None
-}
-
-/// `n` random bytes as hex, from the OS's random source.
-fn random_hex(n: usize) -> String {
-    use std::io::Read;
-    let mut bytes = vec![0u8; n];
-    let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
-    if from_os.is_err() {
-        // No /dev/urandom: fall back on std's per-process random hash keys.
-        use std::hash::{BuildHasher, Hasher};
-        for chunk in bytes.chunks_mut(8) {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(Instant::now().elapsed().as_nanos());
-            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
-        }
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

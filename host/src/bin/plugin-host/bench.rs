@@ -3,6 +3,11 @@
 //!
 //! Baselines: a raw Unix-socket echo in a child process (length-prefixed frames of the same
 //! sizes, one in flight and 64 in flight), and a bare spawn-and-connect for cold start.
+//!
+//! The bench sets its own policies, whatever `--grant` says: the isolated figures are for
+//! the default, an untrusted worker with the sandbox required (deny-all); cold start is
+//! also measured with the sandbox off (a policy granting `SandboxMode::Off`) to show what
+//! the sandbox costs; the in-process figure needs a policy granting trust.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant};
 use interprocess::local_socket::{
     prelude::*, GenericNamespaced, Listener, ListenerOptions, Stream,
 };
-use plugin_host::{Host, Manifest, Plugin, Trust};
+use plugin_host::{Grant, Host, HostBuilder, Manifest, Plugin, SandboxMode, Trust};
 
 /// Settings for one run.
 pub struct Settings {
@@ -287,25 +292,72 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     );
 
     let manifest_path = settings.plugins.join("hello/plugin.toml");
-    let load = |trust: Trust| -> Result<Plugin, plugin_host::Error> {
+    // The CLI's search paths, with a policy of the bench's own.
+    let with_policy = |policy: fn(HostBuilder) -> HostBuilder| -> Host {
+        let builder = host
+            .search_paths()
+            .iter()
+            .fold(Host::builder(), |b, dir| b.search_path(dir));
+        policy(builder).build().expect("build a host")
+    };
+    // Deny-all: untrusted, sandbox required (the library's default policy).
+    let sandboxed = with_policy(|b| b.permissions(|_| Grant::deny_all()));
+    // Untrusted, sandbox off: the worker without the sandbox, for comparison only.
+    let unsandboxed = with_policy(|b| {
+        b.permissions(|_| Grant {
+            sandbox: SandboxMode::Off,
+            ..Grant::deny_all()
+        })
+    });
+    // The in-process measurement: hello is our own example plugin, and the bench asks for
+    // trust below, so granting what is requested is right here.
+    let trusting = with_policy(HostBuilder::grant_requested);
+    let load = |host: &Host, trust: Trust| -> Result<Plugin, plugin_host::Error> {
         let mut m = Manifest::from_file(&manifest_path)?;
         m.trust = trust;
         smol::block_on(host.load_manifest(m))
     };
-    let isolated = match load(Trust::Untrusted) {
+    let isolated = match load(&sandboxed, Trust::Untrusted) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(4);
         }
     };
-    let in_process = match load(Trust::Trusted) {
+    let isolated_off = match load(&unsandboxed, Trust::Untrusted) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(4);
         }
     };
+    let in_process = match load(&trusting, Trust::Trusted) {
+        Ok(p) if p.trust() == Trust::Trusted => p,
+        Ok(_) => {
+            eprintln!("error: the in-process plugin was not granted trust");
+            return ExitCode::from(4);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(4);
+        }
+    };
+    let layers = |p: &Plugin| {
+        let s = p.status();
+        let mut text = match s.sandbox.is_empty() {
+            true => "none".to_string(),
+            false => format!("{} ({})", s.sandbox.len(), s.sandbox.join(", ")),
+        };
+        if !s.sandbox_missing.is_empty() {
+            text.push_str(&format!("; missing: {}", s.sandbox_missing.join("; ")));
+        }
+        text
+    };
+    println!("isolated worker, sandbox on: layers {}", layers(&isolated));
+    println!(
+        "isolated worker, sandbox off (for comparison only; never for untrusted plugins): layers {}\n",
+        layers(&isolated_off)
+    );
 
     for (size, iterations, target) in [
         (16, n_small, "target <= 1.5x"),
@@ -322,10 +374,14 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             target,
         );
         if size == 16 {
+            let off = plugin_latency(&isolated_off, size, iterations);
+            line("isolated call 16 B, sandbox off", &off, &raw, "");
             let inproc = plugin_latency(&in_process, size, iterations);
             line("in-process call 16 B (vs raw)", &inproc, &raw, "");
         }
     }
+    smol::block_on(isolated_off.shutdown());
+    smol::block_on(in_process.shutdown());
 
     let depth = 64;
     let raw_rate = raw_pipelined(depth, total);
@@ -341,6 +397,7 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         our_rate,
         our_rate / raw_rate
     );
+    smol::block_on(isolated.shutdown());
 
     let starts = if settings.quick { 5 } else { 30 };
     let bare = stats(
@@ -356,26 +413,58 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             })
             .collect(),
     );
-    let cold = stats(
-        (0..starts)
-            .map(|_| {
-                let t = Instant::now();
-                let plugin = load(Trust::Untrusted).expect("load the plugin");
-                smol::block_on(plugin.call_raw("echo", vec![1u8; 16])).unwrap();
-                let d = t.elapsed();
-                smol::block_on(plugin.shutdown());
-                d
-            })
-            .collect(),
-    );
+    // Load, first reply, shutdown; returns the time to the first reply and the layers the
+    // worker had.
+    let cold_start = |host: &Host| -> (Duration, Vec<String>) {
+        let t = Instant::now();
+        let plugin = load(host, Trust::Untrusted).expect("load the plugin");
+        smol::block_on(plugin.call_raw("echo", vec![1u8; 16])).unwrap();
+        let d = t.elapsed();
+        let layers = plugin.status().sandbox;
+        smol::block_on(plugin.shutdown());
+        (d, layers)
+    };
+    // Interleaved, so a drift in the machine's speed affects both alike.
+    let mut off_samples = Vec::with_capacity(starts);
+    let mut on_samples = Vec::with_capacity(starts);
+    let mut on_layers = Vec::new();
+    let mut off_layers = Vec::new();
+    for _ in 0..starts {
+        let (d, l) = cold_start(&unsandboxed);
+        off_samples.push(d);
+        off_layers = l;
+        let (d, l) = cold_start(&sandboxed);
+        on_samples.push(d);
+        on_layers = l;
+    }
+    let cold_off = stats(off_samples);
+    let cold_on = stats(on_samples);
     baseline("bare spawn + connect + echo", &bare);
     line(
-        "cold start (spawn..first reply)",
-        &cold,
+        "cold start, sandbox off",
+        &cold_off,
         &bare,
-        "target <= 3x",
+        "(spawn..first reply)",
     );
-    smol::block_on(isolated.shutdown());
+    line("cold start, sandbox on", &cold_on, &bare, "target <= 2x");
+    let cost_us = (cold_on.median.as_secs_f64() - cold_off.median.as_secs_f64()) * 1e6;
+    println!(
+        "{:<34} {:>+10.0} us on the median  ratio {:>5.2}x  (sandbox on vs off)",
+        "sandbox cost at cold start",
+        cost_us,
+        cold_on.median.as_secs_f64() / cold_off.median.as_secs_f64()
+    );
+    println!(
+        "cold-start worker layers: sandbox on: {}; sandbox off: {}",
+        match on_layers.is_empty() {
+            true => "none".to_string(),
+            false => on_layers.join(", "),
+        },
+        match off_layers.is_empty() {
+            true => "none".to_string(),
+            false => off_layers.join(", "),
+        }
+    );
     spinning.store(false, std::sync::atomic::Ordering::Relaxed);
     ExitCode::SUCCESS
 }

@@ -2,13 +2,20 @@
 //! crashes one on purpose and shows the host surviving and the plugin recovering; then a
 //! call that never returns (timeout, then the worker is killed and restarted) and a plugin
 //! that keeps crashing (quarantined, then re-enabled).
+//!
+//! Policy: the demo uses the CLI's host, deny-all unless `--grant` is given. Its bundled
+//! plugins (hello, thumbnail, faulty) request nothing beyond the default (untrusted, sandbox
+//! required, no permissions), so both policies give the same result: every plugin runs in
+//! a sandboxed worker, and the demo prints each one's sandbox layers once. A bundled plugin
+//! that requested trust or permissions would need the app to grant it, e.g. a host built
+//! with `HostBuilder::grant_requested()`, which is acceptable only for plugins the app ships.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use plugin_host::{
-    CallError, CallOptions, Error, Host, Manifest, Plugin, PluginEvent, PluginState,
+    CallError, CallOptions, Error, Host, Manifest, Plugin, PluginEvent, PluginState, Trust,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -69,6 +76,7 @@ async fn load(host: &Host, dir: &Path, name: &str) -> Result<Plugin, Error> {
         plugin.version(),
         plugin.methods().join(", ")
     );
+    print_sandbox(&plugin);
     Ok(plugin)
 }
 
@@ -234,6 +242,23 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
         std::process::id()
     );
     Ok(())
+}
+
+/// The sandbox layers in force in an untrusted plugin's worker, and any missing.
+fn print_sandbox(plugin: &Plugin) {
+    if plugin.trust() == Trust::Trusted {
+        println!("  sandbox: none (trusted: in-process, with the host's rights)");
+        return;
+    }
+    let status = plugin.status();
+    if status.sandbox.is_empty() {
+        println!("  sandbox: off");
+    } else {
+        println!("  sandbox: {}", status.sandbox.join(", "));
+    }
+    for missing in &status.sandbox_missing {
+        println!("  sandbox missing: {missing}");
+    }
 }
 
 fn first_line(text: &str) -> String {

@@ -1,9 +1,15 @@
-//! `plugin-host`: list, inspect, check and call plugins from the command line, and run the
-//! demo. Errors go to stderr; the exit code tells the kind of failure (see `--help`).
+//! `plugin-host`: list, inspect, check and call plugins from the command line, run the
+//! demo, and report what sandbox this system can enforce (`doctor`). Errors go to stderr;
+//! the exit code tells the kind of failure (see `--help`).
+//!
+//! Policy: like the library, deny-all by default. Every plugin runs untrusted, in a worker
+//! with the sandbox required and no permissions, whatever its manifest says; `--grant`
+//! grants what each manifest requests (trust, sandbox mode, permissions).
 
 #[cfg(unix)]
 mod bench;
 mod demo;
+mod doctor;
 mod json;
 #[cfg(target_os = "linux")]
 mod soak;
@@ -13,12 +19,19 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use plugin_host::{manifest, CallError, CallOptions, Error, Host, LoadError};
+use plugin_host::{
+    manifest, CallError, CallOptions, Error, Host, LoadError, Manifest, Plugin, Trust,
+};
 
-const EXIT_CODES: &str = "Exit codes: 0 success, 1 I/O or other error, 2 usage, 3 invalid \
-manifest, 4 plugin failed to load, 5 the call failed (plugin error, bad input, unknown \
-method), 6 the plugin crashed (or was killed, or is quarantined), 7 the call timed out, \
-8 `check` found problems, 9 `soak` found a violation.";
+const EXIT_CODES: &str = "Policy: deny-all by default: every plugin runs untrusted, in a \
+sandboxed worker, with no permissions, whatever its manifest requests. --grant grants what \
+each manifest requests (trust, sandbox mode, permissions); use it only for plugins you trust.
+
+Exit codes: 0 success, 1 I/O or other error, 2 usage, 3 invalid manifest, 4 plugin failed to \
+load (a sandbox this system cannot enforce included: see `plugin-host doctor`), 5 the call \
+failed (plugin error, bad input, unknown method), 6 the plugin crashed (or was killed, or is \
+quarantined), 7 the call timed out, 8 `check` found problems, 9 `soak` found a violation, \
+10 `doctor`: this system cannot enforce the default sandbox (a layer is missing).";
 
 #[derive(Parser)]
 #[command(name = "plugin-host", version, about = "Load, inspect and call plugin-host plugins.", after_help = EXIT_CODES)]
@@ -28,19 +41,33 @@ struct Cli {
     #[arg(short = 'L', long = "search-path", global = true)]
     search_paths: Vec<PathBuf>,
 
+    /// Grant what each manifest requests: trust, sandbox mode and permissions. Only for
+    /// plugins you trust. Without it every plugin runs untrusted, sandboxed, with no
+    /// permissions (deny-all).
+    #[arg(long, global = true)]
+    grant: bool,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the manifests found under DIR (plugin.toml, *.plugin.toml), valid or not.
+    /// List the manifests found under DIR (plugin.toml, *.plugin.toml), valid or not. The
+    /// trust column is what the manifest requests, not what it is granted.
     List {
         /// Directory to search (three levels deep).
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
-    /// Load a plugin and print its name, version, ABI and methods.
+    /// Print what sandbox this system can enforce, and what an untrusted plugin gets here.
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a plugin and print its name, version, ABI, methods, what its manifest requests,
+    /// what was granted, and the sandbox layers in force.
     Inspect {
         /// The plugin's manifest.
         manifest: PathBuf,
@@ -70,7 +97,9 @@ enum Command {
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
     },
-    /// Measure call latency, throughput and cold start against raw baselines.
+    /// Measure call latency, throughput and cold start against raw baselines. Sets its own
+    /// policies (ignores --grant): isolated figures are for the default sandboxed worker;
+    /// cold start is measured with the sandbox off and on.
     Bench {
         /// Directory holding the example plugins' manifests (uses hello).
         #[arg(long, default_value = "plugins")]
@@ -131,8 +160,11 @@ fn is_crash(err: &CallError) -> bool {
     )
 }
 
-fn host(cli_paths: &[PathBuf]) -> Result<Host, Error> {
+fn host(cli_paths: &[PathBuf], grant: bool) -> Result<Host, Error> {
     let mut builder = Host::builder();
+    if grant {
+        builder = builder.grant_requested();
+    }
     for path in cli_paths {
         builder = builder.search_path(path);
     }
@@ -146,21 +178,30 @@ fn host(cli_paths: &[PathBuf]) -> Result<Host, Error> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The bench starts workers with the sandbox off on purpose (to measure what the sandbox
+    // costs) and says so once; the library's warning for each of them would drown the
+    // figures. Everywhere else, and whenever RUST_LOG is set, warnings are as they are.
+    let default_filter = match cli.command {
+        Command::Bench { .. } => "warn,plugin_host::sandbox=error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
-    let host = match host(&cli.search_paths) {
+    let host = match host(&cli.search_paths, cli.grant) {
         Ok(h) => h,
         Err(e) => return fail(&e),
     };
     match cli.command {
         Command::List { dir } => list(&dir),
-        Command::Inspect { manifest } => inspect(&host, &manifest),
+        Command::Doctor { json } => doctor::run(json),
+        Command::Inspect { manifest } => inspect(&host, &manifest, cli.grant),
         Command::Call {
             manifest,
             method,
@@ -212,7 +253,60 @@ fn main() -> ExitCode {
 
 fn fail(err: &Error) -> ExitCode {
     eprintln!("error: {err}");
+    if let Error::Load(LoadError::Sandbox { .. }) = err {
+        eprintln!(
+            "hint: `plugin-host doctor` lists the sandbox layers this system lacks; with \
+             `--grant`, a plugin you trust gets the sandbox mode its manifest requests \
+             (sandbox = \"best-effort\" or \"off\")"
+        );
+    }
     ExitCode::from(exit_code(err))
+}
+
+fn trust_name(trust: Trust) -> &'static str {
+    match trust {
+        Trust::Trusted => "trusted",
+        Trust::Untrusted => "untrusted",
+    }
+}
+
+/// `trust T, sandbox M, permissions: P`.
+fn describe(
+    trust: Trust,
+    sandbox: plugin_host::SandboxMode,
+    permissions: &plugin_host::Permissions,
+) -> String {
+    format!(
+        "trust {}, sandbox {}, permissions: {}",
+        trust_name(trust),
+        sandbox.as_str(),
+        permissions.summary()
+    )
+}
+
+/// Where a loaded plugin runs, in a few words.
+fn placement(plugin: &Plugin) -> String {
+    let status = plugin.status();
+    match (plugin.trust(), status.pid) {
+        (Trust::Trusted, _) => "in-process (trusted)".into(),
+        (Trust::Untrusted, pid) => {
+            let sandbox = match plugin.grant().sandbox {
+                plugin_host::SandboxMode::Off => "sandbox off".to_string(),
+                _ if status.sandbox_missing.is_empty() => {
+                    format!("sandboxed, {} layers", status.sandbox.len())
+                }
+                _ => format!(
+                    "sandboxed, {} layers, {} missing",
+                    status.sandbox.len(),
+                    status.sandbox_missing.len()
+                ),
+            };
+            match pid {
+                Some(pid) => format!("untrusted, worker process {pid} ({sandbox})"),
+                None => format!("untrusted, worker process ({sandbox})"),
+            }
+        }
+    }
 }
 
 fn usage(message: &str) -> ExitCode {
@@ -252,8 +346,13 @@ fn list(dir: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn inspect(host: &Host, manifest: &Path) -> ExitCode {
-    match host.load_blocking(manifest) {
+fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
+    let manifest = match Manifest::from_file(manifest) {
+        Ok(m) => m,
+        Err(e) => return fail(&e.into()),
+    };
+    let request = plugin_host::PermissionRequest::from_manifest(&manifest);
+    match futures_lite::future::block_on(host.load_manifest(manifest)) {
         Ok(plugin) => {
             let info = plugin.info();
             println!("name:     {}", info.name);
@@ -266,6 +365,35 @@ fn inspect(host: &Host, manifest: &Path) -> ExitCode {
             println!("abi:      {}.{}", info.abi.0, info.abi.1);
             println!("trust:    {:?}", plugin.trust());
             println!("methods:  {}", info.methods.join(", "));
+            let granted = plugin.grant();
+            println!(
+                "requested: {}",
+                describe(request.trust, request.sandbox, &request.permissions)
+            );
+            println!(
+                "granted:   {}",
+                describe(granted.trust, granted.sandbox, &granted.permissions)
+            );
+            println!(
+                "policy:    {}",
+                if grant {
+                    "--grant: what the manifest requests"
+                } else {
+                    "deny-all (the default; --grant grants what the manifest requests)"
+                }
+            );
+            println!("runs:      {}", placement(&plugin));
+            let status = plugin.status();
+            if plugin.trust() == Trust::Untrusted {
+                let none = |v: &[String]| match v.is_empty() {
+                    true => "none".to_string(),
+                    false => v.join(", "),
+                };
+                println!("sandbox:   {}", none(&status.sandbox));
+                println!("missing:   {}", none(&status.sandbox_missing));
+            } else {
+                println!("sandbox:   none (in-process plugins run with the host's rights)");
+            }
             futures_lite::future::block_on(plugin.shutdown());
             ExitCode::SUCCESS
         }
@@ -332,8 +460,9 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
             Ok(m) => match futures_lite::future::block_on(host.load_manifest(m.clone())) {
                 Ok(plugin) => {
                     let methods = plugin.methods().len();
+                    let place = placement(&plugin);
                     futures_lite::future::block_on(plugin.shutdown());
-                    Ok(format!("loads, {methods} methods"))
+                    Ok(format!("loads, {methods} methods; {place}"))
                 }
                 Err(Error::Load(LoadError::Unsupported { message, .. })) => Err(message),
                 Err(e) => Err(e.to_string()),

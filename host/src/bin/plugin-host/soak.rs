@@ -204,6 +204,18 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         }
     }
 
+    // The point of the soak is the default: untrusted workers in the sandbox.
+    let sandbox = plugins
+        .first()
+        .map(|p| {
+            let s = p.status();
+            match s.sandbox.is_empty() {
+                true => "off".to_string(),
+                false => format!("{} layers ({})", s.sandbox.len(), s.sandbox.join(", ")),
+            }
+        })
+        .unwrap_or_default();
+
     let mut rng = Rng(settings.seed.max(1));
     let jobs: Vec<(usize, Job)> = (0..settings.calls)
         .map(|_| {
@@ -282,6 +294,7 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         tally.answered.len(),
         settings.calls
     );
+    println!("  sandbox:           {sandbox}");
     println!("  ok:                {}", tally.ok);
     println!(
         "  fault errors:      {} (the injected faults, each with its expected kind)",
