@@ -3,9 +3,11 @@
 //! - the example plugins (cdylib) and the `worker-shim`/`plugin-host` binaries, by a nested
 //!   `cargo build` into `target/e2e` (a separate target directory, so it never waits on
 //!   the lock the outer build holds);
-//! - the C plugin `plugins/c-echo/echo.c`, with the C compiler the `cc` crate finds.
+//! - the C plugins `plugins/c-echo/echo.c` and `plugins/attack/attack.c` (the sandbox
+//!   tests' malicious plugin), with the C compiler the `cc` crate finds.
 //!
-//! The tests read the resulting paths from `PLUGIN_HOST_E2E_DIR` and `C_ECHO_LIBRARY`.
+//! The tests read the resulting paths from `PLUGIN_HOST_E2E_DIR`, `C_ECHO_LIBRARY` and
+//! `ATTACK_LIBRARY`.
 
 use std::env;
 use std::path::PathBuf;
@@ -95,12 +97,28 @@ fn main() {
             env::consts::DLL_PREFIX,
             env::consts::DLL_SUFFIX
         ));
-        compile_c_plugin(&root, &library, defines);
+        compile_c_plugin(&root, "plugins/c-echo/echo.c", &library, defines);
         println!("cargo:rustc-env={var}={}", library.display());
+    }
+
+    // The attack plugin (Unix only: it is made of POSIX and Linux calls).
+    if env::var("CARGO_CFG_UNIX").is_ok() {
+        let library = out_dir.join(format!(
+            "{}attack{}",
+            env::consts::DLL_PREFIX,
+            env::consts::DLL_SUFFIX
+        ));
+        compile_c_plugin(&root, "plugins/attack/attack.c", &library, &[]);
+        println!("cargo:rustc-env=ATTACK_LIBRARY={}", library.display());
     }
 }
 
-fn compile_c_plugin(root: &std::path::Path, library: &std::path::Path, defines: &[&str]) {
+fn compile_c_plugin(
+    root: &std::path::Path,
+    source: &str,
+    library: &std::path::Path,
+    defines: &[&str],
+) {
     let compiler = cc::Build::new().cargo_metadata(false).get_compiler();
     let mut cmd = compiler.to_command();
     if compiler.is_like_msvc() {
@@ -112,11 +130,10 @@ fn compile_c_plugin(root: &std::path::Path, library: &std::path::Path, defines: 
     for define in defines {
         cmd.arg(format!("-D{define}"));
     }
-    cmd.arg(root.join("plugins/c-echo/echo.c"))
+    cmd.arg(root.join(source))
         .arg(format!("-I{}", root.join("plugin-api/include").display()));
-    let status = cmd.status().expect("run the C compiler for plugins/c-echo");
-    assert!(
-        status.success(),
-        "compiling plugins/c-echo/echo.c failed: {status}"
-    );
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("run the C compiler for {source}: {e}"));
+    assert!(status.success(), "compiling {source} failed: {status}");
 }

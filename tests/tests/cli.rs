@@ -180,12 +180,147 @@ fn check_reports_each_manifest_and_fails_on_problems() {
 
 #[test]
 fn help_is_available_for_every_command() {
-    for cmd in ["list", "inspect", "call", "check", "demo", "bench"] {
+    for cmd in [
+        "list", "inspect", "call", "check", "demo", "bench", "doctor",
+    ] {
         let o = cli(&[cmd, "--help"]);
         assert_code(&o, 0);
         assert!(stdout(&o).contains("Usage"), "{cmd}: {}", stdout(&o));
     }
-    assert!(stdout(&cli(&["--help"])).contains("Exit codes"));
+    let help = stdout(&cli(&["--help"]));
+    assert!(help.contains("Exit codes"), "{help}");
+    assert!(
+        help.contains("--grant") && help.contains("10 `doctor`"),
+        "{help}"
+    );
+}
+
+#[test]
+fn doctor_lists_the_sandbox_layers() {
+    let o = cli(&["doctor"]);
+    let code = o.status.code();
+    assert!(
+        code == Some(0) || code == Some(10),
+        "doctor exited {code:?}\nstdout: {}\nstderr: {}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let out = stdout(&o);
+    for word in [
+        "kernel:",
+        "landlock",
+        "seccomp",
+        "no_new_privs",
+        "pid namespace",
+    ] {
+        assert!(out.contains(word), "missing {word:?} in\n{out}");
+    }
+    // Exit 10 exactly when a layer is missing.
+    assert_eq!(code == Some(10), out.contains("MISSING"), "{out}");
+
+    let o = cli(&["doctor", "--json"]);
+    assert_eq!(o.status.code(), code, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let enforced: Vec<&str> = v["layers"]["enforced"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    let missing: Vec<&str> = v["layers"]["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["layer"].as_str())
+        .collect();
+    for layer in ["landlock filesystem", "seccomp"] {
+        assert!(
+            enforced.contains(&layer) || missing.contains(&layer),
+            "{layer} not listed: {v}"
+        );
+    }
+    assert_eq!(
+        v["default_policy_enforceable"].as_bool(),
+        Some(code == Some(0)),
+        "{v}"
+    );
+}
+
+/// A manifest for libhello that asks for trust, a weaker sandbox and permissions.
+fn greedy_manifest(dir: &std::path::Path) -> std::path::PathBuf {
+    let manifest = dir.join("plugin.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"greedy\"\nversion = \"0.1.0\"\nlibrary = \"{}\"\napi = \"^1\"\n\
+             trust = \"trusted\"\nsandbox = \"best-effort\"\n\n[permissions]\n\
+             read = [\"/usr\"]\nnetwork = true\n",
+            artifacts().join("libhello.so").display()
+        ),
+    )
+    .unwrap();
+    manifest
+}
+
+#[test]
+fn inspect_shows_requested_and_granted_and_the_layers_in_force() {
+    let enforceable = cli(&["doctor"]).status.code() == Some(0);
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = greedy_manifest(dir.path());
+    let manifest = manifest.to_str().unwrap();
+
+    // Deny-all (the default): the request is shown, none of it is granted.
+    let o = cli(&["inspect", manifest]);
+    if !enforceable {
+        // The required sandbox cannot be put in force here: the load fails and says where
+        // to look.
+        assert_code(&o, 4);
+        assert!(stderr(&o).contains("plugin-host doctor"), "{}", stderr(&o));
+        return;
+    }
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains(
+            "requested: trust trusted, sandbox best-effort, permissions: read /usr; network"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("granted:   trust untrusted, sandbox required, permissions: none"),
+        "{out}"
+    );
+    assert!(out.contains("policy:    deny-all"), "{out}");
+    let layers = out
+        .lines()
+        .find_map(|l| l.strip_prefix("sandbox:   "))
+        .unwrap_or_else(|| panic!("no sandbox line in\n{out}"));
+    for layer in ["landlock filesystem", "seccomp", "user namespace"] {
+        assert!(layers.contains(layer), "{layer} not in force: {out}");
+    }
+    assert!(out.contains("missing:   "), "{out}");
+
+    // --grant: everything requested, trust included, so it runs in-process.
+    let o = cli(&["--grant", "inspect", manifest]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains(
+            "granted:   trust trusted, sandbox best-effort, permissions: read /usr; network"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("in-process (trusted)"), "{out}");
+
+    // The example plugins request nothing: the same sandbox either way.
+    let o = cli(&["inspect", "plugins/hello/plugin.toml"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains("requested: trust untrusted, sandbox required, permissions: none"),
+        "{out}"
+    );
+    assert!(out.contains("seccomp"), "{out}");
 }
 
 #[test]

@@ -356,44 +356,35 @@ fn a_protocol_version_mismatch_names_both_versions() {
 }
 
 #[test]
-fn a_wrong_token_is_refused() {
+fn a_worker_that_answers_garbage_instead_of_hello_fails_the_handshake() {
     let dir = tempfile::tempdir().unwrap();
+    // The worker's end of the socket pair is its standard input.
     let shim = script(
         dir.path(),
         "shim",
-        &format!(
-            "PLUGIN_HOST_TOKEN=forged exec {} \"$@\"",
-            worker_shim().display()
-        ),
+        "printf '\\020\\000\\000\\000\\004\\000\\000\\000garbagegarbage!!' >&0\nexec sleep 30",
     );
     let err = run(host_with_shim(&shim).load_manifest(quick_connect("hello"))).unwrap_err();
-    // Refused, the forged worker sees the connection close and exits.
-    match &err {
-        Error::Load(LoadError::WorkerExited { refused, .. }) => {
-            assert_eq!(refused, &["wrong token"])
-        }
-        other => panic!("expected WorkerExited, got {other}"),
-    }
-    assert!(err.to_string().contains("wrong token"), "{err}");
+    assert!(
+        matches!(&err, Error::Load(LoadError::Handshake { .. })),
+        "expected Handshake, got {err}"
+    );
 }
 
 #[test]
-fn an_impostor_is_refused_and_the_real_worker_still_connects() {
-    let dir = tempfile::tempdir().unwrap();
-    let shim_path = worker_shim();
-    let shim = script(
-        dir.path(),
-        "shim",
-        &format!(
-            "PLUGIN_HOST_TOKEN=forged {shim} \"$@\" 2>/dev/null &\nsleep 0.3\nexec {shim} \"$@\"",
-            shim = shim_path.display()
-        ),
-    );
-    let mut m = manifest("hello", Trust::Untrusted);
-    m.timeouts.connect = Some(Duration::from_secs(10));
-    let plugin = run(host_with_shim(&shim).load_manifest(m)).unwrap();
-    let out: Greeting = run(plugin.call("greet", &Greet { name: "real" })).unwrap();
-    assert_eq!(out.message, "Hello, real!");
+fn there_is_no_socket_anyone_else_could_connect_to() {
+    // The worker's connection is one end of a socket pair it inherits: no listening
+    // socket, no name in the abstract namespace, no file.
+    let plugin = run(host().load_manifest(manifest("hello", Trust::Untrusted))).unwrap();
+    let out: Greeting = run(plugin.call("greet", &Greet { name: "pair" })).unwrap();
+    assert_eq!(out.message, "Hello, pair!");
+    let sockets = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let named: Vec<&str> = sockets
+        .lines()
+        .filter(|l| l.contains("plugin-host"))
+        .collect();
+    assert!(named.is_empty(), "named worker sockets: {named:?}");
+    assert_eq!(common::socket_files(), 0);
 }
 
 #[test]
@@ -617,9 +608,11 @@ fn a_call_dropped_half_way_through_sending_leaves_the_stream_intact() {
 fn the_deadline_covers_sending_to_a_stalled_worker() {
     let plugin = faulty();
     let pid = plugin.worker_pid().unwrap();
+    // The whole worker: the process the host spawned leads a process group that holds the
+    // sandbox's init and the plugin's process too.
     let stop = |sig: &str| {
         std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
+            .args([sig, "--", &format!("-{pid}")])
             .status()
             .unwrap();
     };
@@ -695,4 +688,92 @@ fn a_call_future_left_unpolled_does_not_stall_other_calls() {
     );
     // A still gets its reply when it is polled again.
     assert_eq!(run(a).unwrap(), b"a");
+}
+
+#[test]
+fn a_kill_from_outside_is_not_blamed_on_the_host() {
+    let plugin = faulty();
+    let pid = plugin.worker_pid().unwrap();
+    // Someone else (here: this test, as another process of the same user would) kills the
+    // worker's process group.
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        common::wait_until(Duration::from_secs(10), || plugin
+            .status()
+            .last_crash
+            .is_some()),
+        "the crash was noticed"
+    );
+    let report = plugin.status().last_crash.unwrap();
+    assert_eq!(
+        report.exit.as_ref().and_then(ExitInfo::signal_name),
+        Some("SIGKILL")
+    );
+    assert!(report.outside_signal, "{report}");
+    assert_eq!(report.killed_by_host, None);
+    assert!(report.to_string().contains("did not send"), "{report}");
+
+    // The host's own kill (a call that ignores its deadline) is reported as the host's.
+    let options = CallOptions::new().timeout(Duration::from_millis(200));
+    let err = run(plugin.call_with::<_, ()>("infinite_loop", &json!({}), options)).unwrap_err();
+    assert!(
+        matches!(&err, Error::Call(CallError::Timeout { .. })),
+        "{err}"
+    );
+    assert!(
+        common::wait_until(Duration::from_secs(10), || plugin.status().crashes == 2),
+        "the stuck worker was killed"
+    );
+    let report = plugin.status().last_crash.unwrap();
+    assert!(report.killed_by_host.is_some(), "{report}");
+    assert!(!report.outside_signal, "{report}");
+    // And the plugin still serves.
+    let out: Vec<u8> = run(plugin.call_raw("echo", vec![7])).unwrap();
+    assert_eq!(out, [7]);
+}
+
+#[test]
+fn a_manifest_cannot_make_itself_trusted() {
+    // hello's manifest asks for nothing; ask for trust as a plugin editing its own
+    // manifest would. Without a grant from the app it still runs in a sandboxed worker.
+    let mut m = manifest("hello", Trust::Trusted);
+    m.permissions.network = true;
+    m.sandbox = plugin_host::SandboxMode::Off;
+    let deny_all = plugin_host::Host::builder()
+        .search_path(common::artifacts())
+        .worker_shim(worker_shim())
+        .build()
+        .unwrap();
+    let plugin = run(deny_all.load_manifest(m.clone())).unwrap();
+    assert_eq!(plugin.trust(), Trust::Untrusted);
+    assert!(plugin.worker_pid().is_some(), "runs in a worker");
+    assert_eq!(plugin.grant().sandbox, plugin_host::SandboxMode::Required);
+    assert!(!plugin.grant().permissions.network);
+    let info = plugin.info();
+    assert_eq!(
+        info.requested.as_ref().map(|r| r.trust),
+        Some(Trust::Trusted)
+    );
+    assert_eq!(info.granted.trust, Trust::Untrusted);
+    let layers = plugin.status().sandbox;
+    for layer in [
+        "seccomp",
+        "landlock filesystem",
+        "pid namespace",
+        "no_new_privs",
+    ] {
+        assert!(
+            layers.iter().any(|l| l == layer),
+            "{layer} missing from {layers:?}"
+        );
+    }
+    // The app's grant, not the manifest, is what raises trust.
+    let trusting = host();
+    let plugin = run(trusting.load_manifest(m)).unwrap();
+    assert_eq!(plugin.trust(), Trust::Trusted);
+    assert_eq!(plugin.worker_pid(), None);
 }

@@ -1,15 +1,16 @@
-//! Plugin logs and worker stderr reach the host's `tracing` output with the plugin's name.
-//! Alone in its binary because it installs a global subscriber.
+//! Plugin logs and worker stderr reach the host's `tracing` output with the plugin's name,
+//! and cannot pass for the host's own lines. In its own binary because it installs a
+//! global subscriber (once, shared by the tests here).
 #![cfg(target_os = "linux")]
 
 mod common;
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{host, manifest, run, wait_until};
-use plugin_host::Trust;
+use common::{artifacts, host, install_attack, manifest, run, wait_until, worker_shim};
+use plugin_host::{Host, Trust};
 use serde_json::json;
 
 #[derive(Clone, Default)]
@@ -31,15 +32,26 @@ impl Captured {
     }
 }
 
+/// Everything logged in this process, through one global subscriber installed on first use.
+fn captured() -> Captured {
+    static CAPTURED: OnceLock<Captured> = OnceLock::new();
+    CAPTURED
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .init();
+            captured
+        })
+        .clone()
+}
+
 #[test]
 fn plugin_logs_and_worker_stderr_reach_tracing_with_the_plugin_name() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let captured = captured();
 
     // A log call from create(), in a worker process.
     let hello = run(host().load_manifest(manifest("hello", Trust::Untrusted))).unwrap();
@@ -80,4 +92,55 @@ fn plugin_logs_and_worker_stderr_reach_tracing_with_the_plugin_name() {
         .unwrap();
     assert!(line.contains("plugin=hello"), "{line}");
     drop(hello);
+}
+
+#[test]
+fn plugin_log_lines_cannot_forge_host_lines() {
+    let captured = captured();
+    let dir = tempfile::tempdir().unwrap();
+    let host = Host::builder()
+        .search_path(artifacts())
+        .worker_shim(worker_shim())
+        .build()
+        .unwrap();
+    // The attack plugin logs "innocent line\nERROR forged host line\x1b[31m" (a newline
+    // and an ANSI escape) and reports progress with the same tricks.
+    let plugin = run(host.load_manifest(install_attack(dir.path()))).unwrap();
+    let out = run(plugin.call_raw("log_forge", Vec::new())).unwrap();
+    assert_eq!(out, b"ok: logged");
+
+    assert!(
+        wait_until(Duration::from_secs(5), || captured
+            .text()
+            .contains("innocent line")),
+        "{}",
+        captured.text()
+    );
+    let text = captured.text();
+    let line = text.lines().find(|l| l.contains("innocent line")).unwrap();
+    println!("the plugin's line: {line}");
+    assert!(line.contains("plugin=attack"), "{line}");
+    // The newline is shown escaped, on the plugin's own line...
+    assert!(
+        line.contains(r"innocent line\nERROR forged host line"),
+        "the newline is not escaped: {line}"
+    );
+    // ... and so is the escape sequence.
+    assert!(
+        [r"\x1b[31m", r"\u{1b}[31m", r"\e[31m"]
+            .iter()
+            .any(|escaped| line.contains(escaped)),
+        "the escape character is not escaped: {line}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.trim_start().starts_with("ERROR forged")),
+        "a plugin forged a host line:\n{text}"
+    );
+    assert!(
+        !text.contains('\x1b'),
+        "a raw escape character reached the log:\n{text}"
+    );
+    drop(plugin);
 }

@@ -375,3 +375,102 @@ fn library_resolution_searches_manifest_dir_then_search_paths() {
         "manifest dir wins"
     );
 }
+
+#[test]
+fn permissions_are_requested_in_their_own_table() {
+    let m = Manifest::parse(MINIMAL, "p.toml").unwrap();
+    assert_eq!(
+        m.sandbox,
+        plugin_host::SandboxMode::Required,
+        "required by default"
+    );
+    assert!(m.permissions.is_empty(), "nothing asked by default");
+    let m = Manifest::parse(
+        &with(
+            r#"sandbox = "best-effort"
+[permissions]
+read = ["$PLUGIN_DIR/assets", "/usr/share/fonts"]
+write = ["$DATA_DIR", "$TMP/cache"]
+network = true
+env = ["LANG", "TZ"]
+exec = false
+threads = 8
+processes = 0
+"#,
+        ),
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(m.sandbox, plugin_host::SandboxMode::BestEffort);
+    let p = &m.permissions;
+    assert_eq!(p.read, ["$PLUGIN_DIR/assets", "/usr/share/fonts"]);
+    assert_eq!(p.write, ["$DATA_DIR", "$TMP/cache"]);
+    assert!(p.network && !p.exec);
+    assert_eq!(p.env, ["LANG", "TZ"]);
+    assert_eq!((p.threads, p.processes), (Some(8), Some(0)));
+}
+
+#[test]
+fn bad_permissions_are_named_with_their_path() {
+    use ManifestErrorKind::*;
+    assert_rejected(
+        &with("sandbox = \"maybe\""),
+        "sandbox",
+        InvalidValue,
+        "best-effort",
+    );
+    assert_rejected(
+        &with("[permissions]\nnetwork = \"yes\""),
+        "permissions.network",
+        WrongType,
+        "true or false",
+    );
+    assert_rejected(
+        &with("[permissions]\nread = \"/etc\""),
+        "permissions.read",
+        WrongType,
+        "array of strings",
+    );
+    assert_rejected(
+        &with("[permissions]\nread = [\"/etc\", 3]"),
+        "permissions.read[1]",
+        WrongType,
+        "a string",
+    );
+    assert_rejected(
+        &with("[permissions]\nwrite = [\"data\"]"),
+        "permissions.write[0]",
+        InvalidValue,
+        "not an absolute path",
+    );
+    assert_rejected(
+        &with("[permissions]\nread = [\"$HOME/x\"]"),
+        "permissions.read[0]",
+        InvalidValue,
+        "$PLUGIN_DIR",
+    );
+    assert_rejected(
+        &with("[permissions]\nread = [\"\"]"),
+        "permissions.read[0]",
+        InvalidValue,
+        "empty",
+    );
+    assert_rejected(
+        &with("[permissions]\nenv = [\"A=B\"]"),
+        "permissions.env[0]",
+        InvalidValue,
+        "environment variable",
+    );
+    assert_rejected(
+        &with("[permissions]\nthreads = -1"),
+        "permissions.threads",
+        InvalidValue,
+        "out of range",
+    );
+    assert_rejected(
+        &with("[permissions]\nfiles = true"),
+        "permissions.files",
+        UnknownField,
+        "network",
+    );
+}

@@ -189,7 +189,8 @@ fn a_worker_that_stops_answering_pings_is_replaced() {
 
 fn freeze(pid: u32) {
     let status = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
+        // The worker's process group: the sandbox's relay, init and the plugin's process.
+        .args(["-STOP", "--", &format!("-{pid}")])
         .status()
         .unwrap();
     assert!(status.success());

@@ -8,24 +8,92 @@ use std::time::Duration;
 
 use plugin_host::{Host, Manifest, Trust};
 
+/// Set by tests that re-run themselves as another user from a staged copy of the
+/// artifacts (see `stage_for_other_users`): the directory holding `artifacts/`, `repo/` and
+/// the attack library.
+pub const STAGED_ENV: &str = "PLUGIN_HOST_TEST_STAGED";
+
+fn staged() -> Option<PathBuf> {
+    std::env::var_os(STAGED_ENV).map(PathBuf::from)
+}
+
 /// Directory with the example plugins and binaries built by `tests/build.rs`.
 pub fn artifacts() -> PathBuf {
-    PathBuf::from(env!("PLUGIN_HOST_E2E_DIR"))
+    match staged() {
+        Some(dir) => dir.join("artifacts"),
+        None => PathBuf::from(env!("PLUGIN_HOST_E2E_DIR")),
+    }
 }
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    match staged() {
+        Some(dir) => dir.join("repo"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf(),
+    }
 }
 
-/// A host that finds the example plugins and the worker-shim.
+/// Copies what a test re-run as another user needs (the test binary, the worker-shim,
+/// the hello and attack plugins) into a fresh directory everyone may read, for when the
+/// build lies somewhere other users cannot enter (a clone in a 0700 temp dir). Returns
+/// the directory (set it as [`STAGED_ENV`]) and the staged test binary.
+#[cfg(unix)]
+pub fn stage_for_other_users() -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("plugin-test-staged-")
+        .tempdir()
+        .unwrap();
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("staging {}: {e}", from.display()));
+    };
+    let exe = std::env::current_exe().unwrap();
+    let staged_exe = dir.path().join("test-binary");
+    copy(&exe, &staged_exe);
+    copy(
+        &worker_shim(),
+        &dir.path()
+            .join("artifacts")
+            .join(worker_shim().file_name().unwrap()),
+    );
+    let hello = Manifest::library_file_name("hello");
+    copy(
+        &artifacts().join(&hello),
+        &dir.path().join("artifacts").join(&hello),
+    );
+    copy(
+        &repo().join("plugins/hello/plugin.toml"),
+        &dir.path().join("repo/plugins/hello/plugin.toml"),
+    );
+    copy(
+        &attack_library(),
+        &dir.path().join(Manifest::library_file_name("attack")),
+    );
+    // Everyone may enter and read (the files keep their modes: executables stay 0755).
+    for entry in [
+        dir.path().to_path_buf(),
+        dir.path().join("artifacts"),
+        dir.path().join("repo"),
+        dir.path().join("repo/plugins"),
+        dir.path().join("repo/plugins/hello"),
+    ] {
+        std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (dir, staged_exe)
+}
+
+/// A host that finds the example plugins and the worker-shim, and grants each plugin
+/// what its manifest requests (trust included: tests pick the backend through
+/// [`manifest`]'s trust override).
 pub fn host() -> Host {
     Host::builder()
         .search_path(artifacts())
         .worker_shim(artifacts().join(format!("worker-shim{}", std::env::consts::EXE_SUFFIX)))
+        .grant_requested()
         .build()
         .unwrap()
 }
@@ -74,6 +142,7 @@ pub fn host_with_shim(shim: &Path) -> Host {
     Host::builder()
         .search_path(artifacts())
         .worker_shim(shim)
+        .grant_requested()
         .build()
         .unwrap()
 }
@@ -137,4 +206,181 @@ pub fn socket_files() -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// The attack plugin (`plugins/attack/attack.c`) compiled by `tests/build.rs`.
+#[cfg(unix)]
+pub fn attack_library() -> PathBuf {
+    match staged() {
+        Some(dir) => dir.join(Manifest::library_file_name("attack")),
+        None => PathBuf::from(env!("ATTACK_LIBRARY")),
+    }
+}
+
+/// Installs the attack plugin in `dir` (a copy of its library and a `plugin.toml` that
+/// requests nothing) and returns its manifest, whose `path` is `dir/plugin.toml`: the
+/// plugin's `$PLUGIN_DIR` is `dir`.
+#[cfg(unix)]
+pub fn install_attack(dir: &Path) -> Manifest {
+    let text = "# the sandbox tests' attack plugin\n\
+                name = \"attack\"\nversion = \"1.0.0\"\nlibrary = \"attack\"\napi = \"^1\"\n";
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(
+        attack_library(),
+        dir.join(Manifest::library_file_name("attack")),
+    )
+    .unwrap();
+    std::fs::write(dir.join("plugin.toml"), text).unwrap();
+    let mut m = Manifest::parse(text, "attack.plugin.toml").unwrap();
+    m.path = Some(dir.join("plugin.toml"));
+    m
+}
+
+/// The parent of process `pid` (Linux).
+#[cfg(target_os = "linux")]
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised command: state, ppid, ...
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The command name (`/proc/PID/comm`) of process `pid` (Linux).
+#[cfg(target_os = "linux")]
+pub fn comm_of(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+}
+
+/// Every process, as (pid, parent pid) (Linux).
+#[cfg(target_os = "linux")]
+pub fn all_processes() -> Vec<(u32, u32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some(ppid) = parent_of(pid) {
+            found.push((pid, ppid));
+        }
+    }
+    found
+}
+
+/// The descendants of process `pid` (children, grandchildren, ...), nearest first (Linux).
+#[cfg(target_os = "linux")]
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let all = all_processes();
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(child, ppid) in &all {
+            if ppid == parent && child != parent && !found.contains(&child) {
+                found.push(child);
+                frontier.insert(0, child);
+            }
+        }
+    }
+    found
+}
+
+/// Processes whose command name (`comm`) is `name`, in any state (Linux).
+#[cfg(target_os = "linux")]
+pub fn processes_named(name: &str) -> Vec<u32> {
+    all_processes()
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .filter(|&pid| comm_of(pid).as_deref() == Some(name))
+        .collect()
+}
+
+/// The process an untrusted plugin's code runs in, given the worker pid the host reports
+/// (the relay): the relay's descendant whose parent is the sandbox's init process
+/// (`plugin-init`), else its deepest descendant, else (no sandbox: the relay has no
+/// children) the relay itself. Waits up to 5 s for the chain to appear.
+#[cfg(target_os = "linux")]
+pub fn plugin_process(relay: u32) -> u32 {
+    let start = std::time::Instant::now();
+    let mut found = None;
+    wait_until(Duration::from_secs(5), || {
+        let all = descendants(relay);
+        found = all
+            .iter()
+            .copied()
+            .find(|&p| {
+                comm_of(p).as_deref() != Some("plugin-init")
+                    && parent_of(p).and_then(comm_of).as_deref() == Some("plugin-init")
+            })
+            .or_else(|| all.last().copied().filter(|_| all.len() >= 2));
+        if all.is_empty() && start.elapsed() > Duration::from_millis(500) {
+            found = Some(relay);
+        }
+        found.is_some()
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no plugin process under relay {relay}: descendants {:?}",
+            descendants(relay)
+                .into_iter()
+                .map(|p| (p, comm_of(p)))
+                .collect::<Vec<_>>()
+        )
+    })
+}
+
+/// Runs `cmd` with stdout and stderr captured, killing it if it runs longer than `limit`.
+/// Returns its exit status (`None` if it was killed for taking too long) and its output
+/// (stdout then stderr).
+pub fn output_with_limit(
+    cmd: &mut std::process::Command,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    })
+    .collect();
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The pipes close when the child and anything that inherited them are gone; a
+    // grandchild keeping them open must not hang the test.
+    let mut output = String::new();
+    for reader in readers {
+        let until = deadline.max(std::time::Instant::now()) + Duration::from_secs(5);
+        while !reader.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if reader.is_finished() {
+            output.push_str(&reader.join().unwrap());
+        } else {
+            output.push_str("\n[output pipe still open 5 s after the child exited]\n");
+        }
+    }
+    (status, output)
 }
