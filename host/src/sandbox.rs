@@ -14,6 +14,16 @@ use crate::permissions::{
 };
 use crate::protocol::WireSandbox;
 
+/// Environment variable naming the plugin's directory (`$PLUGIN_DIR`), set for every
+/// untrusted plugin.
+pub const PLUGIN_DIR_ENV: &str = "PLUGIN_DIR";
+/// Environment variable naming the plugin's data directory (`$DATA_DIR`), set when a
+/// granted path uses it.
+pub const DATA_DIR_ENV: &str = "PLUGIN_DATA_DIR";
+/// Environment variable naming the plugin's private temporary directory (`$TMP`), set
+/// (with `TMPDIR`) when a granted path uses it.
+pub const TMP_DIR_ENV: &str = "PLUGIN_TMP_DIR";
+
 /// What the worker gets for one plugin.
 pub(crate) struct Plan {
     /// The sandbox to send in `Load` (`None`: off).
@@ -137,11 +147,20 @@ pub(crate) fn plan(
     let mut read = vec![plugin_dir.to_string_lossy().into_owned()];
     read.extend(expand_all(&p.read)?);
     let write = expand_all(&p.write)?;
-    let env = p
+    let mut env: Vec<(OsString, OsString)> = p
         .env
         .iter()
         .filter_map(|name| std::env::var_os(name).map(|v| (OsString::from(name), v)))
         .collect();
+    // Where the placeholders point, so the plugin can find its directories.
+    env.push((PLUGIN_DIR_ENV.into(), plugin_dir.clone().into()));
+    if wants("$DATA_DIR") {
+        env.push((DATA_DIR_ENV.into(), data_dir.clone().into()));
+    }
+    if let Some(tmp) = &tmp_dir {
+        env.push((TMP_DIR_ENV.into(), tmp.clone().into()));
+        env.push(("TMPDIR".into(), tmp.clone().into()));
+    }
     let tasks = p
         .threads
         .unwrap_or(DEFAULT_TASK_BUDGET)
@@ -175,7 +194,10 @@ pub struct SystemSupport {
     pub user_namespace: bool,
     /// Whether it can create pid namespaces (inside a user namespace).
     pub pid_namespace: bool,
-    /// Whether it can create network namespaces (inside a user namespace).
+    /// Whether it can create IPC namespaces (inside a user namespace).
+    pub ipc_namespace: bool,
+    /// Whether it can create network namespaces (inside a user namespace). Informational:
+    /// workers do not use one (see `docs/security.md`).
     pub network_namespace: bool,
     /// Yama's `ptrace_scope` (None: Yama is not active).
     pub yama_ptrace_scope: Option<u32>,
@@ -200,6 +222,7 @@ impl SystemSupport {
                 no_new_privs: false,
                 user_namespace: false,
                 pid_namespace: false,
+                ipc_namespace: false,
                 network_namespace: false,
                 yama_ptrace_scope: None,
                 root: false,
@@ -226,14 +249,14 @@ impl SystemSupport {
         }
         check(self.user_namespace, "user namespace", "unprivileged user namespaces are disabled (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or an AppArmor restriction)");
         check(
+            self.ipc_namespace,
+            "ipc namespace",
+            "cannot create an IPC namespace in a user namespace",
+        );
+        check(
             self.pid_namespace,
             "pid namespace",
             "cannot create a pid namespace in a user namespace",
-        );
-        check(
-            self.network_namespace,
-            "network namespace",
-            "cannot create a network namespace in a user namespace",
         );
         check(linux, "capabilities", only_linux);
         check(
@@ -278,7 +301,7 @@ mod linux {
         let seccomp = std::fs::read_to_string("/proc/self/status")
             .map(|s| s.lines().any(|l| l.starts_with("Seccomp:")))
             .unwrap_or(false);
-        let (user, pid, net, nnp) = probe_in_child();
+        let (user, pid, ipc, net, nnp) = probe_in_child();
         SystemSupport {
             kernel,
             landlock_abi: crate::worker::sandbox::landlock_abi(),
@@ -286,6 +309,7 @@ mod linux {
             no_new_privs: nnp,
             user_namespace: user,
             pid_namespace: pid,
+            ipc_namespace: ipc,
             network_namespace: net,
             yama_ptrace_scope,
             root: rustix::process::geteuid().is_root(),
@@ -294,7 +318,7 @@ mod linux {
 
     /// Forks a child that tries each namespace and `no_new_privs`, and reports a bit each
     /// in its exit code.
-    fn probe_in_child() -> (bool, bool, bool, bool) {
+    fn probe_in_child() -> (bool, bool, bool, bool, bool) {
         // SAFETY: the child only makes system calls (prctl, unshare) and `_exit`s: nothing
         // that could depend on locks other threads of this process held at the fork.
         let pid = unsafe { libc::fork() };
@@ -315,12 +339,16 @@ mod linux {
                 if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
                     bits |= 4;
                 }
+                // SAFETY: as above.
+                if unsafe { libc::unshare(libc::CLONE_NEWIPC) } == 0 {
+                    bits |= 16;
+                }
             }
             // SAFETY: ends the child at once, running nothing of the parent's.
             unsafe { libc::_exit(bits) };
         }
         if pid < 0 {
-            return (false, false, false, false);
+            return (false, false, false, false, false);
         }
         let mut status = 0;
         // SAFETY: waits for the child just forked; writes its status into `status`.
@@ -332,6 +360,12 @@ mod linux {
         } else {
             0
         };
-        (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, bits & 8 != 0)
+        (
+            bits & 1 != 0,
+            bits & 2 != 0,
+            bits & 16 != 0,
+            bits & 4 != 0,
+            bits & 8 != 0,
+        )
     }
 }

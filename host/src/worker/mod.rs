@@ -10,6 +10,8 @@
 mod limits;
 #[cfg(target_os = "linux")]
 pub(crate) mod sandbox;
+#[cfg(target_os = "linux")]
+mod seccomp;
 
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitCode;

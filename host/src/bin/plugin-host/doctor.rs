@@ -63,6 +63,7 @@ pub fn run(json: bool) -> ExitCode {
             "no_new_privs": support.no_new_privs,
             "user_namespace": support.user_namespace,
             "pid_namespace": support.pid_namespace,
+            "ipc_namespace": support.ipc_namespace,
             "network_namespace": support.network_namespace,
             "yama_ptrace_scope": support.yama_ptrace_scope,
             "root": support.root,
@@ -88,7 +89,11 @@ pub fn run(json: bool) -> ExitCode {
         println!("no_new_privs:       {}", yes(support.no_new_privs));
         println!("user namespace:     {}", yes(support.user_namespace));
         println!("pid namespace:      {}", yes(support.pid_namespace));
-        println!("network namespace:  {}", yes(support.network_namespace));
+        println!("ipc namespace:      {}", yes(support.ipc_namespace));
+        println!(
+            "network namespace:  {} (not used: without the network grant no socket can be created)",
+            yes(support.network_namespace)
+        );
         println!("yama ptrace_scope:  {}", yama(support.yama_ptrace_scope));
         println!("running as root:    {}", root(support.root));
         println!(
