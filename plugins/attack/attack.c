@@ -35,6 +35,9 @@
  *                            forever with every fd closed
  *   unshare_user             unshare(CLONE_NEWUSER) (in a single-threaded child)
  *   connect_abstract NAME    connects to the abstract unix socket "\0NAME"
+ *   fork_many N              forks up to N children that wait (a fork bomb, bounded): ok if
+ *                            all N started, else denied with fork's errno; all are killed
+ *                            and reaped before it returns
  *
  * Only libc; builds warning-free with -Wall -Werror (tests/build.rs).
  */
@@ -647,6 +650,45 @@ static void do_pidfd_getfd(const char *arg, Out *out) {
     close((int)pidfd);
 }
 
+static void do_fork_many(const char *arg, Out *out) {
+    long n = strtol(arg, NULL, 10);
+    if (n <= 0 || n > 4096) {
+        out_denied(out, EINVAL, "parsing N");
+        return;
+    }
+    pid_t *pids = calloc((size_t)n, sizeof(pid_t));
+    if (pids == NULL) {
+        out_denied(out, ENOMEM, "calloc");
+        return;
+    }
+    long started = 0;
+    int failure = 0;
+    for (; started < n; started++) {
+        pid_t pid = fork();
+        if (pid < 0) {
+            failure = errno;
+            break;
+        }
+        if (pid == 0) {
+            for (;;) {
+                pause();
+            }
+        }
+        pids[started] = pid;
+    }
+    for (long i = 0; i < started; i++) {
+        kill(pids[i], SIGKILL);
+        waitpid(pids[i], NULL, 0);
+    }
+    free(pids);
+    if (failure != 0) {
+        out_denied(out, failure, "fork");
+        out_add(out, " after %ld", started);
+    } else {
+        out_add(out, "ok: %ld forked", started);
+    }
+}
+
 static void do_getenv(const char *name, Out *out) {
     const char *value = getenv(name);
     if (value == NULL) {
@@ -884,6 +926,8 @@ static int32_t attack_call(void *instance, const uint8_t *method, size_t method_
         do_unshare_user(out);
     } else if (METHOD("connect_abstract")) {
         do_connect_abstract(arg, out);
+    } else if (METHOD("fork_many")) {
+        do_fork_many(arg, out);
     } else {
         out_add(out, "attack has no such method");
         status = PLUGIN_UNKNOWN_METHOD;
@@ -910,7 +954,7 @@ static const PluginStr METHODS[] = {
     STR("kill_parent"), STR("kill_pid"),      STR("signal_pid"),   STR("read_proc"),
     STR("vm_read"),     STR("ptrace_attach"), STR("exec_sh"),      STR("pidfd_getfd"),
     STR("getenv"),      STR("open_fds"),      STR("log_forge"),    STR("spawn_orphan"),
-    STR("unshare_user"), STR("connect_abstract"),
+    STR("unshare_user"), STR("connect_abstract"), STR("fork_many"),
 };
 
 static const PluginDescriptor DESCRIPTOR = {

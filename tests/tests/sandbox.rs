@@ -376,6 +376,11 @@ fn default_permissions_deny_every_attack() {
     v.denied("getenv", SECRET_VAR, &["not"]);
     // (spawn_orphan is allowed by the default process budget: its containment is
     // an_orphan_dies_with_its_worker_and_with_the_host.)
+    // A fork bomb stops at the task budget (the kernel does not count root's tasks, so
+    // this is checked in the run as nobody).
+    if !is_root() {
+        v.denied("fork_many", "500", &["EAGAIN"]);
+    }
     v.assert_all_passed();
 
     // Nothing it holds is a file, and it holds little.
@@ -490,23 +495,39 @@ fn grants_allow_exactly_what_was_granted() {
     assert!(victim.alive());
     drop((plugin, host));
 
-    // Writing its data directory: granted as requested.
+    // Writing its data directory and a private temporary one: granted as requested. The
+    // plugin finds them in its environment.
     let host = scene.builder().grant_requested().build().unwrap();
     let write_data = Permissions {
-        write: vec!["$DATA_DIR".into()],
+        write: vec!["$DATA_DIR".into(), "$TMP".into()],
         ..Permissions::default()
     };
     let plugin = run(host.load_manifest(scene.manifest(write_data))).unwrap();
-    let made = scene.data.join("attack").join("made-by-plugin");
+    let data_dir = scene.data.join("attack");
+    let made = data_dir.join("made-by-plugin");
+    let told = attack(&plugin, "getenv", "PLUGIN_DATA_DIR").unwrap();
+    assert_eq!(told, format!("ok: {}", data_dir.display()));
+    let tmp = attack(&plugin, "getenv", "TMPDIR").unwrap();
+    let tmp = tmp.strip_prefix("ok: ").expect("TMPDIR is set").to_string();
+    assert_eq!(
+        attack(&plugin, "getenv", "PLUGIN_TMP_DIR").unwrap(),
+        format!("ok: {tmp}")
+    );
     let mut v = Verdicts::new(&plugin);
     v.allowed("create_file", &made);
+    v.allowed("create_file", format!("{tmp}/scratch"));
     v.denied("create_file", scene.home.join("pwned"), FS);
     v.denied("create_file", scene.plugin_dir.join("pwned"), FS);
     v.denied("write_file", scene.plugin_dir.join("plugin.toml"), FS);
     v.assert_all_passed();
     assert_eq!(std::fs::read_to_string(&made).unwrap(), "pwned");
     assert!(!scene.home.join("pwned").exists());
+    assert!(Path::new(&tmp).join("scratch").exists());
     drop((plugin, host));
+    assert!(
+        !Path::new(&tmp).exists(),
+        "the private temporary directory outlived the plugin"
+    );
 
     // Requested network and reading, granted only reading: no network.
     let granted_read = granted_str.clone();
