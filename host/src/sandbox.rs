@@ -249,14 +249,14 @@ impl SystemSupport {
         }
         check(self.user_namespace, "user namespace", "unprivileged user namespaces are disabled (sysctl kernel.unprivileged_userns_clone, user.max_user_namespaces, or an AppArmor restriction)");
         check(
-            self.ipc_namespace,
-            "ipc namespace",
-            "cannot create an IPC namespace in a user namespace",
-        );
-        check(
             self.pid_namespace,
             "pid namespace",
             "cannot create a pid namespace in a user namespace",
+        );
+        check(
+            self.ipc_namespace,
+            "ipc namespace",
+            "cannot create an IPC namespace in a user namespace",
         );
         check(linux, "capabilities", only_linux);
         check(

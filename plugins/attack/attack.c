@@ -35,6 +35,8 @@
  *                            forever with every fd closed
  *   unshare_user             unshare(CLONE_NEWUSER) (in a single-threaded child)
  *   connect_abstract NAME    connects to the abstract unix socket "\0NAME"
+ *   shm_read KEY             shmget(KEY) + shmat: reads another process's System V shared
+ *                            memory (ok: its first bytes)
  *   fork_many N              forks up to N children that wait (a fork bomb, bounded): ok if
  *                            all N started, else denied with fork's errno; all are killed
  *                            and reaped before it returns
@@ -66,6 +68,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/un.h>
+#include <sys/shm.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -650,6 +653,25 @@ static void do_pidfd_getfd(const char *arg, Out *out) {
     close((int)pidfd);
 }
 
+static void do_shm_read(const char *arg, Out *out) {
+    key_t key = (key_t)strtol(arg, NULL, 0);
+    int id = shmget(key, 0, 0);
+    if (id < 0) {
+        out_denied(out, errno, "shmget");
+        return;
+    }
+    void *at = shmat(id, NULL, SHM_RDONLY);
+    if (at == (void *)-1) {
+        out_denied(out, errno, "shmat");
+        return;
+    }
+    char head[17];
+    memcpy(head, at, 16);
+    head[16] = '\0';
+    shmdt(at);
+    out_add(out, "ok: %s", head);
+}
+
 static void do_fork_many(const char *arg, Out *out) {
     long n = strtol(arg, NULL, 10);
     if (n <= 0 || n > 4096) {
@@ -926,6 +948,8 @@ static int32_t attack_call(void *instance, const uint8_t *method, size_t method_
         do_unshare_user(out);
     } else if (METHOD("connect_abstract")) {
         do_connect_abstract(arg, out);
+    } else if (METHOD("shm_read")) {
+        do_shm_read(arg, out);
     } else if (METHOD("fork_many")) {
         do_fork_many(arg, out);
     } else {
@@ -955,6 +979,7 @@ static const PluginStr METHODS[] = {
     STR("vm_read"),     STR("ptrace_attach"), STR("exec_sh"),      STR("pidfd_getfd"),
     STR("getenv"),      STR("open_fds"),      STR("log_forge"),    STR("spawn_orphan"),
     STR("unshare_user"), STR("connect_abstract"), STR("fork_many"),
+    STR("shm_read"),
 };
 
 static const PluginDescriptor DESCRIPTOR = {

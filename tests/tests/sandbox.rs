@@ -50,24 +50,55 @@ const PROC: &[&str] = &["EACCES", "EPERM", "ENOENT", "ESRCH"];
 const KILL: &[&str] = &["EPERM", "ESRCH"];
 /// Tracing, reading or stealing from another process.
 const TRACE: &[&str] = &["EPERM", "ESRCH", "EACCES", "ENOSYS"];
-/// TCP out: seccomp (EPERM, EAFNOSUPPORT), Landlock (EACCES), an empty network namespace
-/// (ENETUNREACH, or ECONNREFUSED with only a loopback in it).
-const TCP: &[&str] = &[
-    "EPERM",
-    "EACCES",
-    "ENETUNREACH",
-    "ECONNREFUSED",
-    "EAFNOSUPPORT",
-];
-/// UDP out: as TCP, but a datagram to nobody is not refused.
-const UDP: &[&str] = &["EPERM", "EACCES", "ENETUNREACH", "EAFNOSUPPORT"];
-/// An abstract unix socket of the host: seccomp, Landlock's scoping, or another network
-/// namespace (where no such name exists).
-const ABSTRACT: &[&str] = &["EPERM", "EACCES", "ECONNREFUSED", "EAFNOSUPPORT"];
+/// TCP out: without the network grant the seccomp filter refuses socket() itself.
+const TCP: &[&str] = &["EPERM"];
+/// UDP out: the same.
+const UDP: &[&str] = &["EPERM"];
+/// An abstract unix socket of the host: socket(AF_UNIX) is refused (and Landlock's scoping
+/// would refuse the connect).
+const ABSTRACT: &[&str] = &["EPERM"];
+/// Another process's System V shared memory: not visible from the plugin's IPC namespace.
+const SYSV: &[&str] = &["ENOENT", "EINVAL", "EACCES", "EPERM"];
 /// Running a program.
 const EXEC: &[&str] = &["EACCES", "EPERM", "ENOENT", "ENOSYS", "EAGAIN", "SIGSYS"];
 
 // ---- the scene of the attacks ----------------------------------------------------------
+
+/// A System V shared memory segment of this process (mode 0600), removed on drop.
+struct SysvSegment {
+    key: i32,
+    id: i32,
+}
+
+impl SysvSegment {
+    fn new(content: &[u8]) -> SysvSegment {
+        let key = 0x5e00_0000 | (std::process::id() as i32 & 0xffff);
+        // SAFETY: shmget with integer arguments.
+        let id = unsafe { libc::shmget(key, 4096, libc::IPC_CREAT | libc::IPC_EXCL | 0o600) };
+        assert!(id >= 0, "shmget: {}", std::io::Error::last_os_error());
+        // SAFETY: attaching the segment just created; the kernel picks the address.
+        let at = unsafe { libc::shmat(id, std::ptr::null(), 0) };
+        assert_ne!(
+            at as isize,
+            -1,
+            "shmat: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the segment is 4096 bytes long and `content` is shorter; detached after.
+        unsafe {
+            std::ptr::copy_nonoverlapping(content.as_ptr(), at as *mut u8, content.len());
+            libc::shmdt(at);
+        }
+        SysvSegment { key, id }
+    }
+}
+
+impl Drop for SysvSegment {
+    fn drop(&mut self) {
+        // SAFETY: removes the segment this test created.
+        unsafe { libc::shmctl(self.id, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+}
 
 /// A directory with what an attacker would go after, and the attack plugin installed.
 struct Scene {
@@ -343,6 +374,9 @@ fn default_permissions_deny_every_attack() {
     v.denied("udp_send", &udp_addr, UDP);
     v.denied("dns_query", &udp_addr, UDP);
     v.denied("connect_abstract", &abstract_name, ABSTRACT);
+    // System V shared memory of another process of the user, holding a secret.
+    let shm = SysvSegment::new(b"sysv secret");
+    v.denied("shm_read", shm.key.to_string(), SYSV);
     // Other processes: the host (kill(pid, 0) checks the same permission as SIGKILL
     // without killing the test if it were allowed), a process of ours, the sibling.
     v.denied("signal_pid", me.to_string(), KILL);

@@ -320,12 +320,22 @@ fn load_plugin(setup: &Setup<'_>, writer: &Writer) -> Result<(Instance, Message)
             applied = (layers.enforced, layers.missing);
         }
         #[cfg(not(target_os = "linux"))]
-        Some(spec) if spec.mode == "required" => {
-            return Err(failed(
-                "sandbox",
-                "sandboxing: only implemented on Linux".into(),
-                None,
-            ));
+        Some(spec) => {
+            if spec.mode == "required" {
+                return Err(failed(
+                    "sandbox",
+                    "sandboxing: only implemented on Linux".into(),
+                    None,
+                ));
+            }
+            // Best-effort, as the app chose: say plainly that nothing is enforced.
+            applied.1.push(
+                "every layer: sandboxing is only implemented on Linux; this worker runs with the host's rights"
+                    .into(),
+            );
+            if let Err(message) = limits::apply(limits) {
+                return Err(failed("limits", message, None));
+            }
         }
         _ => {
             if let Err(message) = limits::apply(limits) {
