@@ -84,18 +84,13 @@ fn check_len(body_len: u32, max: u32) -> Result<usize, FrameError> {
 /// Splits a complete body into message and payload.
 fn decode_body(body: &[u8]) -> Result<(Message, std::ops::Range<usize>), FrameError> {
     let head_len = u32::from_le_bytes(body[0..4].try_into().unwrap()) as usize;
-    if head_len > body.len() - 4 {
-        return Err(FrameError::Malformed(format!(
-            "header length {head_len} exceeds the body ({} bytes)",
-            body.len() - 4
-        )));
-    }
+    check_head_len(head_len, body.len())?;
     let message = decode_head(&body[4..4 + head_len])?;
     Ok((message, 4 + head_len..body.len()))
 }
 
 fn decode_head(head: &[u8]) -> Result<Message, FrameError> {
-    rmp_serde::from_slice(head).map_err(|e| {
+    super::decode::message(head).map_err(|e| {
         let preview: Vec<String> = head.iter().take(16).map(|b| format!("{b:02x}")).collect();
         FrameError::Malformed(format!(
             "header is not a valid message ({e}); first bytes: {}",
@@ -103,6 +98,26 @@ fn decode_head(head: &[u8]) -> Result<Message, FrameError> {
         ))
     })
 }
+
+/// Checks a header length read from the wire against the body and [`MAX_HEADER`].
+fn check_head_len(head_len: usize, body_len: usize) -> Result<(), FrameError> {
+    if head_len > body_len - 4 {
+        return Err(FrameError::Malformed(format!(
+            "header length {head_len} exceeds the body ({} bytes)",
+            body_len - 4
+        )));
+    }
+    if head_len > MAX_HEADER {
+        return Err(FrameError::Malformed(format!(
+            "header of {head_len} bytes exceeds the limit of {MAX_HEADER} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Largest message header either side accepts, whatever the frame limit: headers carry
+/// names, ids and short texts, never bulk data (that is the payload).
+pub(crate) const MAX_HEADER: usize = 256 * 1024;
 
 /// Reads one frame from a blocking reader. The payload is read straight into its own
 /// buffer (no copy after the read).
@@ -113,12 +128,7 @@ pub(crate) fn read_frame(reader: &mut impl Read, max: u32) -> Result<Frame, Fram
     let mut head_len = [0u8; 4];
     read_full(reader, &mut head_len, false)?;
     let head_len = u32::from_le_bytes(head_len) as usize;
-    if head_len > body_len - 4 {
-        return Err(FrameError::Malformed(format!(
-            "header length {head_len} exceeds the body ({} bytes)",
-            body_len - 4
-        )));
-    }
+    check_head_len(head_len, body_len)?;
     let mut head = vec![0u8; head_len];
     read_full(reader, &mut head, false)?;
     let message = decode_head(&head)?;
@@ -281,17 +291,18 @@ impl FrameBuffer {
         let avail = self.end - self.start;
         let body_start = self.start + 4;
         if avail < 4 + body_len {
+            if avail >= 8 {
+                // Refuse an oversized header before buffering it.
+                let head_len =
+                    u32::from_le_bytes(self.buf[body_start..body_start + 4].try_into().unwrap())
+                        as usize;
+                check_head_len(head_len, body_len)?;
+            }
             // A large payload: once the header is here, read the rest into its own buffer.
             if avail >= 8 && body_len >= DIRECT_PAYLOAD {
                 let head_len =
                     u32::from_le_bytes(self.buf[body_start..body_start + 4].try_into().unwrap())
                         as usize;
-                if head_len > body_len - 4 {
-                    return Err(FrameError::Malformed(format!(
-                        "header length {head_len} exceeds the body ({} bytes)",
-                        body_len - 4
-                    )));
-                }
                 let payload_start = body_start + 4 + head_len;
                 if avail >= 8 + head_len {
                     let message = decode_head(&self.buf[body_start + 4..payload_start])?;
@@ -423,5 +434,23 @@ mod tests {
             assert_eq!(frames[1].message, Message::Pong { seq: 2 });
             assert!(fb.partial().is_none());
         }
+    }
+
+    #[test]
+    fn an_oversized_header_is_refused_before_it_is_buffered() {
+        // A frame claiming a 16 MiB header inside a 32 MiB body: refused from its first
+        // 8 bytes, by both readers, whatever the frame limit.
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(32u32 << 20).to_le_bytes());
+        bytes.extend_from_slice(&(16u32 << 20).to_le_bytes());
+        bytes.extend_from_slice(&[0x80; 64]);
+        let mut buf = FrameBuffer::new(64 << 20);
+        buf.fill(&mut &bytes[..]).unwrap();
+        let err = buf.next_frame().unwrap_err().to_string();
+        assert!(err.contains("exceeds the limit of"), "{err}");
+        let err = read_frame(&mut &bytes[..], 64 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exceeds the limit of"), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! The protocol has its own semver ([`VERSION`]), separate from the crates' versions.
 
+mod decode;
 pub(crate) mod frame;
 
 use serde::{Deserialize, Serialize};
@@ -17,8 +18,13 @@ pub const VERSION: &str = "0.2.0";
 /// Features this build offers. Unknown features from the peer are ignored.
 pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping"];
 
-/// Largest frame accepted before the `Load` message negotiates the real limit.
+/// Largest frame accepted before the `Load` message negotiates the real limit (the
+/// `Hello`s).
 pub const HANDSHAKE_MAX_FRAME: u32 = 64 * 1024;
+
+/// Largest frame the host accepts from a worker while it loads the plugin (its logs from
+/// `create`, then `Loaded` or `LoadFailed`), before the negotiated limit applies to calls.
+pub const LOAD_MAX_FRAME: u32 = 1024 * 1024;
 
 /// One message. Encoded as a MessagePack map with a `kind` field, so fields can be added
 /// without breaking older peers; an unknown `kind` decodes as [`Message::Unknown`] and is
@@ -292,5 +298,110 @@ mod tests {
         assert!(err.contains(VERSION) && err.contains("9.0.0"), "{err}");
         assert!(check_hello("http", VERSION).is_err());
         assert!(check_hello(PROTOCOL, VERSION).is_ok());
+    }
+}
+
+/// Entry points for fuzzing the decoders from outside the crate (`tests/tests/fuzz.rs`).
+/// Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::frame::{read_frame, FrameBuffer, FrameError};
+    use super::Message;
+
+    /// The host's incremental frame reader fed `bytes` in reads of at most `chunk` bytes,
+    /// decoding every frame. Returns the number of whole frames, or the first error.
+    pub fn host_stream(bytes: &[u8], chunk: usize, max_frame: u32) -> Result<usize, String> {
+        let chunk = chunk.max(1);
+        let mut reader = Chunked { bytes, chunk };
+        let mut buf = FrameBuffer::new(max_frame);
+        let mut frames = 0;
+        loop {
+            match buf.next_frame() {
+                Ok(Some(_)) => {
+                    frames += 1;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match buf.fill(&mut reader) {
+                Ok(0) => return Ok(frames),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    struct Chunked<'a> {
+        bytes: &'a [u8],
+        chunk: usize,
+    }
+
+    impl std::io::Read for Chunked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.chunk).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    /// The worker's blocking frame reader over `bytes`.
+    pub fn worker_stream(bytes: &[u8], max_frame: u32) -> Result<usize, String> {
+        let mut reader = bytes;
+        let mut frames = 0;
+        loop {
+            match read_frame(&mut reader, max_frame) {
+                Ok(_) => frames += 1,
+                Err(FrameError::Eof) => return Ok(frames),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Decodes one message header.
+    pub fn message(head: &[u8]) -> Result<(), String> {
+        super::decode::message(head).map(|_| ())
+    }
+
+    /// What the host does with a worker's first frames: a `Hello` (checked) under the
+    /// handshake limit, then logs and unknown kinds, then `Loaded` or `LoadFailed`, under
+    /// the load limit.
+    pub fn handshake(bytes: &[u8]) -> Result<(), String> {
+        let mut reader = Chunked { bytes, chunk: 4096 };
+        let mut buf = FrameBuffer::new(super::HANDSHAKE_MAX_FRAME);
+        let mut hello = false;
+        loop {
+            match buf.next_frame().map_err(|e| e.to_string())? {
+                Some(frame) => match (hello, frame.message) {
+                    (
+                        false,
+                        Message::Hello {
+                            protocol, version, ..
+                        },
+                    ) => {
+                        super::check_hello(&protocol, &version)?;
+                        hello = true;
+                        buf.set_max(super::LOAD_MAX_FRAME);
+                    }
+                    (false, other) => return Err(format!("expected Hello, got {other:?}")),
+                    (true, Message::Loaded { .. } | Message::LoadFailed { .. }) => return Ok(()),
+                    (true, Message::Log { .. } | Message::Unknown) => {}
+                    (true, other) => return Err(format!("expected Loaded, got {other:?}")),
+                },
+                None => {
+                    if buf.fill(&mut reader).map_err(|e| e.to_string())? == 0 {
+                        return Err("the worker went away during the handshake".into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A whole, valid frame (for seeds).
+    pub fn encode(message: &Message, payload: &[u8]) -> Vec<u8> {
+        let mut out = super::frame::encode_head(message, payload.len());
+        out.extend_from_slice(payload);
+        out
     }
 }

@@ -8,7 +8,7 @@
 //! same thread in the reactor. When the role holder's reply arrives it passes the role to
 //! another waiting caller.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::io::{self, IoSlice, Write};
 use std::os::unix::net::UnixStream;
@@ -85,6 +85,9 @@ struct State {
     buf: Option<FrameBuffer>,
     closed: Option<Closed>,
     max_issued: u64,
+    /// Calls whose callers gave up before the reply came: the one late reply each may still
+    /// get is discarded. Any other reply to a call not waiting is a protocol violation.
+    abandoned: HashSet<u64>,
 }
 
 /// Work to do after the state lock is released (user callbacks never run under it).
@@ -121,6 +124,7 @@ impl Conn {
                 buf: Some(FrameBuffer::new(max_frame)),
                 closed: None,
                 max_issued: 0,
+                abandoned: HashSet::new(),
             }),
             plugin,
             on_close,
@@ -415,14 +419,20 @@ impl Conn {
     ) -> Result<(), String> {
         match frame.message {
             Message::Reply { id, status } => match state.pending.get_mut(&id) {
+                Some(p) if p.reply.is_some() || id & PING_BIT != 0 => {
+                    return Err(format!("a second reply to call id {id}"))
+                }
                 Some(p) => {
                     p.reply = Some((status, frame.payload));
                     if let Some(w) = p.waker.take() {
                         w.wake();
                     }
                 }
-                // A late reply to a call its caller gave up on.
-                None if id <= state.max_issued => {}
+                // A late reply to a call its caller gave up on: discarded, once.
+                None if state.abandoned.remove(&id) => {}
+                None if id <= state.max_issued => {
+                    return Err(format!("a second reply to call id {id}"))
+                }
                 None => return Err(format!("reply to call id {id}, which was never sent")),
             },
             Message::Event {
@@ -602,6 +612,7 @@ impl Drop for CallGuard {
             && state.closed.is_none()
             && self.id & PING_BIT == 0;
         if abandoned {
+            state.abandoned.insert(self.id);
             // The caller gave up (dropped the future): tell the plugin, as at a deadline.
             let (conn, id) = (self.conn.clone(), self.id);
             smol::spawn(async move {

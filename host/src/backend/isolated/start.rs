@@ -192,7 +192,8 @@ async fn handshake(
         sandbox: spec.sandbox.clone(),
     };
     conn.send(&load, &spec.config).await.map_err(io_error)?;
-    conn.set_max_frame(limits.max_frame.min(u32::MAX as u64) as u32);
+    // Until `Loaded`, the worker sends only logs and that answer: a small limit.
+    conn.set_max_frame(protocol::LOAD_MAX_FRAME);
     loop {
         match conn.recv().await {
             Ok(Frame {
@@ -229,6 +230,7 @@ async fn handshake(
                     abi: (abi_major, abi_minor),
                     methods,
                 };
+                conn.set_max_frame(limits.max_frame.min(u32::MAX as u64) as u32);
                 let mut worker = Worker::new(process.clone(), conn, desc);
                 worker.sandbox = sandbox;
                 worker.sandbox_missing = sandbox_missing;
