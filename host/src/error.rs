@@ -268,7 +268,7 @@ pub enum LoadError {
         /// The plugin's manifest name.
         plugin: String,
         /// The crash report.
-        report: Box<CrashReport>,
+        report: std::sync::Arc<CrashReport>,
     },
     /// The sandbox could not be put in force: a layer the mode requires is not available on
     /// this system, or a granted path is unusable.
@@ -412,8 +412,9 @@ pub enum CallError {
         plugin: String,
         /// The method this call was running.
         method: String,
-        /// What happened.
-        report: Box<CrashReport>,
+        /// What happened: one report per crash, shared by every call that was on the
+        /// worker (and by [`Status::last_crash`](crate::Status::last_crash)).
+        report: std::sync::Arc<CrashReport>,
     },
     /// The host killed the worker this call was running on, because another call
     /// ignored its deadline or the worker stopped answering pings. The plugin restarts.
@@ -423,8 +424,8 @@ pub enum CallError {
         plugin: String,
         /// The method this call was running.
         method: String,
-        /// What happened (see `killed_by_host`).
-        report: Box<CrashReport>,
+        /// What happened (see `killed_by_host`); shared like `Crashed`'s.
+        report: std::sync::Arc<CrashReport>,
     },
     /// The plugin crashed more often than its restart policy allows. Call
     /// `Plugin::enable` to try again.

@@ -99,16 +99,25 @@ impl Library {
         };
         let name = text(descriptor.name, "name")?;
         let version = text(descriptor.version, "version")?;
+        for (what, value) in [("name", &name), ("version", &version)] {
+            if value.len() > NAME_MAX {
+                return Err(bad(format!(
+                    "{what} is {} bytes long, more than {NAME_MAX}",
+                    value.len()
+                )));
+            }
+        }
         if descriptor.method_count > 0 && descriptor.methods.is_null() {
             return Err(bad("method table is null".into()));
         }
-        if descriptor.method_count > 100_000 {
+        if descriptor.method_count > METHODS_MAX {
             return Err(bad(format!(
-                "method_count {} is implausible",
+                "method_count {} is more than the {METHODS_MAX} methods a plugin may declare",
                 descriptor.method_count
             )));
         }
         let mut methods = Vec::with_capacity(descriptor.method_count);
+        let mut names = 0usize;
         for i in 0..descriptor.method_count {
             // SAFETY: the table holds `method_count` entries (checked non-null above).
             let entry = unsafe { *descriptor.methods.add(i) };
@@ -123,6 +132,18 @@ impl Library {
             };
             let method =
                 std::str::from_utf8(bytes).map_err(|_| bad(format!("method #{i} is not UTF-8")))?;
+            if method.len() > NAME_MAX {
+                return Err(bad(format!(
+                    "method #{i}'s name is {} bytes long, more than {NAME_MAX}",
+                    method.len()
+                )));
+            }
+            names = names.saturating_add(method.len());
+            if names > METHOD_NAMES_MAX {
+                return Err(bad(format!(
+                    "the method names take more than {METHOD_NAMES_MAX} bytes in all"
+                )));
+            }
             methods.push(method.to_string());
         }
         let info = Descriptor {
@@ -177,22 +198,112 @@ impl Library {
         }
     }
 
+    /// The text of `create`'s error buffer (at most [`MESSAGE_MAX`] bytes of it, cut with a
+    /// marker), which is given back to the plugin.
     fn take(&self, buffer: Buffer) -> String {
-        String::from_utf8_lossy(&take_bytes(self.descriptor, buffer)).into_owned()
+        let text = if buffer.ptr.is_null() || buffer.len == 0 {
+            String::new()
+        } else {
+            // SAFETY: a non-null buffer from the plugin holds `len` initialised bytes until
+            // we hand it back with `free_buffer`, below.
+            unsafe { read_message(buffer.ptr, buffer.len) }.into_owned()
+        };
+        if !buffer.ptr.is_null() {
+            // SAFETY: the buffer came from this plugin and is freed exactly once.
+            unsafe { (self.descriptor.free_buffer)(buffer) };
+        }
+        text
     }
 }
 
-/// Copies a plugin buffer's bytes and gives the buffer back to the plugin.
-fn take_bytes(descriptor: &PluginDescriptor, buffer: Buffer) -> Vec<u8> {
-    if buffer.ptr.is_null() {
-        return Vec::new();
+/// Most methods a plugin may declare (the protocol's limit for `Loaded`).
+const METHODS_MAX: usize = 4096;
+/// Longest plugin name, version or method name, in bytes (the protocol's limit).
+const NAME_MAX: usize = 4096;
+/// Most bytes of method names in all: `Loaded` must fit in a frame header (256 KiB).
+const METHOD_NAMES_MAX: usize = 128 << 10;
+
+/// The most of one message from a plugin (a log record, a progress message, `create`'s
+/// error) that is read, in bytes; the rest is cut, with a marker that says how much
+/// (`… [N bytes cut]`). Keeps every such message far below any frame limit.
+pub(crate) const MESSAGE_MAX: usize = 16 << 10;
+
+/// Why a plugin buffer of `len` bytes at `ptr` cannot be a buffer at all (a length past
+/// `isize::MAX`, or one that wraps around the address space), without touching it.
+fn impossible_buffer(ptr: *const u8, len: usize) -> Option<String> {
+    if len > isize::MAX as usize || (ptr as usize).checked_add(len).is_none() {
+        return Some(format!(
+            "the plugin's output buffer claims {len} bytes at {ptr:p}, which no buffer can hold"
+        ));
     }
-    // SAFETY: a non-null buffer from the plugin holds `len` initialised bytes until we
-    // hand it back with `free_buffer`, which we do right after copying.
-    let bytes = unsafe { std::slice::from_raw_parts(buffer.ptr, buffer.len) }.to_vec();
-    // SAFETY: the buffer came from this plugin and is freed exactly once.
-    unsafe { (descriptor.free_buffer)(buffer) };
-    bytes
+    None
+}
+
+/// At most [`MESSAGE_MAX`] bytes of the plugin's `len` bytes at `ptr`, as text cut at a
+/// character boundary, with a marker when anything was cut.
+///
+/// # Safety
+/// `ptr` must point at `len` readable bytes (only the first `MESSAGE_MAX` are read), or
+/// `len` must be 0.
+unsafe fn read_message<'a>(ptr: *const u8, len: usize) -> std::borrow::Cow<'a, str> {
+    if ptr.is_null() || len == 0 {
+        return "".into();
+    }
+    let take = len.min(MESSAGE_MAX);
+    if (ptr as usize).checked_add(take).is_none() {
+        return format!(
+            "[a message of {len} bytes at {ptr:p}, which wraps around the address space: not read]"
+        )
+        .into();
+    }
+    // SAFETY: guaranteed by the caller for `len >= take` bytes; `take` fits the address
+    // space (checked above) and is far below isize::MAX.
+    let bytes = unsafe { std::slice::from_raw_parts(ptr, take) };
+    if take == len {
+        return String::from_utf8_lossy(bytes);
+    }
+    truncated_text(bytes, take, len as u64).into()
+}
+
+/// `bytes`, the start of a text of `total` bytes, as at most `max` bytes of text cut at a
+/// character boundary (invalid UTF-8 replaced), followed by `… [N bytes cut]` when anything
+/// of the `total` bytes is left out.
+pub(crate) fn truncated_text(bytes: &[u8], max: usize, total: u64) -> String {
+    let mut end = bytes.len().min(max);
+    if (end as u64) < total {
+        end = char_boundary_before(bytes, end);
+    }
+    let mut text = String::from_utf8_lossy(&bytes[..end]).into_owned();
+    let cut = total.saturating_sub(end as u64);
+    if cut > 0 {
+        text.push_str(&cut_marker(cut));
+    }
+    text
+}
+
+/// The marker appended where `cut` bytes of a text were left out.
+pub(crate) fn cut_marker(cut: u64) -> String {
+    format!("… [{cut} bytes cut]")
+}
+
+/// The largest position `<= end` in `bytes` that does not split a UTF-8 sequence (bytes
+/// that are not UTF-8 count as whole characters).
+pub(crate) fn char_boundary_before(bytes: &[u8], end: usize) -> usize {
+    // Look back at most 3 bytes for the lead byte of the sequence `end` may split.
+    for back in 1..=3.min(end) {
+        let b = bytes[end - back];
+        if b & 0xc0 == 0x80 {
+            continue; // a continuation byte: keep looking for its lead
+        }
+        let needed = match b {
+            0xc0..=0xdf => 2,
+            0xe0..=0xef => 3,
+            0xf0..=0xf7 => 4,
+            _ => 1,
+        };
+        return if needed > back { end - back } else { end };
+    }
+    end
 }
 
 /// A plugin instance created by `create`.
@@ -228,11 +339,22 @@ impl Instance {
                 )
             }
         });
+        // A length no buffer can have is the plugin's bug: that call's BadOutput, decided
+        // without touching the memory (the buffer is still given back on drop).
+        let impossible = match output.ptr.is_null() {
+            true => None,
+            false => impossible_buffer(output.ptr, output.len),
+        };
+        let (status, replaced) = match impossible {
+            Some(why) => (abi::status::BAD_OUTPUT, Some(why.into_bytes())),
+            None => (status, None),
+        };
         (
             status,
             Output {
                 descriptor: self.descriptor,
                 buffer: output,
+                replaced,
             },
         )
     }
@@ -242,16 +364,32 @@ impl Instance {
 pub(crate) struct Output {
     descriptor: &'static PluginDescriptor,
     buffer: Buffer,
+    /// The host's message that stands for a buffer whose length is impossible.
+    replaced: Option<Vec<u8>>,
 }
 
 impl Output {
-    /// The bytes.
+    /// How many bytes [`as_slice`](Self::as_slice) holds, without touching them: check it
+    /// before reading a buffer whose length the plugin may have got wrong.
+    pub fn len(&self) -> usize {
+        match &self.replaced {
+            Some(message) => message.len(),
+            None if self.buffer.ptr.is_null() => 0,
+            None => self.buffer.len,
+        }
+    }
+
+    /// The bytes. The length is at most `isize::MAX` and does not wrap around the address
+    /// space (`Instance::call` replaced any such buffer with a message).
     pub fn as_slice(&self) -> &[u8] {
+        if let Some(message) = &self.replaced {
+            return message;
+        }
         if self.buffer.ptr.is_null() || self.buffer.len == 0 {
             return &[];
         }
         // SAFETY: a non-null buffer from the plugin holds `len` initialised bytes until
-        // we give it back in `drop`.
+        // we give it back in `drop`; `len` was checked to be a possible slice length.
         unsafe { std::slice::from_raw_parts(self.buffer.ptr, self.buffer.len) }
     }
 }
@@ -296,28 +434,21 @@ unsafe fn services<'a>(data: *mut c_void) -> &'a dyn HostServices {
     unsafe { *(data as *const &dyn HostServices) }
 }
 
-/// # Safety
-/// `ptr`/`len` must describe readable bytes, or `len` must be 0.
-unsafe fn text<'a>(ptr: *const u8, len: usize) -> std::borrow::Cow<'a, str> {
-    if ptr.is_null() || len == 0 {
-        return "".into();
-    }
-    // SAFETY: guaranteed by the caller.
-    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr, len) })
-}
+// Log and progress messages are read up to `MESSAGE_MAX` bytes: a plugin may log 70 MB
+// (the ABI does not forbid it), but the worker must never send a frame the host refuses.
 
 unsafe extern "C" fn host_log(data: *mut c_void, level: u32, msg: *const u8, len: usize) {
     // A panic must not unwind into the plugin's frames.
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: the plugin passes back our `data` and a valid message during the call.
-        unsafe { services(data).log(level, &text(msg, len)) }
+        unsafe { services(data).log(level, &read_message(msg, len)) }
     }));
 }
 
 unsafe extern "C" fn host_progress(data: *mut c_void, fraction: f64, msg: *const u8, len: usize) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as in `host_log`.
-        unsafe { services(data).progress(fraction, &text(msg, len)) }
+        unsafe { services(data).progress(fraction, &read_message(msg, len)) }
     }));
 }
 
@@ -364,9 +495,42 @@ pub(crate) fn escape_text(text: &str) -> String {
     out
 }
 
+/// [`escape_text`] of as much of `text` as fits in `max` bytes once escaped (cut at a
+/// character), and how many bytes of `text` that took.
+pub(crate) fn escape_text_capped(text: &str, max: usize) -> (String, usize) {
+    if text.len() <= max && !text.chars().any(|c| c.is_control() || c as u32 >= 0x2028) {
+        return (text.to_string(), text.len());
+    }
+    let mut out = String::with_capacity(text.len().min(max));
+    let mut piece = [0u8; 4];
+    for (i, c) in text.char_indices() {
+        let escaped = escape_text(c.encode_utf8(&mut piece));
+        if out.len() + escaped.len() > max {
+            return (out, i);
+        }
+        out.push_str(&escaped);
+    }
+    (out, text.len())
+}
+
 #[cfg(test)]
 mod escape_tests {
-    use super::escape_text;
+    use super::{escape_text, escape_text_capped, truncated_text};
+
+    #[test]
+    fn long_text_is_cut_at_a_character_with_a_marker() {
+        let text = "é".repeat(10); // 20 bytes
+        assert_eq!(truncated_text(text.as_bytes(), 5, 20), "éé… [16 bytes cut]");
+        assert_eq!(
+            truncated_text(text.as_bytes(), 6, 20),
+            "ééé… [14 bytes cut]"
+        );
+        assert_eq!(truncated_text(b"abc", 3, 3), "abc");
+        assert_eq!(truncated_text(b"abc", 3, 10), "abc… [7 bytes cut]");
+        assert_eq!(escape_text_capped("a\nb", 10), ("a\\nb".to_string(), 3));
+        assert_eq!(escape_text_capped("ab\ncd", 3), ("ab".to_string(), 2));
+        assert_eq!(escape_text_capped("abcdef", 4), ("abcd".to_string(), 4));
+    }
 
     #[test]
     fn control_characters_cannot_forge_log_lines() {

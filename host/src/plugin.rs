@@ -220,18 +220,23 @@ impl Plugin {
         I: Serialize + ?Sized,
         O: DeserializeOwned,
     {
-        let bytes = rmp_serde::to_vec_named(input).map_err(|e| CallError::Encode {
-            method: method.to_string(),
-            message: e.to_string(),
-        })?;
-        let output = self.call_raw_with(method, bytes, options).await?;
-        rmp_serde::from_slice(&output).map_err(|e| {
-            Error::from(CallError::Decode {
+        // Counted once here, whatever fails: encoding, the call, or decoding.
+        self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            let bytes = rmp_serde::to_vec_named(input).map_err(|e| CallError::Encode {
+                method: method.to_string(),
+                message: e.to_string(),
+            })?;
+            let output = self.call_uncounted(method, bytes, options).await?;
+            rmp_serde::from_slice(&output).map_err(|e| CallError::Decode {
                 plugin: self.name().to_string(),
                 method: method.to_string(),
                 message: e.to_string(),
             })
-        })
+        }
+        .await;
+        self.count_failure(result.is_err());
+        result.map_err(Error::from)
     }
 
     /// Calls `method` with raw bytes and returns the raw output, with no encoding on
@@ -252,38 +257,53 @@ impl Plugin {
         input: impl Into<Vec<u8>>,
         options: CallOptions,
     ) -> Result<Vec<u8>, Error> {
+        self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        let result = self.call_uncounted(method, input.into(), options).await;
+        self.count_failure(result.is_err());
+        result.map_err(Error::from)
+    }
+
+    /// Counts a failed call in [`Status::failures`] (every failed call once, whatever
+    /// the kind: refused before it started, failed in the plugin or its worker, or output
+    /// that does not decode).
+    fn count_failure(&self, failed: bool) {
+        if failed {
+            self.inner.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One call, with no counting (the public methods count).
+    async fn call_uncounted(
+        &self,
+        method: &str,
+        input: Vec<u8>,
+        options: CallOptions,
+    ) -> Result<Vec<u8>, CallError> {
         let inner = &self.inner;
         if inner.stopped.load(Ordering::Acquire) {
             return Err(CallError::Stopped {
                 plugin: self.name().to_string(),
-            }
-            .into());
+            });
         }
         if !self.has_method(method) {
             return Err(CallError::UnknownMethod {
                 plugin: self.name().to_string(),
                 method: method.to_string(),
                 available: inner.info.methods.clone(),
-            }
-            .into());
+            });
         }
         let deadline = options.timeout.unwrap_or(inner.manifest.timeouts.call);
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        inner.calls.fetch_add(1, Ordering::Relaxed);
-        let result = inner
+        inner
             .backend
             .call(CallRequest {
                 id,
                 method: method.to_string(),
-                input: input.into(),
+                input,
                 progress: options.progress,
                 deadline,
             })
-            .await;
-        if result.is_err() {
-            inner.failures.fetch_add(1, Ordering::Relaxed);
-        }
-        result.map_err(Error::from)
+            .await
     }
 
     /// [`call`](Self::call) for code without an async runtime: blocks this thread.

@@ -30,7 +30,8 @@ pub enum PluginState {
 pub struct Status {
     /// Current state.
     pub state: PluginState,
-    /// Calls started.
+    /// Calls made, including those refused before they reached the plugin (unknown
+    /// method, plugin stopped, input that could not be encoded).
     pub calls: u64,
     /// Calls that returned an error of any kind.
     pub failures: u64,

@@ -33,6 +33,8 @@
  *   log_forge                logs and reports progress with a newline and an escape sequence
  *   spawn_orphan TAG         double fork + setsid: a process named "orph-TAG" that pauses
  *                            forever with every fd closed
+ *   spawn_orphan_stderr TAG  the same, but the orphan keeps stderr (fd 2) open: the pipe
+ *                            the host reads the worker's stderr from
  *   unshare_user             unshare(CLONE_NEWUSER) (in a single-threaded child)
  *   connect_abstract NAME    connects to the abstract unix socket "\0NAME"
  *   shm_read KEY             shmget(KEY) + shmat: reads another process's System V shared
@@ -40,6 +42,9 @@
  *   fork_many N              forks up to N children that wait (a fork bomb, bounded): ok if
  *                            all N started, else denied with fork's errno; all are killed
  *                            and reaped before it returns
+ *   bogus_output LEN         returns PLUGIN_OK with a 16-byte malloc'd buffer whose len says
+ *                            LEN (a decimal number, e.g. 18446744073709551615): a buffer
+ *                            length that lies
  *
  * Only libc; builds warning-free with -Wall -Werror (tests/build.rs).
  */
@@ -739,6 +744,7 @@ static void do_log_forge(const PluginHostContext *host, Out *out) {
 
 typedef struct OrphanArgs {
     char name[16];
+    int keep_stderr;
 } OrphanArgs;
 
 /* The middle child: new session, fork the orphan, report, exit. Async-signal-safe calls
@@ -757,7 +763,9 @@ static void orphan_middle(int report_fd, void *arg) {
     if (pid == 0) {
         prctl(PR_SET_NAME, args->name, 0, 0, 0);
         for (int fd = 0; fd < 1024; fd++) {
-            close(fd);
+            if (!(args->keep_stderr && fd == 2)) {
+                close(fd);
+            }
         }
         for (;;) {
             pause();
@@ -767,9 +775,10 @@ static void orphan_middle(int report_fd, void *arg) {
     _exit(0);
 }
 
-static void do_spawn_orphan(const char *tag, Out *out) {
+static void do_spawn_orphan(const char *tag, int keep_stderr, Out *out) {
     OrphanArgs args;
     snprintf(args.name, sizeof args.name, "orph-%s", tag);
+    args.keep_stderr = keep_stderr;
     int child_errno = 0, status = 0;
     const char *step = NULL;
     if (fork_and_report(orphan_middle, &args, &child_errno, &status, &step) != 0) {
@@ -943,7 +952,25 @@ static int32_t attack_call(void *instance, const uint8_t *method, size_t method_
     } else if (METHOD("log_forge")) {
         do_log_forge(host, out);
     } else if (METHOD("spawn_orphan")) {
-        do_spawn_orphan(arg, out);
+        do_spawn_orphan(arg, 0, out);
+    } else if (METHOD("spawn_orphan_stderr")) {
+        do_spawn_orphan(arg, 1, out);
+    } else if (METHOD("bogus_output")) {
+        char *end = NULL;
+        errno = 0;
+        unsigned long long len = strtoull(arg, &end, 10);
+        if (errno != 0 || end == arg || *end != '\0') {
+            out_denied(out, EINVAL, "parsing LEN");
+        } else {
+            out_add(out, "0123456789abcdef");
+            if (put_out(output, out) != 0) {
+                free(out);
+                return PLUGIN_ERROR;
+            }
+            free(out);
+            output->len = (size_t)len;
+            return PLUGIN_OK;
+        }
     } else if (METHOD("unshare_user")) {
         do_unshare_user(out);
     } else if (METHOD("connect_abstract")) {
@@ -979,7 +1006,7 @@ static const PluginStr METHODS[] = {
     STR("vm_read"),     STR("ptrace_attach"), STR("exec_sh"),      STR("pidfd_getfd"),
     STR("getenv"),      STR("open_fds"),      STR("log_forge"),    STR("spawn_orphan"),
     STR("unshare_user"), STR("connect_abstract"), STR("fork_many"),
-    STR("shm_read"),
+    STR("shm_read"),    STR("spawn_orphan_stderr"), STR("bogus_output"),
 };
 
 static const PluginDescriptor DESCRIPTOR = {

@@ -34,6 +34,8 @@ pub const VERSION_OVERRIDE_ENV: &str = "PLUGIN_HOST_TEST_PROTOCOL_VERSION";
 const EXIT_NO_HOST: u8 = 70;
 /// Exit code on a protocol violation by the host.
 const EXIT_PROTOCOL: u8 = 71;
+/// Room for a reply's header in a frame, beyond its payload.
+const FRAME_ROOM: u64 = 1024;
 
 fn die(code: u8, message: &str) -> ExitCode {
     eprintln!("worker-shim: {message}");
@@ -338,6 +340,10 @@ fn load_plugin(setup: &Setup<'_>, writer: &Writer) -> Result<(Instance, Message)
             }
         }
         _ => {
+            // Sandbox off: nothing is restricted, but every process the plugin starts,
+            // however it detaches (setsid, double fork), still ends with the worker.
+            #[cfg(target_os = "linux")]
+            contain_processes(setup.conn);
             if let Err(message) = limits::apply(limits) {
                 return Err(failed("limits", message, None));
             }
@@ -373,6 +379,41 @@ fn load_plugin(setup: &Setup<'_>, writer: &Writer) -> Result<(Instance, Message)
         sandbox_missing: applied.1,
     };
     Ok((instance, loaded))
+}
+
+/// With the sandbox off (Linux): the plugin still runs in its own pid namespace, as with
+/// the sandbox on (`sandbox::enter_namespaces`: the worker the host spawned becomes a relay,
+/// an init process forks the plugin's process), so that when the worker ends the kernel
+/// ends every process the plugin started, even one that left the worker's process group.
+/// Nothing else of the sandbox applies: the user namespace maps the worker's own user and
+/// group (the plugin sees its real ids), and the plugin's process stays dumpable (a
+/// debugger can attach). Where unprivileged user namespaces are not available this does
+/// nothing, and a process that leaves the worker's group may outlive it.
+#[cfg(target_os = "linux")]
+fn contain_processes(conn: &Stream) {
+    use std::os::fd::AsRawFd;
+    let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
+    let spec = WireSandbox {
+        mode: "best-effort".into(),
+        read: Vec::new(),
+        write: Vec::new(),
+        network: true,
+        exec: true,
+        tasks: 0,
+    };
+    let mut layers = sandbox::Applied::default();
+    if sandbox::enter_namespaces(&spec, conn.as_raw_fd(), &mut layers).is_err()
+        || !layers.missing.is_empty()
+    {
+        return;
+    }
+    // In the plugin's process: map our ids into the namespace (best effort; unmapped, they
+    // read as the overflow ids 65534), and undo `enter_namespaces`'s non-dumpable.
+    let _ = std::fs::write("/proc/self/setgroups", "deny");
+    let _ = std::fs::write("/proc/self/uid_map", format!("{0} {0} 1", uid.as_raw()));
+    let _ = std::fs::write("/proc/self/gid_map", format!("{0} {0} 1", gid.as_raw()));
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
 }
 
 struct QueuedCall {
@@ -475,12 +516,16 @@ fn run_call(shared: &Shared, call: QueuedCall) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&call.id);
-    let bytes = output.as_slice();
-    // An honest worker never sends a frame the host would have to refuse.
-    if bytes.len() as u64 + 1024 > shared.max_frame as u64 {
+    // An honest worker never sends a frame the host would have to refuse. The length is
+    // the plugin's word: checked (with checked arithmetic) before the bytes are touched.
+    let len = output.len();
+    let fits = u64::try_from(len)
+        .ok()
+        .and_then(|len| len.checked_add(FRAME_ROOM))
+        .is_some_and(|size| size <= u64::from(shared.max_frame));
+    if !fits {
         let text = format!(
-            "output of {} bytes exceeds the frame limit of {} bytes (limits.max_frame)",
-            bytes.len(),
+            "output of {len} bytes exceeds the frame limit of {} bytes (limits.max_frame)",
             shared.max_frame
         );
         let status = plugin_api::abi::status::BAD_OUTPUT;
@@ -499,7 +544,7 @@ fn run_call(shared: &Shared, call: QueuedCall) {
             id: call.id,
             status,
         },
-        bytes,
+        output.as_slice(),
     );
 }
 

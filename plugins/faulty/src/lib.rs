@@ -17,12 +17,16 @@
 //! | `progress` | `{steps}` | reports progress `steps` times, returns `steps` |
 //! | `fail` | `{message}` | returns an error with the message |
 //! | `wire` | `{mode}` | writes to the worker's socket behind its back (Linux; isolated only): `garbage`, `oversized` (a length past any limit), `unknown_reply` (a reply to a call never made), `truncated` (half a frame, then exit) |
+//! | `stderr_flood` | `{bytes, newline, abort}` | writes `bytes` bytes to stderr (one line without a newline unless `newline`: then lines of 100 bytes); then aborts if `abort` |
+//! | `huge_log` | `{bytes, progress}` | logs one message of `bytes` bytes (and, if `progress`, reports progress with one), returns `bytes` |
+//! | `bogus_output` | `{len}` | returns a 16-byte buffer that claims to hold `len` bytes (the ABI's `len` lies; see [`plugin_api_entry`]) |
 //!
 //! Configuration (`[config]`): `create_sleep_ms`, `create_fail`, `create_panic`,
 //! `create_abort`, to misbehave in `create()`; `create_abort_if_exists = "PATH"` aborts
 //! in `create()` while that file exists (a crash loop a test can switch on and off).
 
-use plugin_api::{export_plugin, Context, CreateContext, Methods, Plugin, PluginError};
+use plugin_api::abi::{Buffer, HostContext, PluginDescriptor};
+use plugin_api::{Context, CreateContext, Methods, Plugin, PluginError};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use std::time::Duration;
@@ -152,6 +156,49 @@ fn corrupt_wire(mode: &str) -> Result<(), PluginError> {
 }
 
 #[derive(Deserialize)]
+struct Flood {
+    bytes: usize,
+    #[serde(default)]
+    newline: bool,
+    #[serde(default)]
+    abort: bool,
+}
+
+#[derive(Deserialize)]
+struct HugeLog {
+    bytes: usize,
+    #[serde(default)]
+    progress: bool,
+}
+
+#[derive(Deserialize)]
+struct Bogus {
+    len: u64,
+}
+
+/// Writes `bytes` bytes to stderr in 64 KiB writes: one line without a newline, or lines of
+/// 100 bytes.
+fn flood(bytes: usize, newline: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut chunk = vec![b'x'; 64 << 10];
+    if newline {
+        for line in chunk.chunks_mut(100) {
+            if let Some(last) = line.last_mut() {
+                *last = b'\n';
+            }
+        }
+    }
+    let mut stderr = std::io::stderr().lock();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stderr.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    stderr.flush()
+}
+
+#[derive(Deserialize)]
 struct Steps {
     steps: u32,
 }
@@ -275,6 +322,32 @@ impl Plugin for Faulty {
                 #[cfg(not(target_os = "linux"))]
                 return Err::<(), _>(PluginError::new(format!("`wire` ({}) needs Linux", w.mode)));
             })
+            .add(
+                "stderr_flood",
+                |_: &Faulty, _: &Context<'_>, f: Flood| -> Result<usize, PluginError> {
+                    flood(f.bytes, f.newline)?;
+                    if f.abort {
+                        std::process::abort();
+                    }
+                    Ok(f.bytes)
+                },
+            )
+            .add("huge_log", |_: &Faulty, ctx: &Context<'_>, h: HugeLog| {
+                // Starts with a tag a test can look for in its log.
+                let mut message = String::with_capacity(h.bytes);
+                message.push_str("huge-log:");
+                message.extend(std::iter::repeat_n('y', h.bytes.saturating_sub(9)));
+                ctx.info(&message);
+                if h.progress {
+                    ctx.progress(0.5, &message);
+                }
+                Ok(h.bytes)
+            })
+            .add("bogus_output", |_: &Faulty, _: &Context<'_>, b: Bogus| {
+                // The wrapped `call` (see `plugin_api_entry`) swaps this output for the lie.
+                BOGUS_LEN.with(|len| len.set(Some(b.len as usize)));
+                Ok(())
+            })
             .add("progress", |_: &Faulty, ctx: &Context<'_>, s: Steps| {
                 for i in 1..=s.steps {
                     ctx.progress(i as f64 / s.steps as f64, format!("step {i}"));
@@ -285,4 +358,110 @@ impl Plugin for Faulty {
     }
 }
 
-export_plugin!(Faulty);
+// ---- the entry point ------------------------------------------------------------------
+//
+// What `export_plugin!(Faulty)` would define, with `call` and `free_buffer` wrapped: after
+// `bogus_output` the wrapper hands the host a 16-byte buffer whose `len` says `len` bytes,
+// as a buggy or hostile plugin could. Such a buffer is recognised in `free_buffer` by
+// `len > cap` (never true of the Vec-backed buffers plugin-api hands out).
+
+thread_local! {
+    /// Set by `bogus_output` during a call on this thread: the length to lie about.
+    static BOGUS_LEN: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Size of the real allocation behind a lying buffer.
+const BOGUS_CAP: usize = 16;
+
+static INNER: std::sync::OnceLock<Option<&'static PluginDescriptor>> = std::sync::OnceLock::new();
+
+fn inner() -> &'static PluginDescriptor {
+    INNER
+        .get()
+        .copied()
+        .flatten()
+        .expect("plugin_api_entry ran first")
+}
+
+unsafe extern "C" fn wrapped_call(
+    instance: *mut std::ffi::c_void,
+    method: *const u8,
+    method_len: usize,
+    input: *const u8,
+    input_len: usize,
+    host: *const HostContext,
+    output: *mut Buffer,
+) -> i32 {
+    BOGUS_LEN.with(|len| len.set(None));
+    let inner = inner();
+    // SAFETY: the host's arguments, passed through unchanged.
+    let status =
+        unsafe { (inner.call)(instance, method, method_len, input, input_len, host, output) };
+    let Some(len) = BOGUS_LEN.with(|len| len.take()) else {
+        return status;
+    };
+    if output.is_null() {
+        return status;
+    }
+    // SAFETY: `output` is the host's writable buffer, which the inner call just filled.
+    let real = unsafe { std::ptr::replace(output, Buffer::EMPTY) };
+    // SAFETY: the inner call's buffer, given back once.
+    unsafe { (inner.free_buffer)(real) };
+    let bytes: Box<[u8]> = vec![0xc0u8; BOGUS_CAP].into_boxed_slice();
+    let ptr = Box::into_raw(bytes) as *mut u8;
+    // SAFETY: as above.
+    unsafe {
+        output.write(Buffer {
+            ptr,
+            len,
+            cap: BOGUS_CAP,
+        })
+    };
+    status
+}
+
+unsafe extern "C" fn wrapped_free_buffer(buffer: Buffer) {
+    if !buffer.ptr.is_null() && buffer.len > buffer.cap {
+        // SAFETY: only `wrapped_call` hands out buffers with `len > cap`: a boxed slice of
+        // `cap` bytes, freed here once.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(buffer.ptr, buffer.cap)) });
+        return;
+    }
+    // SAFETY: any other buffer is the inner plugin's, given back once.
+    unsafe { (inner().free_buffer)(buffer) }
+}
+
+/// The plugin's entry point, looked up by the host: `export_plugin!`'s descriptor with
+/// `call` and `free_buffer` wrapped (see above).
+#[no_mangle]
+pub extern "C" fn plugin_api_entry() -> *const PluginDescriptor {
+    static EXPORTED: std::sync::OnceLock<Option<plugin_api::export::Exported>> =
+        std::sync::OnceLock::new();
+    static WRAPPED: std::sync::OnceLock<Option<PluginDescriptor>> = std::sync::OnceLock::new();
+    let wrapped = WRAPPED.get_or_init(|| {
+        let raw = plugin_api::export::entry::<Faulty>(
+            &EXPORTED,
+            env!("CARGO_PKG_NAME"),
+            env!("CARGO_PKG_VERSION"),
+        );
+        // SAFETY: a non-null descriptor from `entry` lives in `EXPORTED`, forever.
+        let inner: &'static PluginDescriptor = unsafe { raw.as_ref() }?;
+        INNER.get_or_init(|| Some(inner));
+        Some(PluginDescriptor {
+            abi_major: inner.abi_major,
+            abi_minor: inner.abi_minor,
+            name: inner.name,
+            version: inner.version,
+            methods: inner.methods,
+            method_count: inner.method_count,
+            create: inner.create,
+            call: wrapped_call,
+            free_buffer: wrapped_free_buffer,
+            destroy: inner.destroy,
+        })
+    });
+    match wrapped {
+        Some(descriptor) => descriptor,
+        None => std::ptr::null(),
+    }
+}

@@ -384,3 +384,29 @@ pub fn output_with_limit(
     }
     (status, output)
 }
+
+/// A field of `/proc/self/status` in bytes (`VmRSS`, `VmHWM`, ...) (Linux).
+#[cfg(target_os = "linux")]
+pub fn proc_status_bytes(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// Resets this process's peak resident set (`VmHWM`) to its current size and returns that
+/// size in bytes (Linux; writes "5" to `/proc/self/clear_refs`).
+#[cfg(target_os = "linux")]
+pub fn reset_peak_memory() -> u64 {
+    std::fs::write("/proc/self/clear_refs", "5").expect("resetting VmHWM");
+    proc_status_bytes("VmRSS")
+}
+
+/// This process's peak resident set since the last [`reset_peak_memory`], in bytes (Linux).
+#[cfg(target_os = "linux")]
+pub fn peak_memory() -> u64 {
+    proc_status_bytes("VmHWM")
+}

@@ -73,6 +73,9 @@ pub(crate) struct Worker {
     sandbox: Vec<String>,
     /// Layers missing (best-effort mode), `layer: why`.
     sandbox_missing: Vec<String>,
+    /// The crash report, built once and shared by every call that was on this worker,
+    /// the status and the events.
+    crash: smol::lock::OnceCell<Arc<CrashReport>>,
 }
 
 impl Worker {
@@ -84,6 +87,7 @@ impl Worker {
             handled: AtomicBool::new(false),
             sandbox: Vec::new(),
             sandbox_missing: Vec::new(),
+            crash: smol::lock::OnceCell::new(),
         }
     }
 
@@ -91,7 +95,16 @@ impl Worker {
         self.conn.closed().is_none() && !self.process.has_exited()
     }
 
-    /// Builds the crash report once the process has been reaped.
+    /// This worker's crash report: built once (by whoever asks first) when the process has
+    /// been reaped, then shared.
+    async fn shared_report(&self, spec: &Spec, closed: &Closed, restarts: u64) -> Arc<CrashReport> {
+        self.crash
+            .get_or_init(|| async { Arc::new(self.report(spec, closed, restarts).await) })
+            .await
+            .clone()
+    }
+
+    /// Builds a crash report once the process has been reaped.
     async fn report(&self, spec: &Spec, closed: &Closed, restarts: u64) -> CrashReport {
         let exit = self
             .process
@@ -324,8 +337,8 @@ impl Inner {
         let (inner, worker) = (self.clone(), worker.clone());
         smol::spawn(async move {
             let restarts = inner.restarts.load(Ordering::Relaxed);
-            let report = worker.report(&inner.spec, &closed, restarts).await;
-            inner.after_crash(Arc::new(report), done_tx);
+            let report = worker.shared_report(&inner.spec, &closed, restarts).await;
+            inner.after_crash(report, done_tx);
         })
         .detach();
         Some(done_rx)
@@ -407,14 +420,14 @@ impl Inner {
             }
             Err(error) => {
                 let report = match error {
-                    LoadError::CreateCrashed { report, .. } => *report,
-                    other => CrashReport::start_failure(
+                    LoadError::CreateCrashed { report, .. } => report,
+                    other => Arc::new(CrashReport::start_failure(
                         &self.spec.plugin,
                         &other,
                         self.restarts.load(Ordering::Relaxed),
-                    ),
+                    )),
                 };
-                self.after_crash(Arc::new(report), done);
+                self.after_crash(report, done);
             }
         }
     }
@@ -425,11 +438,9 @@ impl Inner {
         if matches!(closed.reason, CloseReason::Host) {
             return CallError::Stopped { plugin };
         }
-        let report = Box::new(
-            worker
-                .report(&self.spec, closed, self.restarts.load(Ordering::Relaxed))
-                .await,
-        );
+        let report = worker
+            .shared_report(&self.spec, closed, self.restarts.load(Ordering::Relaxed))
+            .await;
         let method = method.to_string();
         match closed.reason {
             CloseReason::Killed(_) => CallError::Killed {
@@ -484,7 +495,8 @@ impl Backend for Isolated {
             let deadline = started + call.deadline;
             // Room for the frame header; the worker would refuse a larger frame and die.
             let limit = inner.spec.limits.max_frame;
-            if call.input.len() as u64 + 1024 > limit {
+            let size = u64::try_from(call.input.len()).unwrap_or(u64::MAX);
+            if size.saturating_add(1024) > limit {
                 return Err(CallError::InputTooLarge {
                     plugin: inner.plugin(),
                     method: call.method,

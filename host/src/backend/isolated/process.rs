@@ -3,14 +3,35 @@
 //! That thread spawns the child (so Linux's parent-death signal, which follows the
 //! spawning *thread*, fires only when the host process dies), then waits for it; a second
 //! thread drains stderr into a bounded buffer and the host's log. When the child exits the
-//! waiter kills what is left of its process group, records the status, and closes a
-//! channel every waiter listens on. Nothing is left unreaped.
+//! waiter kills what is left of its process group, records the status, lets the stderr
+//! reader catch up (briefly: see [`drain_stderr`]), and closes a channel every waiter
+//! listens on. Nothing is left unreaped.
+//!
+//! What is kept of stderr is bounded in bytes whatever the worker writes: each line at
+//! most [`STDERR_LINE_MAX`] bytes (the rest is cut as it arrives, never buffered, and
+//! counted in a `… [N bytes cut]` marker), the tail at most `limits.stderr_lines` lines and
+//! [`STDERR_TAIL_MAX`] bytes, the panic lines two lines.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// What is kept (and logged) of one stderr line, in bytes (escaped); the rest of the line
+/// is cut with a marker.
+pub(crate) const STDERR_LINE_MAX: usize = 4096;
+/// What is kept of a worker's stderr tail in all, in bytes.
+pub(crate) const STDERR_TAIL_MAX: usize = 64 << 10;
+/// How much the stderr reader reads at once.
+const STDERR_CHUNK: usize = 8 << 10;
+/// After the worker exited, the stderr reader stops once the pipe stays quiet this long:
+/// what the worker wrote before it died is in the pipe already, and a process that
+/// escaped the worker and still holds the pipe must not delay the crash report.
+const STDERR_QUIET: Duration = Duration::from_millis(10);
+/// ... and in any case this long after the exit (a process still writing to the pipe).
+const STDERR_AFTER_EXIT: Duration = Duration::from_millis(200);
 
 /// A callback run once the process has been reaped.
 type OnExit = Box<dyn FnOnce() + Send>;
@@ -75,11 +96,21 @@ impl WorkerProcess {
                 // the socket pair) must go, or the host would never see end-of-file.
                 drop(command);
                 let (drained_tx, drained) = std::sync::mpsc::channel::<()>();
+                // Closed (dropped) when the worker has exited: wakes the stderr reader.
+                let (exit_rx, exit_tx) = match std::io::pipe() {
+                    Ok((rx, tx)) => (Some(OwnedFd::from(rx)), Some(tx)),
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot create a pipe for worker {pid}'s stderr reader: {e}"
+                        );
+                        (None, None)
+                    }
+                };
                 if let Some(pipe) = child.stderr.take() {
                     let spawn = std::thread::Builder::new()
                         .name(format!("plugin-{name}-stderr"))
                         .spawn(move || {
-                            drain_stderr(pipe, &name, &thread_stderr, stderr_lines);
+                            drain_stderr(pipe, exit_rx, &name, &thread_stderr, stderr_lines);
                             drop(drained_tx);
                         });
                     if let Err(e) = spawn {
@@ -101,9 +132,11 @@ impl WorkerProcess {
                     state.reaped_elsewhere = true;
                 }
                 drop(state);
-                // Let the stderr reader take in the last lines before anyone reads the tail
-                // (bounded: a process that escaped the group may still hold the pipe).
-                let _ = drained.recv_timeout(Duration::from_millis(500));
+                // Let the stderr reader take in the last lines before anyone reads the tail.
+                // Bounded: a process that escaped the worker may still hold the pipe; the
+                // reader stops soon after the exit (see `drain_stderr`).
+                drop(exit_tx);
+                let _ = drained.recv_timeout(STDERR_AFTER_EXIT + Duration::from_millis(100));
                 drop(exited_tx);
                 let on_exit = thread_state
                     .lock()
@@ -214,9 +247,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// What the stderr reader keeps: the tail, and notable lines that must not scroll away.
+/// Every line is at most [`STDERR_LINE_MAX`] bytes plus a marker.
 #[derive(Default)]
 struct Stderr {
     tail: VecDeque<String>,
+    /// Bytes of the lines in `tail`.
+    tail_bytes: usize,
     panic: Vec<String>,
     allocation_failed: bool,
 }
@@ -234,34 +270,161 @@ impl Stderr {
         if line.contains("memory allocation of") && line.contains("failed") {
             self.allocation_failed = true;
         }
-        if keep > 0 {
-            if self.tail.len() == keep {
-                self.tail.pop_front();
-            }
-            self.tail.push_back(line);
+        if keep == 0 {
+            return;
         }
+        while !self.tail.is_empty()
+            && (self.tail.len() >= keep || self.tail_bytes + line.len() > STDERR_TAIL_MAX)
+        {
+            if let Some(old) = self.tail.pop_front() {
+                self.tail_bytes -= old.len();
+            }
+        }
+        self.tail_bytes += line.len();
+        self.tail.push_back(line);
     }
 }
 
+/// The line being read: its first [`STDERR_LINE_MAX`] bytes, and how many more arrived
+/// (counted, not kept).
+#[derive(Default)]
+struct Line {
+    kept: Vec<u8>,
+    cut: u64,
+}
+
+impl Line {
+    fn add(&mut self, bytes: &[u8]) {
+        let room = STDERR_LINE_MAX.saturating_sub(self.kept.len());
+        let n = room.min(bytes.len());
+        self.kept.extend_from_slice(&bytes[..n]);
+        self.cut = self.cut.saturating_add((bytes.len() - n) as u64);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.kept.is_empty() && self.cut == 0
+    }
+
+    /// The line as kept and logged: escaped (no control characters), at most
+    /// `STDERR_LINE_MAX` bytes, then `… [N bytes cut]` if anything was cut.
+    fn finish(&mut self) -> String {
+        let total = (self.kept.len() as u64).saturating_add(self.cut);
+        let end = match self.cut {
+            0 => self.kept.len(),
+            // Do not split the character the cut went through.
+            _ => crate::loader::char_boundary_before(&self.kept, self.kept.len()),
+        };
+        let text = String::from_utf8_lossy(&self.kept[..end]);
+        let text = match self.cut {
+            0 => text.trim_end(),
+            _ => &text,
+        };
+        let (mut line, consumed) = crate::loader::escape_text_capped(text, STDERR_LINE_MAX);
+        if self.cut > 0 || consumed < text.len() {
+            let shown = consumed.min(end) as u64;
+            line.push_str(&crate::loader::cut_marker(total.saturating_sub(shown)));
+        }
+        self.kept.clear();
+        self.cut = 0;
+        line
+    }
+}
+
+/// Reads the worker's stderr in chunks into the kept tail and the host's log, keeping at
+/// most [`STDERR_LINE_MAX`] bytes of any line. Returns at end-of-file, or once the worker
+/// has exited (`exited` reports end-of-file) and the pipe stays quiet for
+/// [`STDERR_QUIET`] (or at the latest [`STDERR_AFTER_EXIT`] after the exit): a process the
+/// worker left behind may hold the pipe forever, and the report must not wait for it.
 fn drain_stderr(
-    pipe: std::process::ChildStderr,
+    mut pipe: std::process::ChildStderr,
+    exited: Option<OwnedFd>,
     plugin: &str,
     stderr: &Mutex<Stderr>,
     keep: usize,
 ) {
-    let mut reader = BufReader::new(pipe);
-    let mut line = Vec::new();
+    let mut line = Line::default();
+    let mut chunk = vec![0u8; STDERR_CHUNK];
+    let mut exited = exited;
+    let mut exit_seen: Option<Instant> = None;
+    let emit = |line: &mut Line| {
+        let text = line.finish();
+        tracing::info!(target: "plugin::stderr", plugin = %plugin, "{text}");
+        lock(stderr).push(text, keep);
+    };
     loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let text = crate::loader::escape_text(String::from_utf8_lossy(&line).trim_end());
-                tracing::info!(target: "plugin::stderr", plugin = %plugin, "{text}");
-                lock(stderr).push(text, keep);
+        if let Some(since) = exit_seen {
+            // The worker is gone: read what it left, stop when the pipe goes quiet.
+            let left = STDERR_AFTER_EXIT.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            match poll_in(&[pipe.as_raw_fd()], STDERR_QUIET.min(left)) {
+                Some(ready) if ready[0] => {}
+                Some(_) => break,
+                None => continue,
+            }
+        } else if let Some(exit_fd) = &exited {
+            // Wait for output or for the exit.
+            let Some(ready) = poll_in(&[pipe.as_raw_fd(), exit_fd.as_raw_fd()], Duration::MAX)
+            else {
+                continue;
+            };
+            if ready[1] {
+                exit_seen = Some(Instant::now());
+                exited = None;
+            }
+            if !ready[0] {
+                continue;
             }
         }
+        let n = match pipe.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut data = &chunk[..n];
+        while let Some(end) = data.iter().position(|&b| b == b'\n') {
+            line.add(&data[..end]);
+            emit(&mut line);
+            data = &data[end + 1..];
+        }
+        line.add(data);
     }
+    if !line.is_empty() {
+        emit(&mut line);
+    }
+}
+
+/// Waits up to `limit` (`Duration::MAX`: forever) until one of `fds` is readable or at
+/// its end; returns which are (all false on timeout), or `None` if interrupted by a
+/// signal.
+fn poll_in<const N: usize>(fds: &[std::os::fd::RawFd; N], limit: Duration) -> Option<[bool; N]> {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let timeout = match limit {
+        Duration::MAX => -1,
+        limit => limit.as_millis().clamp(1, i32::MAX as u128) as i32,
+    };
+    // SAFETY: `polled` is an array of N pollfd structures, valid for the call; the
+    // descriptors are open (owned by the caller).
+    let rc = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, timeout) };
+    if rc < 0 {
+        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            return None;
+        }
+        // Cannot poll (ENOMEM): say the first is readable, so the caller's read blocks
+        // as a plain reader would; the waiter's own bound keeps reports from waiting.
+        let mut ready = [false; N];
+        if let Some(first) = ready.first_mut() {
+            *first = true;
+        }
+        return Some(ready);
+    }
+    Some(polled.map(|p| p.revents != 0))
 }
 
 /// Blocks until `pid` (our child) has exited, leaving it a zombie. Returns false when the

@@ -270,7 +270,7 @@ async fn handshake(
                 let report = worker.report(spec, &closed, 0).await;
                 return Err(LoadError::CreateCrashed {
                     plugin,
-                    report: Box::new(report),
+                    report: Arc::new(report),
                 });
             }
             Err(e) => {
