@@ -1,6 +1,8 @@
 //! A shorter chaos soak in CI: `plugin-host soak` with random faults at about 2% checks
 //! that every call is answered, no reply is misrouted (echo bytes and sleep values are
-//! verified), restarts match crashes, and no process or descriptor leaks. The soak runs
+//! verified), restarts match crashes, no process or descriptor leaks, no setsid grandchild
+//! survives (the attack plugin's `spawn_orphan_stderr`, then the worker killed), and the
+//! host's peak memory stays within the soak's 20 MiB budget. The soak runs
 //! in its own process, so its leak counts are exact; this test also checks that process
 //! exits normally rather than by a signal.
 #![cfg(target_os = "linux")]
@@ -13,7 +15,8 @@ use std::time::Duration;
 #[test]
 fn a_short_chaos_soak_passes() {
     let mut child = Command::new(common::artifacts().join("plugin-host"))
-        .args(["soak", "--calls", "1500", "--seed", "42"])
+        .args(["soak", "--calls", "1500", "--seed", "42", "--attack"])
+        .arg(env!("ATTACK_LIBRARY"))
         .current_dir(common::repo())
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
@@ -37,6 +40,11 @@ fn a_short_chaos_soak_passes() {
     );
     assert!(out.contains("unexpected:        0"), "{out}");
     assert!(out.contains("soak passed"), "{out}");
+    // The setsid grandchild fault ran (the attack plugin was given) and left nothing; the
+    // host's peak memory growth is reported (and held under the default 20 MiB budget).
+    assert!(out.contains("setsid grandchildren left: 0"), "{out}");
+    assert!(out.contains("grandchildren spawned"), "{out}");
+    assert!(out.contains("host memory:       peak RSS +"), "{out}");
     let faults: u32 = out
         .split(" faults injected")
         .next()

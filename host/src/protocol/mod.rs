@@ -24,7 +24,7 @@ pub const HANDSHAKE_MAX_FRAME: u32 = 64 * 1024;
 
 /// Largest frame the host accepts from a worker while it loads the plugin (its logs from
 /// `create`, then `Loaded` or `LoadFailed`), before the negotiated limit applies to calls.
-pub const LOAD_MAX_FRAME: u32 = 1024 * 1024;
+pub const LOAD_MAX_FRAME: u32 = 256 * 1024;
 
 /// One message. Encoded as a MessagePack map with a `kind` field, so fields can be added
 /// without breaking older peers; an unknown `kind` decodes as [`Message::Unknown`] and is

@@ -133,6 +133,13 @@ enum Command {
         /// Random seed (the run is reproducible in which faults it injects where).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The C attack plugin's library (plugins/attack/attack.c, built by the tests), for
+        /// the setsid-grandchild fault; without it that fault is skipped.
+        #[arg(long)]
+        attack: Option<PathBuf>,
+        /// Fail if the host's peak resident memory grows by this many MiB or more.
+        #[arg(long, default_value_t = 20)]
+        max_rss_growth: u64,
     },
     /// Internal: the raw echo peer the benchmark spawns as its baseline.
     #[command(hide = true)]
@@ -231,6 +238,8 @@ fn main() -> ExitCode {
             fault_rate,
             concurrency,
             seed,
+            attack,
+            max_rss_growth,
         } => soak::run(
             &soak::Settings {
                 plugins,
@@ -239,6 +248,8 @@ fn main() -> ExitCode {
                 fault_rate,
                 concurrency,
                 seed,
+                attack,
+                max_rss_growth_mib: max_rss_growth,
             },
             &host,
         ),
