@@ -185,7 +185,6 @@ impl Host {
             limits: manifest.limits.clone(),
             timeouts: manifest.timeouts.clone(),
             restart: manifest.restart.clone(),
-            sandbox_mode: grant.sandbox,
             sandbox: sandbox.wire,
             env: sandbox.env,
             tmp_dir: sandbox.tmp_dir,

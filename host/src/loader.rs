@@ -476,41 +476,43 @@ pub(crate) fn emit_log(plugin: &str, level: u32, message: &str) {
 /// other control characters (and Unicode line separators and direction overrides) are
 /// written as escapes, so a plugin cannot forge host log lines or repaint a terminal.
 pub(crate) fn escape_text(text: &str) -> String {
-    let unsafe_char = |c: char| {
-        (c.is_control() && c != '\t')
-            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !text.chars().any(unsafe_char) {
-        return text.to_string();
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out
+    escape_text_capped(text, usize::MAX).0
 }
 
 /// [`escape_text`] of as much of `text` as fits in `max` bytes once escaped (cut at a
 /// character), and how many bytes of `text` that took.
 pub(crate) fn escape_text_capped(text: &str, max: usize) -> (String, usize) {
-    if text.len() <= max && !text.chars().any(|c| c.is_control() || c as u32 >= 0x2028) {
+    if text.len() <= max && !text.chars().any(needs_escape) {
         return (text.to_string(), text.len());
     }
     let mut out = String::with_capacity(text.len().min(max));
-    let mut piece = [0u8; 4];
     for (i, c) in text.char_indices() {
-        let escaped = escape_text(c.encode_utf8(&mut piece));
-        if out.len() + escaped.len() > max {
+        let before = out.len();
+        push_escaped(&mut out, c);
+        if out.len() > max {
+            out.truncate(before);
             return (out, i);
         }
-        out.push_str(&escaped);
     }
     (out, text.len())
+}
+
+/// Whether `c` could break a log line or a terminal.
+fn needs_escape(c: char) -> bool {
+    (c.is_control() && c != '\t')
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn push_escaped(out: &mut String, c: char) {
+    match c {
+        '\n' => out.push_str("\\n"),
+        '\r' => out.push_str("\\r"),
+        c if needs_escape(c) => {
+            use std::fmt::Write;
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+        c => out.push(c),
+    }
 }
 
 #[cfg(test)]

@@ -106,7 +106,6 @@ impl std::fmt::Debug for CallOptions {
 struct Inner {
     manifest: Manifest,
     info: PluginInfo,
-    grant: Grant,
     backend: Box<dyn Backend>,
     stopped: AtomicBool,
     next_id: AtomicU64,
@@ -142,12 +141,11 @@ impl Plugin {
         backend: Box<dyn Backend>,
     ) -> Plugin {
         info.requested = Some(PermissionRequest::from_manifest(&manifest));
-        info.granted = grant.clone();
+        info.granted = grant;
         Plugin {
             inner: Arc::new(Inner {
                 manifest,
                 info,
-                grant,
                 backend,
                 stopped: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
@@ -190,14 +188,14 @@ impl Plugin {
     /// Whether it runs in-process (trusted) or in a worker process (untrusted): what the
     /// app's policy granted, which may be less than the manifest requested.
     pub fn trust(&self) -> Trust {
-        self.inner.grant.trust
+        self.inner.info.granted.trust
     }
 
     /// What the plugin got: the intersection of its manifest's request and the app's
     /// grant. Compare with [`manifest().permissions`](Manifest::permissions) for what it
     /// asked.
     pub fn grant(&self) -> &Grant {
-        &self.inner.grant
+        &self.inner.info.granted
     }
 
     /// Calls `method` with `input` encoded as MessagePack and decodes the output as `O`.

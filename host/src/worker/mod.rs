@@ -34,8 +34,6 @@ pub const VERSION_OVERRIDE_ENV: &str = "PLUGIN_HOST_TEST_PROTOCOL_VERSION";
 const EXIT_NO_HOST: u8 = 70;
 /// Exit code on a protocol violation by the host.
 const EXIT_PROTOCOL: u8 = 71;
-/// Room for a reply's header in a frame, beyond its payload.
-const FRAME_ROOM: u64 = 1024;
 
 fn die(code: u8, message: &str) -> ExitCode {
     eprintln!("worker-shim: {message}");
@@ -293,62 +291,9 @@ struct Setup<'a> {
 #[allow(clippy::result_large_err)] // once per worker, never on a call's path
 fn load_plugin(setup: &Setup<'_>, writer: &Writer) -> Result<(Instance, Message), Message> {
     use crate::error::LoadError as E;
-    let (name, library, config, limits) = (setup.name, setup.library, setup.config, setup.limits);
-    #[allow(unused_mut)]
-    let mut applied: (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-    match setup.sandbox {
-        #[cfg(target_os = "linux")]
-        Some(spec) => {
-            use std::os::fd::AsRawFd;
-            let host_is_root = rustix::process::getuid().is_root();
-            let mut layers = sandbox::Applied::default();
-            layers.enforced.extend([
-                "environment".to_string(),
-                "file descriptors".into(),
-                "not dumpable".into(),
-            ]);
-            // The namespaces fork: from here on this is the process that runs the plugin.
-            let entered = sandbox::enter_namespaces(spec, setup.conn.as_raw_fd(), &mut layers);
-            if let Err(message) = entered {
-                return Err(failed("sandbox", message, None));
-            }
-            if let Err(message) = limits::apply(limits) {
-                return Err(failed("limits", message, None));
-            }
-            let restricted = sandbox::restrict(spec, setup.concurrency, host_is_root, &mut layers);
-            if let Err(message) = restricted {
-                return Err(failed("sandbox", message, None));
-            }
-            applied = (layers.enforced, layers.missing);
-        }
-        #[cfg(not(target_os = "linux"))]
-        Some(spec) => {
-            if spec.mode == "required" {
-                return Err(failed(
-                    "sandbox",
-                    "sandboxing: only implemented on Linux".into(),
-                    None,
-                ));
-            }
-            // Best-effort, as the app chose: say plainly that nothing is enforced.
-            applied.1.push(
-                "every layer: sandboxing is only implemented on Linux; this worker runs with the host's rights"
-                    .into(),
-            );
-            if let Err(message) = limits::apply(limits) {
-                return Err(failed("limits", message, None));
-            }
-        }
-        _ => {
-            // Sandbox off: nothing is restricted, but every process the plugin starts,
-            // however it detaches (setsid, double fork), still ends with the worker.
-            #[cfg(target_os = "linux")]
-            contain_processes(setup.conn);
-            if let Err(message) = limits::apply(limits) {
-                return Err(failed("limits", message, None));
-            }
-        }
-    }
+    let (name, library, config) = (setup.name, setup.library, setup.config);
+    let (enforced, missing) =
+        confine(setup).map_err(|(reason, message)| failed(reason, message, None))?;
     let path = std::path::Path::new(library);
     if !path.is_file() {
         return Err(failed(
@@ -375,10 +320,60 @@ fn load_plugin(setup: &Setup<'_>, writer: &Writer) -> Result<(Instance, Message)
         abi_major: desc.abi.0,
         abi_minor: desc.abi.1,
         methods: desc.methods,
-        sandbox: applied.0,
-        sandbox_missing: applied.1,
+        sandbox: enforced,
+        sandbox_missing: missing,
     };
     Ok((instance, loaded))
+}
+
+/// Why the plugin cannot be confined: the `LoadFailed` reason and message.
+type Refusal = (&'static str, String);
+
+/// Confines the plugin before its library is opened, in this order: the processes (with the
+/// sandbox, the namespaces fork here, and this becomes the plugin's process), the
+/// resource limits, then the restrictions of the process itself. Returns the sandbox
+/// layers in force and those missing.
+#[cfg(target_os = "linux")]
+fn confine(setup: &Setup<'_>) -> Result<(Vec<String>, Vec<String>), Refusal> {
+    use std::os::fd::AsRawFd;
+    let host_is_root = rustix::process::getuid().is_root();
+    let mut layers = sandbox::Applied::default();
+    match setup.sandbox {
+        Some(spec) => {
+            layers.enforced.extend([
+                "environment".to_string(),
+                "file descriptors".into(),
+                "not dumpable".into(),
+            ]);
+            sandbox::enter_namespaces(spec, setup.conn.as_raw_fd(), &mut layers)
+                .map_err(|m| ("sandbox", m))?;
+        }
+        None => contain_processes(setup.conn),
+    }
+    limits::apply(setup.limits).map_err(|m| ("limits", m))?;
+    if let Some(spec) = setup.sandbox {
+        sandbox::restrict(spec, setup.concurrency, host_is_root, &mut layers)
+            .map_err(|m| ("sandbox", m))?;
+    }
+    Ok((layers.enforced, layers.missing))
+}
+
+/// Elsewhere: no sandbox. A required one refuses the load; best-effort says plainly that
+/// nothing is enforced.
+#[cfg(all(unix, not(target_os = "linux")))]
+fn confine(setup: &Setup<'_>) -> Result<(Vec<String>, Vec<String>), Refusal> {
+    let mut missing = Vec::new();
+    if let Some(spec) = setup.sandbox {
+        if spec.mode == "required" {
+            return Err(("sandbox", "sandboxing: only implemented on Linux".into()));
+        }
+        missing.push(
+            "every layer: sandboxing is only implemented on Linux; this worker runs with the host's rights"
+                .into(),
+        );
+    }
+    limits::apply(setup.limits).map_err(|m| ("limits", m))?;
+    Ok((Vec::new(), missing))
 }
 
 /// With the sandbox off (Linux): the plugin still runs in its own pid namespace, as with
@@ -407,13 +402,15 @@ fn contain_processes(conn: &Stream) {
     {
         return;
     }
-    // In the plugin's process: map our ids into the namespace (best effort; unmapped, they
-    // read as the overflow ids 65534), and undo `enter_namespaces`'s non-dumpable.
+    // In the plugin's process: undo `enter_namespaces`'s non-dumpable (a debugger can
+    // attach), first, since /proc/self of a non-dumpable process belongs to root; then map
+    // our ids into the namespace (best effort; unmapped, they read as the overflow ids
+    // 65534).
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
     let _ = std::fs::write("/proc/self/setgroups", "deny");
     let _ = std::fs::write("/proc/self/uid_map", format!("{0} {0} 1", uid.as_raw()));
     let _ = std::fs::write("/proc/self/gid_map", format!("{0} {0} 1", gid.as_raw()));
-    // SAFETY: prctl with integer arguments only.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
 }
 
 struct QueuedCall {
@@ -521,7 +518,7 @@ fn run_call(shared: &Shared, call: QueuedCall) {
     let len = output.len();
     let fits = u64::try_from(len)
         .ok()
-        .and_then(|len| len.checked_add(FRAME_ROOM))
+        .and_then(|len| len.checked_add(protocol::FRAME_ROOM))
         .is_some_and(|size| size <= u64::from(shared.max_frame));
     if !fits {
         let text = format!(

@@ -28,7 +28,6 @@ use crate::crash::{CrashReport, ExitInfo, LimitExceeded};
 use crate::error::{CallError, LoadError};
 use crate::loader::Descriptor;
 use crate::manifest::{Limits, RestartMode, RestartPolicy, Timeouts};
-use crate::permissions::SandboxMode;
 use crate::plugin::PluginInfo;
 use crate::protocol::{Message, WireSandbox};
 use crate::status::{EventHub, PluginEvent, PluginState};
@@ -44,9 +43,7 @@ pub(crate) struct Spec {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub restart: RestartPolicy,
-    /// The app's effective sandbox mode for this plugin.
-    pub sandbox_mode: SandboxMode,
-    /// What the worker must enforce (`None` when the mode is off).
+    /// What the worker must enforce (`None`: the sandbox is off).
     pub sandbox: Option<WireSandbox>,
     /// The environment the worker gets (granted names only, unless the sandbox is off).
     pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
@@ -496,7 +493,7 @@ impl Backend for Isolated {
             // Room for the frame header; the worker would refuse a larger frame and die.
             let limit = inner.spec.limits.max_frame;
             let size = u64::try_from(call.input.len()).unwrap_or(u64::MAX);
-            if size.saturating_add(1024) > limit {
+            if size.saturating_add(crate::protocol::FRAME_ROOM) > limit {
                 return Err(CallError::InputTooLarge {
                     plugin: inner.plugin(),
                     method: call.method,

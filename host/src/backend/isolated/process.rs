@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -358,15 +358,14 @@ fn drain_stderr(
             if left.is_zero() {
                 break;
             }
-            match poll_in(&[pipe.as_raw_fd()], STDERR_QUIET.min(left)) {
+            match poll_in([pipe.as_fd()], STDERR_QUIET.min(left)) {
                 Some(ready) if ready[0] => {}
                 Some(_) => break,
                 None => continue,
             }
         } else if let Some(exit_fd) = &exited {
             // Wait for output or for the exit.
-            let Some(ready) = poll_in(&[pipe.as_raw_fd(), exit_fd.as_raw_fd()], Duration::MAX)
-            else {
+            let Some(ready) = poll_in([pipe.as_fd(), exit_fd.as_fd()], Duration::MAX) else {
                 continue;
             };
             if ready[1] {
@@ -399,32 +398,29 @@ fn drain_stderr(
 /// Waits up to `limit` (`Duration::MAX`: forever) until one of `fds` is readable or at
 /// its end; returns which are (all false on timeout), or `None` if interrupted by a
 /// signal.
-fn poll_in<const N: usize>(fds: &[std::os::fd::RawFd; N], limit: Duration) -> Option<[bool; N]> {
-    let mut polled = fds.map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
+fn poll_in<const N: usize>(
+    fds: [std::os::fd::BorrowedFd<'_>; N],
+    limit: Duration,
+) -> Option<[bool; N]> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut polled = fds.map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN));
+    let timeout = (limit != Duration::MAX).then(|| Timespec {
+        tv_sec: limit.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(limit.subsec_nanos()),
     });
-    let timeout = match limit {
-        Duration::MAX => -1,
-        limit => limit.as_millis().clamp(1, i32::MAX as u128) as i32,
-    };
-    // SAFETY: `polled` is an array of N pollfd structures, valid for the call; the
-    // descriptors are open (owned by the caller).
-    let rc = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, timeout) };
-    if rc < 0 {
-        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            return None;
+    match poll(&mut polled, timeout.as_ref()) {
+        Ok(_) => Some(polled.each_ref().map(|p| !p.revents().is_empty())),
+        Err(rustix::io::Errno::INTR) => None,
+        // Cannot poll (ENOMEM): say the first is readable, so the caller's read blocks as
+        // a plain reader would; the waiter's own bound keeps reports from waiting.
+        Err(_) => {
+            let mut ready = [false; N];
+            if let Some(first) = ready.first_mut() {
+                *first = true;
+            }
+            Some(ready)
         }
-        // Cannot poll (ENOMEM): say the first is readable, so the caller's read blocks
-        // as a plain reader would; the waiter's own bound keeps reports from waiting.
-        let mut ready = [false; N];
-        if let Some(first) = ready.first_mut() {
-            *first = true;
-        }
-        return Some(ready);
     }
-    Some(polled.map(|p| p.revents != 0))
 }
 
 /// Blocks until `pid` (our child) has exited, leaving it a zombie. Returns false when the

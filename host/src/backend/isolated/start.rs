@@ -14,7 +14,6 @@ use super::{Spec, Worker};
 use crate::crash::ExitInfo;
 use crate::error::LoadError;
 use crate::loader::{emit_log, Descriptor};
-use crate::permissions::SandboxMode;
 use crate::protocol::frame::{Frame, FrameError};
 use crate::protocol::{self, Message, WireLimits};
 use crate::worker::PARENT_ENV;
@@ -50,8 +49,8 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
         .arg("--plugin")
         .arg(&plugin)
         .arg("--sandbox")
-        .arg(spec.sandbox_mode.as_str());
-    if spec.sandbox_mode != SandboxMode::Off {
+        .arg(spec.sandbox.as_ref().map_or("off", |s| s.mode.as_str()));
+    if spec.sandbox.is_some() {
         // The plugin sees only the variables it was granted.
         command.env_clear();
         for (name, value) in &spec.env {
