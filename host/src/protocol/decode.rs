@@ -295,8 +295,38 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The message kinds this decoder knows (any other decodes as `Message::Unknown`).
+pub(crate) const KINDS: &[&str] = &[
+    "hello",
+    "load",
+    "loaded",
+    "load_failed",
+    "call",
+    "reply",
+    "cancel",
+    "event",
+    "log",
+    "ping",
+    "pong",
+    "shutdown",
+];
+
+/// The fields of the maps nested in `load` (`limits` and `sandbox`).
+pub(crate) const NESTED_FIELDS: &[&str] = &[
+    "memory",
+    "cpu_seconds",
+    "open_files",
+    "core_dumps",
+    "mode",
+    "read",
+    "write",
+    "network",
+    "exec",
+    "tasks",
+];
+
 /// The fields any message kind can have; each remembers where its value lies.
-const FIELDS: &[&str] = &[
+pub(crate) const FIELDS: &[&str] = &[
     "kind",
     "protocol",
     "version",
@@ -731,6 +761,27 @@ mod tests {
         let at = negative_id.windows(3).position(|w| w == b"\xa2id").unwrap() + 3;
         negative_id[at] = 0xff;
         assert!(message(&negative_id).unwrap_err().contains("id"));
+    }
+
+    #[test]
+    fn the_lists_of_names_match_the_decoder() {
+        // Every listed kind is known: without its fields it is an error, not `Unknown`.
+        for kind in KINDS {
+            let bytes =
+                rmp_serde::to_vec_named(&std::collections::BTreeMap::from([("kind", kind)]))
+                    .unwrap();
+            assert!(message(&bytes).is_err(), "{kind}");
+        }
+        // Every kind the encoder writes is listed.
+        for m in every_kind() {
+            let bytes = rmp_serde::to_vec_named(&m).unwrap();
+            let value = rmpv::decode::read_value(&mut &bytes[..]).unwrap();
+            let kind = value.as_map().unwrap()[0].1.as_str().unwrap().to_string();
+            assert!(KINDS.contains(&kind.as_str()), "{kind}");
+            for (key, _) in value.as_map().unwrap() {
+                assert!(FIELDS.contains(&key.as_str().unwrap()), "{key}");
+            }
+        }
     }
 
     #[test]

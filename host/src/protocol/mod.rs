@@ -18,6 +18,10 @@ pub const VERSION: &str = "0.2.0";
 /// Features this build offers. Unknown features from the peer are ignored.
 pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping"];
 
+/// Room left in a frame for the message header beside a call's input or a reply's output:
+/// a payload larger than `max_frame - FRAME_ROOM` is refused before it is sent.
+pub const FRAME_ROOM: u64 = 1024;
+
 /// Largest frame accepted before the `Load` message negotiates the real limit (the
 /// `Hello`s).
 pub const HANDSHAKE_MAX_FRAME: u32 = 64 * 1024;
@@ -358,6 +362,14 @@ pub mod fuzzing {
             }
         }
     }
+
+    /// The message kinds, the fields of messages, and those of the maps nested in `load`,
+    /// as the decoder knows them.
+    pub const KINDS: &[&str] = super::decode::KINDS;
+    /// See [`KINDS`].
+    pub const FIELDS: &[&str] = super::decode::FIELDS;
+    /// See [`KINDS`].
+    pub const NESTED_FIELDS: &[&str] = super::decode::NESTED_FIELDS;
 
     /// Decodes one message header.
     pub fn message(head: &[u8]) -> Result<(), String> {
