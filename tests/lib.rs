@@ -1,2 +1,38 @@
-//! End-to-end tests for plugin-host live in `tests/tests/`; this crate has no library code.
-//! Its build script builds the example plugins, the worker-shim and the C plugin first.
+//! End-to-end tests for plugin-host live in `tests/tests/`; this crate's library holds only
+//! what its binaries and tests share. Its build script builds the example plugins, the
+//! worker-shim and the C plugins first.
+
+/// xorshift64*: a small seeded generator for the fuzz tests and the hostile worker
+/// (reproducible runs, no dependency).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn bits(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.bits() % n.max(1) as u64) as usize
+    }
+
+    /// True once in `one_in` times.
+    pub fn chance(&mut self, one_in: usize) -> bool {
+        self.below(one_in) == 0
+    }
+
+    /// One of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// A size biased towards small values: `0..2^k` for a random `k` up to `bits`.
+    pub fn size(&mut self, bits: u32) -> usize {
+        let k = self.below(bits as usize + 1) as u32;
+        self.below(1usize << k)
+    }
+}

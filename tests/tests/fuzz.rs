@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use plugin_host::protocol::fuzzing;
 use plugin_host::protocol::{self, Message, WireLimits, WireSandbox};
+use plugin_host_tests::Rng;
 use rmpv::Value;
 
 /// The frame limit the stream targets run with.
@@ -133,36 +134,6 @@ fn measured<T>(f: impl FnOnce() -> T) -> (std::thread::Result<T>, Cost) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Randomness.
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in `0..n` (`n` > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-    /// A size biased towards small values: `0..2^k` for a random `k` up to `bits`.
-    fn size(&mut self, bits: u32) -> usize {
-        let k = self.below(bits as usize + 1) as u32;
-        self.below(1usize << k)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Mutations.
 
 const INTERESTING: &[u8] = &[
@@ -190,78 +161,32 @@ const HUGE: &[&[u8]] = &[
     b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00",
 ];
 
-/// Field names and kinds of the protocol, and a few it does not know.
-const NAMES: &[&str] = &[
-    "kind",
-    "hello",
-    "load",
-    "loaded",
-    "load_failed",
-    "call",
-    "reply",
-    "cancel",
-    "event",
-    "log",
-    "ping",
-    "pong",
-    "shutdown",
-    "teleport",
-    "protocol",
-    "version",
-    "features",
-    "token",
-    "pid",
-    "name",
-    "library",
-    "max_frame",
-    "concurrency",
-    "limits",
-    "sandbox",
-    "abi_major",
-    "abi_minor",
-    "methods",
-    "sandbox_missing",
-    "reason",
-    "message",
-    "abi",
-    "id",
-    "method",
-    "status",
-    "fraction",
-    "level",
-    "seq",
-    "grace_ms",
-    "memory",
-    "cpu_seconds",
-    "open_files",
-    "core_dumps",
-    "mode",
-    "read",
-    "write",
-    "network",
-    "exec",
-    "tasks",
-    "plugin-host-ipc",
-    "0.2.0",
-    "",
-    "KIND",
-];
+/// Field names and kinds of the protocol (as the decoder knows them), and a few it does
+/// not know.
+static NAMES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    fuzzing::KINDS
+        .iter()
+        .chain(fuzzing::FIELDS)
+        .chain(fuzzing::NESTED_FIELDS)
+        .chain(&[
+            "teleport",
+            protocol::PROTOCOL,
+            protocol::VERSION,
+            "",
+            "KIND",
+        ])
+        .copied()
+        .collect()
+});
 
-const KINDS: &[&str] = &[
-    "hello",
-    "load",
-    "loaded",
-    "load_failed",
-    "call",
-    "reply",
-    "cancel",
-    "event",
-    "log",
-    "ping",
-    "pong",
-    "shutdown",
-    "teleport",
-];
+/// The message kinds, and one the protocol does not know.
+static KINDS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    fuzzing::KINDS
+        .iter()
+        .chain(&["teleport"])
+        .copied()
+        .collect()
+});
 
 /// `n` levels of one-element arrays around a nil (or of one-entry maps, or a mix).
 fn nesting(rng: &mut Rng, n: usize) -> Vec<u8> {
@@ -349,8 +274,8 @@ fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, others: &[Vec<u8>]) {
         }
         8 => {
             // Replace a known name with another (as a MessagePack fixstr).
-            let from = rng.pick(NAMES).as_bytes();
-            let to = rng.pick(NAMES).as_bytes();
+            let from = rng.pick(&NAMES).as_bytes();
+            let to = rng.pick(&NAMES).as_bytes();
             if let Some(at) = find(data, from) {
                 let start = at.saturating_sub(1);
                 let mut with = vec![0xa0 | to.len() as u8];
@@ -363,7 +288,7 @@ fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, others: &[Vec<u8>]) {
             let at = rng.below(len);
             let end = (at + 1 + rng.below(8)).min(len);
             for b in &mut data[at..end] {
-                *b = rng.next() as u8;
+                *b = rng.bits() as u8;
             }
         }
         10 if len >= 4 => {
@@ -374,7 +299,7 @@ fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, others: &[Vec<u8>]) {
         }
         _ => {
             let at = rng.below(len + 1);
-            data.insert(at, rng.next() as u8);
+            data.insert(at, rng.bits() as u8);
         }
     }
 }
@@ -401,20 +326,20 @@ fn random_value(rng: &mut Rng) -> Value {
         2 => Value::from(u64::MAX),
         3 => Value::from(i64::MIN),
         4 => Value::from(-1),
-        5 => Value::from(rng.next()),
+        5 => Value::from(rng.bits()),
         6 => Value::from(rng.below(300) as u64),
         7 => Value::F64(*rng.pick(&[f64::NAN, f64::INFINITY, -0.0, 1e308, 0.5, -1.0])),
         8 => Value::F32(1.5),
-        9 => Value::from(*rng.pick(NAMES)),
-        10 => Value::from(*rng.pick(KINDS)),
-        11 => Value::Binary((0..rng.size(8)).map(|_| rng.next() as u8).collect()),
+        9 => Value::from(*rng.pick(&NAMES)),
+        10 => Value::from(*rng.pick(&KINDS)),
+        11 => Value::Binary((0..rng.size(8)).map(|_| rng.bits() as u8).collect()),
         12 => Value::Array(
             (0..rng.size(4))
-                .map(|_| Value::from(*rng.pick(NAMES)))
+                .map(|_| Value::from(*rng.pick(&NAMES)))
                 .collect(),
         ),
-        13 => Value::Map(vec![(Value::from("kind"), Value::from(*rng.pick(KINDS)))]),
-        14 => Value::Ext(rng.next() as i8, vec![1, 2, 3]),
+        13 => Value::Map(vec![(Value::from("kind"), Value::from(*rng.pick(&KINDS)))]),
+        14 => Value::Ext(rng.bits() as i8, vec![1, 2, 3]),
         15 => Value::from(String::from_utf8_lossy(&[0xff, 0xfe, b'x']).into_owned()),
         16 => Value::Array(vec![Value::from(1), Value::from(0)]),
         _ => Value::from(*rng.pick(SENTINELS)),
@@ -439,7 +364,7 @@ fn mutate_value(rng: &mut Rng, root: &mut Value) {
     match rng.below(10) {
         0 => {
             // Another kind.
-            let kind = Value::from(*rng.pick(KINDS));
+            let kind = Value::from(*rng.pick(&KINDS));
             match entries.iter_mut().find(|e| key_of(e) == Some("kind")) {
                 Some(e) => e.1 = kind,
                 None => entries.insert(0, (Value::from("kind"), kind)),
@@ -448,7 +373,7 @@ fn mutate_value(rng: &mut Rng, root: &mut Value) {
         1 if n > 0 => {
             // A key renamed to another known name.
             let i = rng.below(n);
-            entries[i].0 = Value::from(*rng.pick(NAMES));
+            entries[i].0 = Value::from(*rng.pick(&NAMES));
         }
         2 if n > 0 => {
             entries.remove(rng.below(n));
@@ -460,7 +385,7 @@ fn mutate_value(rng: &mut Rng, root: &mut Value) {
         }
         4 => {
             let key = if rng.chance(2) {
-                Value::from(*rng.pick(NAMES))
+                Value::from(*rng.pick(&NAMES))
             } else {
                 random_value(rng)
             };
@@ -614,7 +539,7 @@ fn patch_length(rng: &mut Rng, bytes: &mut [u8]) {
         10 => old.wrapping_sub(1),
         11 => old.wrapping_add(1 + rng.below(64) as u32),
         12 => 256 * 1024 + rng.below(3) as u32 - 1,
-        _ => rng.next() as u32,
+        _ => rng.bits() as u32,
     };
     bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
@@ -908,11 +833,7 @@ fn watchdog() {
 fn save_finding(target: &str, what: &str, input: &[u8]) -> PathBuf {
     let dir = common::repo().join("target/fuzz-findings");
     let _ = std::fs::create_dir_all(&dir);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in input {
-        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
-    }
-    let path = dir.join(format!("{target}-{what}-{h:016x}.bin"));
+    let path = dir.join(format!("{target}-{what}-{:016x}.bin", fnv(input)));
     let _ = std::fs::write(&path, input);
     path
 }

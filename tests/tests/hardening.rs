@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -38,38 +37,9 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Log lines that mention a `huge-log:` message, captured by a global subscriber (others
-/// are formatted and dropped).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<String>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let text = String::from_utf8_lossy(buf);
-        if text.contains("huge-log:") {
-            self.0.lock().unwrap().push(text.into_owned());
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn captured() -> Captured {
-    static CAPTURED: OnceLock<Captured> = OnceLock::new();
-    CAPTURED
-        .get_or_init(|| {
-            let captured = Captured::default();
-            let writer = captured.clone();
-            tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::INFO)
-                .with_ansi(false)
-                .with_writer(move || writer.clone())
-                .init();
-            captured
-        })
-        .clone()
+/// Log lines that mention a `huge-log:` message (others are formatted and dropped).
+fn captured() -> common::Logs {
+    common::capture_logs(tracing::Level::INFO, Some("huge-log:"))
 }
 
 fn faulty(edit: impl FnOnce(&mut Manifest)) -> Plugin {
@@ -321,14 +291,10 @@ fn a_huge_log_or_progress_message_is_truncated_not_fatal() {
         &message[message.len() - 40..]
     );
     assert!(
-        wait_until(Duration::from_secs(5), || !captured
-            .0
-            .lock()
-            .unwrap()
-            .is_empty()),
+        wait_until(Duration::from_secs(5), || !captured.lines().is_empty()),
         "the log line reached tracing"
     );
-    let lines = captured.0.lock().unwrap().clone();
+    let lines = captured.lines();
     let line = &lines[0];
     assert!(
         line.len() <= MESSAGE_BOUND + 200,

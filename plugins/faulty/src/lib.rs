@@ -373,14 +373,10 @@ thread_local! {
 /// Size of the real allocation behind a lying buffer.
 const BOGUS_CAP: usize = 16;
 
-static INNER: std::sync::OnceLock<Option<&'static PluginDescriptor>> = std::sync::OnceLock::new();
+static INNER: std::sync::OnceLock<&'static PluginDescriptor> = std::sync::OnceLock::new();
 
 fn inner() -> &'static PluginDescriptor {
-    INNER
-        .get()
-        .copied()
-        .flatten()
-        .expect("plugin_api_entry ran first")
+    INNER.get().copied().expect("plugin_api_entry ran first")
 }
 
 unsafe extern "C" fn wrapped_call(
@@ -446,18 +442,11 @@ pub extern "C" fn plugin_api_entry() -> *const PluginDescriptor {
         );
         // SAFETY: a non-null descriptor from `entry` lives in `EXPORTED`, forever.
         let inner: &'static PluginDescriptor = unsafe { raw.as_ref() }?;
-        INNER.get_or_init(|| Some(inner));
+        INNER.get_or_init(|| inner);
         Some(PluginDescriptor {
-            abi_major: inner.abi_major,
-            abi_minor: inner.abi_minor,
-            name: inner.name,
-            version: inner.version,
-            methods: inner.methods,
-            method_count: inner.method_count,
-            create: inner.create,
             call: wrapped_call,
             free_buffer: wrapped_free_buffer,
-            destroy: inner.destroy,
+            ..*inner
         })
     });
     match wrapped {

@@ -29,6 +29,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use plugin_host::protocol::{self, Message};
+use plugin_host_tests::Rng;
 use serde::Serialize;
 
 /// Frame with a ready-made header.
@@ -71,18 +72,6 @@ fn read_frame(stream: &mut UnixStream) -> (Message, Vec<u8>) {
 fn write(stream: &mut UnixStream, bytes: &[u8]) {
     if stream.write_all(bytes).is_err() {
         std::process::exit(0);
-    }
-}
-
-/// xorshift64*, seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 }
 
@@ -133,14 +122,14 @@ fn misbehave(stream: &mut UnixStream, mode: &str, id: u64, input: &[u8]) {
         "random" => {
             // 64 KiB of random bytes...
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-            let bytes: Vec<u8> = (0..64 * 1024).map(|_| rng.next() as u8).collect();
+            let bytes: Vec<u8> = (0..64 * 1024).map(|_| rng.bits() as u8).collect();
             write(stream, &bytes);
             drain(stream);
         }
         "random_frame" => {
             // ... and random bytes behind a valid length prefix, so they reach the decoder.
             let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-            let head: Vec<u8> = (0..4096).map(|_| rng.next() as u8).collect();
+            let head: Vec<u8> = (0..4096).map(|_| rng.bits() as u8).collect();
             write(stream, &raw_frame(&head, &head));
             drain(stream);
         }

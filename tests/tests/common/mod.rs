@@ -410,3 +410,61 @@ pub fn reset_peak_memory() -> u64 {
 pub fn peak_memory() -> u64 {
     proc_status_bytes("VmHWM")
 }
+
+/// This process's log output, captured by one global `tracing` subscriber. Each write is
+/// one formatted event; only those containing `only` (if given) are kept, so a test that
+/// measures memory does not keep every line.
+#[derive(Clone)]
+pub struct Logs {
+    kept: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    only: Option<&'static str>,
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let wanted = match self.only {
+            Some(needle) => text.contains(needle),
+            None => true,
+        };
+        if wanted {
+            self.kept.lock().unwrap().push(text.into_owned());
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// The events kept so far, one string each.
+    pub fn lines(&self) -> Vec<String> {
+        self.kept.lock().unwrap().clone()
+    }
+
+    /// Everything kept so far.
+    pub fn text(&self) -> String {
+        self.lines().concat()
+    }
+}
+
+/// Installs the subscriber on first use (a process can have only one; the first call's
+/// `level` and `only` hold for the whole test binary) and returns the capture.
+pub fn capture_logs(level: tracing::Level, only: Option<&'static str>) -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs {
+            kept: Default::default(),
+            only,
+        };
+        let writer = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        logs
+    })
+    .clone()
+}
