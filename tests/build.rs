@@ -41,6 +41,8 @@ fn main() {
             "faulty",
             "-p",
             "plugin-host",
+            "-p",
+            "plugin-host-cli",
         ])
         .arg("--bins")
         .arg("--lib")

@@ -31,7 +31,6 @@ pub mod crash;
 pub mod error;
 pub mod manifest;
 pub mod permissions;
-pub mod protocol;
 pub mod sandbox;
 #[doc(hidden)]
 pub mod worker;
@@ -42,6 +41,8 @@ mod loader;
 mod plugin;
 mod status;
 
+/// The wire protocol between the host and its workers (the `plugin-host-protocol` crate).
+pub use plugin_host_protocol as protocol;
 /// Re-exported: manifests expose `semver` versions and requirements.
 pub use semver;
 /// Re-exported: a manifest's `[config]` is a `toml::Table`.

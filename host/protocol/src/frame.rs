@@ -10,20 +10,32 @@ use super::Message;
 
 /// A decoded frame.
 #[derive(Debug, PartialEq)]
-pub(crate) struct Frame {
+pub struct Frame {
+    /// The message header.
     pub message: Message,
+    /// The bulk bytes beside it (a call's input, a reply's output, a configuration).
     pub payload: Vec<u8>,
 }
 
 /// Why a frame could not be read.
 #[derive(Debug)]
-pub(crate) enum FrameError {
+pub enum FrameError {
     /// The peer closed the connection at a frame boundary.
     Eof,
     /// The peer closed the connection in the middle of a frame.
-    Truncated { have: usize, need: usize },
+    Truncated {
+        /// Bytes of the frame received.
+        have: usize,
+        /// Bytes the frame declared.
+        need: usize,
+    },
     /// The declared length exceeds the limit.
-    TooLarge { len: u64, max: u64 },
+    TooLarge {
+        /// The declared length.
+        len: u64,
+        /// The limit in force.
+        max: u64,
+    },
     /// The bytes are not a valid frame or message.
     Malformed(String),
     /// The transport failed.
@@ -50,7 +62,7 @@ impl std::fmt::Display for FrameError {
 }
 
 /// Encodes the length prefix and header for a frame whose payload is `payload_len` bytes.
-pub(crate) fn encode_head(message: &Message, payload_len: usize) -> Vec<u8> {
+pub fn encode_head(message: &Message, payload_len: usize) -> Vec<u8> {
     let mut out = vec![0u8; 8];
     rmp_serde::encode::write_named(&mut out, message).expect("messages always encode");
     let head_len = out.len() - 8;
@@ -117,11 +129,11 @@ fn check_head_len(head_len: usize, body_len: usize) -> Result<(), FrameError> {
 
 /// Largest message header either side accepts, whatever the frame limit: headers carry
 /// names, ids and short texts, never bulk data (that is the payload).
-pub(crate) const MAX_HEADER: usize = 256 * 1024;
+pub const MAX_HEADER: usize = 256 * 1024;
 
 /// Reads one frame from a blocking reader. The payload is read straight into its own
 /// buffer (no copy after the read).
-pub(crate) fn read_frame(reader: &mut impl Read, max: u32) -> Result<Frame, FrameError> {
+pub fn read_frame(reader: &mut impl Read, max: u32) -> Result<Frame, FrameError> {
     let mut len = [0u8; 4];
     read_full(reader, &mut len, true)?;
     let body_len = check_len(u32::from_le_bytes(len), max)?;
@@ -158,17 +170,13 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8], at_boundary: bool) -> Resul
 
 /// Writes one frame to a blocking writer: header and payload in one vectored write where
 /// the OS allows.
-pub(crate) fn write_frame(
-    writer: &mut impl Write,
-    message: &Message,
-    payload: &[u8],
-) -> io::Result<()> {
+pub fn write_frame(writer: &mut impl Write, message: &Message, payload: &[u8]) -> io::Result<()> {
     let head = encode_head(message, payload.len());
     write_all_vectored(writer, &head, payload)
 }
 
 /// Writes `a` then `b` with as few syscalls as the OS allows.
-pub(crate) fn write_all_vectored(writer: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {
+pub fn write_all_vectored(writer: &mut impl Write, a: &[u8], b: &[u8]) -> io::Result<()> {
     let mut slices = [IoSlice::new(a), IoSlice::new(b)];
     let mut bufs = &mut slices[..];
     IoSlice::advance_slices(&mut bufs, 0);
@@ -198,7 +206,7 @@ struct Partial {
 /// Small frames are parsed out of one shared buffer. For a large payload, once its header
 /// is in, the payload gets its own exactly-sized buffer and the socket is read straight
 /// into it: no copy after the read, no zero-filling.
-pub(crate) struct FrameBuffer {
+pub struct FrameBuffer {
     /// Always initialised; valid data is `buf[start..end]`.
     buf: Vec<u8>,
     start: usize,
@@ -208,6 +216,7 @@ pub(crate) struct FrameBuffer {
 }
 
 impl FrameBuffer {
+    /// An empty buffer that refuses frames longer than `max`.
     pub fn new(max: u32) -> Self {
         FrameBuffer {
             buf: vec![0; 64 * 1024],

@@ -3,9 +3,30 @@
 //! implementations.
 //!
 //! The protocol has its own semver ([`VERSION`]), separate from the crates' versions.
+//!
+//! This crate is used by both sides (the host library and the worker) and depends on
+//! nothing of either. A frame is a little-endian `u32` length, a MessagePack map (the
+//! [`Message`]) and the bulk bytes beside it:
+//!
+//! ```
+//! use plugin_host_protocol::frame::{read_frame, write_frame};
+//! use plugin_host_protocol::{check_hello, hello, Message};
+//!
+//! let mut wire = Vec::new();
+//! write_frame(&mut wire, &hello(None, None), &[]).unwrap();
+//! write_frame(&mut wire, &Message::Call { id: 7, method: "greet".into() }, b"input").unwrap();
+//!
+//! let mut reader = &wire[..];
+//! let first = read_frame(&mut reader, 64 * 1024).unwrap();
+//! let Message::Hello { protocol, version, .. } = first.message else { panic!() };
+//! assert!(check_hello(&protocol, &version).is_ok());
+//! let call = read_frame(&mut reader, 64 * 1024).unwrap();
+//! assert_eq!(call.message, Message::Call { id: 7, method: "greet".into() });
+//! assert_eq!(call.payload, b"input");
+//! ```
 
 mod decode;
-pub(crate) mod frame;
+pub mod frame;
 
 use serde::{Deserialize, Serialize};
 
@@ -199,11 +220,11 @@ pub struct WireSandbox {
 /// Socket buffer size both sides ask for: a 1 MiB payload then crosses in a few large
 /// chunks instead of many 200 KiB ones, each costing a wake-up of the other side. The
 /// kernel caps it at `net.core.wmem_max`/`rmem_max`; failures are ignored.
-pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
+pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Applies [`SOCKET_BUFFER`] to a connected Unix socket.
 #[cfg(unix)]
-pub(crate) fn tune_socket(fd: impl std::os::fd::AsFd) {
+pub fn tune_socket(fd: impl std::os::fd::AsFd) {
     let _ = rustix::net::sockopt::set_socket_send_buffer_size(&fd, SOCKET_BUFFER);
     let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, SOCKET_BUFFER);
 }
