@@ -9,9 +9,6 @@ use crate::manifest::{Manifest, Trust};
 use crate::permissions::{Grant, PermissionRequest, Policy};
 use crate::plugin::Plugin;
 
-/// Environment variable naming the `worker-shim` executable.
-pub const WORKER_SHIM_ENV: &str = "PLUGIN_HOST_WORKER_SHIM";
-
 /// Configures a [`Host`].
 #[derive(Clone, Default)]
 pub struct HostBuilder {
@@ -170,7 +167,7 @@ impl Host {
         grant: Grant,
     ) -> Result<Plugin, Error> {
         use crate::backend::isolated::{Isolated, Spec};
-        let shim = self.worker_shim(&manifest.name)?;
+        let shim = crate::locate::worker(self.config.worker_shim.as_deref(), &manifest.name)?;
         let sandbox = crate::sandbox::plan(
             &manifest.name,
             &library,
@@ -206,54 +203,6 @@ impl Host {
             message: "untrusted plugins need the worker process, which is only implemented on Unix so far".into(),
         }
         .into())
-    }
-
-    /// Finds the worker-shim: the builder's setting, else `PLUGIN_HOST_WORKER_SHIM`, else
-    /// next to the current executable (or one directory up, for test binaries in
-    /// `target/*/deps`).
-    fn worker_shim(&self, plugin: &str) -> Result<PathBuf, LoadError> {
-        let file = format!("worker-shim{}", std::env::consts::EXE_SUFFIX);
-        let missing = |shim: PathBuf, reason: String| LoadError::WorkerSpawn {
-            plugin: plugin.to_string(),
-            shim,
-            reason,
-        };
-        // An explicit setting is authoritative: a wrong path is an error, not a fallback.
-        if let Some(shim) = &self.config.worker_shim {
-            return match shim.is_file() {
-                true => Ok(shim.clone()),
-                false => Err(missing(
-                    shim.clone(),
-                    "HostBuilder::worker_shim names no file".into(),
-                )),
-            };
-        }
-        if let Some(shim) = std::env::var_os(WORKER_SHIM_ENV).filter(|v| !v.is_empty()) {
-            let shim = PathBuf::from(shim);
-            return match shim.is_file() {
-                true => Ok(shim),
-                false => Err(missing(shim, format!("{WORKER_SHIM_ENV} names no file"))),
-            };
-        }
-        let exe = std::env::current_exe().ok();
-        let dir = exe.as_deref().and_then(Path::parent);
-        let candidates: Vec<PathBuf> = [dir, dir.and_then(Path::parent)]
-            .into_iter()
-            .flatten()
-            .map(|d| d.join(&file))
-            .collect();
-        if let Some(found) = candidates.iter().find(|c| c.is_file()) {
-            return Ok(found.clone());
-        }
-        let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
-        Err(missing(
-            PathBuf::from(&file),
-            format!(
-                "no worker-shim found (tried: {}); build it (cargo build -p plugin-host) and set \
-                 HostBuilder::worker_shim or {WORKER_SHIM_ENV}",
-                tried.join(", ")
-            ),
-        ))
     }
 
     /// [`load`](Self::load) for code without an async runtime: blocks this thread.

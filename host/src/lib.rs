@@ -38,6 +38,7 @@ pub mod worker;
 mod backend;
 mod host;
 mod loader;
+mod locate;
 mod plugin;
 mod status;
 
@@ -51,6 +52,7 @@ pub use toml;
 pub use crash::{CrashReport, ExitInfo, LimitExceeded};
 pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
 pub use host::{Host, HostBuilder};
+pub use locate::WORKER_SHIM_ENV;
 pub use manifest::{Manifest, Trust};
 pub use permissions::{Grant, GrantStore, PermissionRequest, Permissions, SandboxMode};
 pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
