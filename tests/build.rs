@@ -21,6 +21,8 @@ fn main() {
         "plugin-api",
         "host/src",
         "host/Cargo.toml",
+        "host/protocol",
+        "host/cli",
         "Cargo.toml",
         "Cargo.lock",
     ] {

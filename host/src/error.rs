@@ -290,6 +290,33 @@ pub enum LoadError {
         /// What failed.
         message: String,
     },
+    /// The host already has a plugin of this name: names identify plugins in a host.
+    #[error(
+        "plugin `{plugin}` is already loaded (from {existing}); a host's plugin names are unique: \
+         unload it first (Host::unload), or rename one of the manifests"
+    )]
+    NameTaken {
+        /// The name.
+        plugin: String,
+        /// Where the loaded one came from (its manifest, or `<inline manifest>`).
+        existing: String,
+    },
+    /// No plugin of this name is loaded in the host.
+    #[error("no plugin `{plugin}` is loaded in this host; loaded: {}", if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") })]
+    NotLoaded {
+        /// The name asked for.
+        plugin: String,
+        /// The names that are loaded.
+        loaded: Vec<String>,
+    },
+    /// The plugin cannot be reloaded.
+    #[error("plugin `{plugin}` cannot be reloaded: {reason}")]
+    ReloadUnsupported {
+        /// The plugin's name.
+        plugin: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
 }
 
 fn stderr_suffix(lines: &[String]) -> String {
@@ -435,6 +462,16 @@ pub enum CallError {
         plugin: String,
         /// The crash that spent the budget.
         report: std::sync::Arc<CrashReport>,
+    },
+    /// The caller cancelled the call through its [`CancelHandle`](crate::CancelHandle).
+    /// The plugin was told (`is_cancelled`) and given `timeouts.cancel_grace` to stop; an
+    /// untrusted plugin's worker still busy after that is restarted.
+    #[error("plugin `{plugin}` method `{method}`: cancelled by the caller")]
+    Cancelled {
+        /// The plugin's name.
+        plugin: String,
+        /// The method.
+        method: String,
     },
     /// The plugin was shut down; load it again to call it.
     #[error("plugin `{plugin}` is stopped; load it again to call it")]

@@ -1,10 +1,12 @@
 //! [`Host`] and [`HostBuilder`]: where plugins are looked for, and loading them.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::backend::in_process::InProcess;
-use crate::error::{Error, LoadError};
+use crate::error::{Error, LoadError, ManifestError, ManifestErrorKind};
 use crate::manifest::{Manifest, Trust};
 use crate::permissions::{Grant, PermissionRequest, Policy};
 use crate::plugin::Plugin;
@@ -16,6 +18,9 @@ pub struct HostBuilder {
     worker_shim: Option<PathBuf>,
     policy: Option<Policy>,
     data_dir: Option<PathBuf>,
+    instances: Option<u32>,
+    idle_timeout: Option<Duration>,
+    watch: Option<Duration>,
 }
 
 impl std::fmt::Debug for HostBuilder {
@@ -28,6 +33,9 @@ impl std::fmt::Debug for HostBuilder {
                 &self.policy.as_ref().map_or("deny all", |_| "custom"),
             )
             .field("data_dir", &self.data_dir)
+            .field("instances", &self.instances)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("watch", &self.watch)
             .finish()
     }
 }
@@ -88,18 +96,118 @@ impl HostBuilder {
         self
     }
 
+    /// How many worker processes serve each untrusted plugin whose manifest does not set
+    /// `instances` (default 1). Calls go to the least-loaded worker; a crash takes down
+    /// only the calls that worker was running.
+    pub fn instances(mut self, n: u32) -> Self {
+        self.instances = Some(n.clamp(1, 64));
+        self
+    }
+
+    /// Stops an untrusted plugin's worker after `timeout` without a call, for plugins whose
+    /// manifest does not set `idle_timeout` (default: never). The next call starts it
+    /// again, paying the cold start. Trusted plugins are never stopped for being idle.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = Some(timeout).filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Watches the library files of the host's untrusted plugins and
+    /// [reloads](crate::Plugin::reload) a plugin when its file changes (polling every
+    /// 500 ms; a change is acted on once the file has stayed the same for one poll). A
+    /// library that fails to load leaves the old one running and is reported (a warning
+    /// in the log and [`PluginEvent::ReloadFailed`](crate::PluginEvent::ReloadFailed)).
+    pub fn watch(mut self, on: bool) -> Self {
+        self.watch = on.then_some(Duration::from_millis(500));
+        self
+    }
+
+    /// [`watch`](Self::watch) with another polling interval.
+    pub fn watch_every(mut self, interval: Duration) -> Self {
+        self.watch = Some(interval.max(Duration::from_millis(10)));
+        self
+    }
+
     /// Builds the host.
     pub fn build(self) -> Result<Host, Error> {
-        Ok(Host {
-            config: Arc::new(self),
-        })
+        let watch = self.watch;
+        let shared = Arc::new(Shared {
+            config: self,
+            registry: Mutex::new(Registry::default()),
+        });
+        if let Some(interval) = watch {
+            crate::watch::start(Arc::downgrade(&shared), interval);
+        }
+        Ok(Host { shared })
     }
 }
 
-/// Loads plugins. Cheap to clone; plugins it loaded live on independently of it.
-#[derive(Clone, Debug)]
+/// What a host owns: its configuration and its plugins.
+pub(crate) struct Shared {
+    config: HostBuilder,
+    registry: Mutex<Registry>,
+}
+
+impl Shared {
+    /// The registry, without the plugins shut down since (a stopped plugin gives up its
+    /// name).
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.plugins.retain(|_, p| !p.is_stopped());
+        registry
+    }
+
+    /// The plugins loaded now.
+    pub(crate) fn plugins(&self) -> Vec<Plugin> {
+        self.registry().plugins.values().cloned().collect()
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    plugins: BTreeMap<String, Plugin>,
+    /// Names being loaded now (reserved, so two loads of one name cannot both win).
+    loading: BTreeSet<String>,
+}
+
+/// Frees a reserved name if its load does not finish.
+struct Reservation<'a> {
+    shared: &'a Shared,
+    name: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.shared.registry().loading.remove(&self.name);
+    }
+}
+
+/// What [`Host::load_dir`] loaded and what it could not.
+#[derive(Debug, Default)]
+pub struct DirLoad {
+    /// The plugins loaded, in manifest path order.
+    pub loaded: Vec<Plugin>,
+    /// Each manifest that did not load: its path and why.
+    pub failed: Vec<(PathBuf, Error)>,
+}
+
+/// Loads plugins and keeps them: a registry by name ([`get`](Self::get),
+/// [`plugins`](Self::plugins), [`unload`](Self::unload), [`shutdown`](Self::shutdown)).
+/// Cheap to clone: clones share the registry. A [`Plugin`] handle it returned stays usable
+/// on its own; a plugin stops when it is unloaded (or shut down), or when the host and
+/// every handle to it are gone.
+#[derive(Clone)]
 pub struct Host {
-    config: Arc<HostBuilder>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("config", &self.shared.config)
+            .field("plugins", &self.names())
+            .finish()
+    }
 }
 
 impl Host {
@@ -110,18 +218,151 @@ impl Host {
 
     /// The directories library base names are looked up in.
     pub fn search_paths(&self) -> &[PathBuf] {
-        &self.config.search_paths
+        &self.shared.config.search_paths
     }
 
-    /// Reads the manifest at `path` and loads its plugin.
+    /// Reads the manifest at `path`, loads its plugin and keeps it under its name.
     pub async fn load(&self, path: impl AsRef<Path>) -> Result<Plugin, Error> {
         let path = path.as_ref().to_path_buf();
         let manifest = blocking::unblock(move || Manifest::from_file(path)).await?;
         self.load_manifest(manifest).await
     }
 
-    /// Loads the plugin an already parsed manifest describes.
+    /// Loads the plugin an already parsed manifest describes and keeps it under its name.
+    /// A name already loaded (or being loaded) in this host is
+    /// [`LoadError::NameTaken`].
     pub async fn load_manifest(&self, manifest: Manifest) -> Result<Plugin, Error> {
+        let reservation = self.reserve(&manifest)?;
+        let plugin = self.start(manifest).await?;
+        let mut registry = self.shared.registry();
+        registry
+            .plugins
+            .insert(reservation.name.clone(), plugin.clone());
+        drop(registry);
+        drop(reservation);
+        Ok(plugin)
+    }
+
+    /// Loads every manifest under `dir` (as [`manifest::discover`](crate::manifest::discover)
+    /// finds them: `plugin.toml` and `*.plugin.toml`, three levels deep), at the same time.
+    /// One that fails is reported with its path; the others still load. Fails as a whole
+    /// only when `dir` cannot be read.
+    pub async fn load_dir(&self, dir: impl AsRef<Path>) -> Result<DirLoad, Error> {
+        let dir = dir.as_ref().to_path_buf();
+        let found = {
+            let dir = dir.clone();
+            blocking::unblock(move || crate::manifest::discover(dir)).await
+        }
+        .map_err(|e| ManifestError {
+            path: dir.clone(),
+            field: String::new(),
+            kind: ManifestErrorKind::Io,
+            message: format!("cannot read the plugin directory: {e}"),
+        })?;
+        let loads = found.into_iter().map(|(path, manifest)| async move {
+            let result = match manifest {
+                Ok(manifest) => self.load_manifest(manifest).await,
+                Err(e) => Err(Error::from(e)),
+            };
+            (path, result)
+        });
+        let mut report = DirLoad::default();
+        for (path, result) in crate::backend::join_all(loads.collect()).await {
+            match result {
+                Ok(plugin) => report.loaded.push(plugin),
+                Err(error) => {
+                    tracing::warn!(manifest = %path.display(), "{error}");
+                    report.failed.push((path, error));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The plugin loaded under `name`.
+    pub fn get(&self, name: &str) -> Option<Plugin> {
+        self.shared.registry().plugins.get(name).cloned()
+    }
+
+    /// Every plugin loaded, by name.
+    pub fn plugins(&self) -> Vec<Plugin> {
+        self.shared.plugins()
+    }
+
+    /// The names of the plugins loaded, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.shared.registry().plugins.keys().cloned().collect()
+    }
+
+    /// Removes the plugin `name` from the host and shuts it down (the same as
+    /// [`Plugin::shutdown`], which also gives up the name) (calls in flight get its
+    /// manifest's `timeouts.shutdown` to finish). Handles to it still held elsewhere then
+    /// fail with [`CallError::Stopped`](crate::CallError::Stopped).
+    pub async fn unload(&self, name: &str) -> Result<(), Error> {
+        let plugin = {
+            let mut registry = self.shared.registry();
+            match registry.plugins.remove(name) {
+                Some(p) => p,
+                None => {
+                    return Err(LoadError::NotLoaded {
+                        plugin: name.to_string(),
+                        loaded: registry.plugins.keys().cloned().collect(),
+                    }
+                    .into())
+                }
+            }
+        };
+        plugin.shutdown().await;
+        Ok(())
+    }
+
+    /// Shuts every plugin down at once (each with its manifest's `timeouts.shutdown`
+    /// grace for calls in flight) and empties the registry; returns when every worker
+    /// has exited.
+    pub async fn shutdown(&self) {
+        let plugins: Vec<Plugin> = {
+            let mut registry = self.shared.registry();
+            std::mem::take(&mut registry.plugins)
+                .into_values()
+                .collect()
+        };
+        let stops: Vec<_> = plugins.iter().map(|p| p.shutdown()).collect();
+        crate::backend::join_all(stops).await;
+    }
+
+    /// Reserves the manifest's name for a load in progress.
+    fn reserve(&self, manifest: &Manifest) -> Result<Reservation<'_>, LoadError> {
+        let mut registry = self.shared.registry();
+        let name = manifest.name.clone();
+        let existing = match registry.plugins.get(&name) {
+            Some(p) => Some(
+                p.manifest()
+                    .path
+                    .as_ref()
+                    .map_or("an inline manifest".to_string(), |p| {
+                        p.display().to_string()
+                    }),
+            ),
+            None if registry.loading.contains(&name) => {
+                Some("a load still in progress".to_string())
+            }
+            None => None,
+        };
+        if let Some(existing) = existing {
+            return Err(LoadError::NameTaken {
+                plugin: name,
+                existing,
+            });
+        }
+        registry.loading.insert(name.clone());
+        Ok(Reservation {
+            shared: &self.shared,
+            name,
+        })
+    }
+
+    /// Starts the plugin a manifest describes (no registry).
+    async fn start(&self, manifest: Manifest) -> Result<Plugin, Error> {
         let host_abi = crate::abi_version();
         if !manifest.api.matches(&host_abi) {
             return Err(LoadError::ApiRequirement {
@@ -131,11 +372,11 @@ impl Host {
             }
             .into());
         }
-        let library = manifest.resolve_library(&self.config.search_paths)?;
+        let library = manifest.resolve_library(&self.shared.config.search_paths)?;
         // An absolute path, so the system loader never searches its own paths instead.
         let library = library.canonicalize().unwrap_or(library);
         let request = PermissionRequest::from_manifest(&manifest);
-        let grant = match &self.config.policy {
+        let grant = match &self.shared.config.policy {
             Some(policy) => policy(&request),
             None => Grant::deny_all(),
         }
@@ -148,12 +389,19 @@ impl Host {
         }
         match grant.trust {
             Trust::Trusted => {
+                let path = library.clone();
                 let (backend, info, manifest) = blocking::unblock(move || {
-                    InProcess::load(&manifest, &library).map(|(b, i)| (b, i, manifest))
+                    InProcess::load(&manifest, &path).map(|(b, i)| (b, i, manifest))
                 })
                 .await?;
                 tracing::info!(plugin = %info.name, version = %info.version, "loaded in-process");
-                Ok(Plugin::new(manifest, info, grant, Box::new(backend)))
+                Ok(Plugin::new(
+                    manifest,
+                    library,
+                    info,
+                    grant,
+                    Box::new(backend),
+                ))
             }
             Trust::Untrusted => self.load_isolated(manifest, library, grant).await,
         }
@@ -167,17 +415,14 @@ impl Host {
         grant: Grant,
     ) -> Result<Plugin, Error> {
         use crate::backend::isolated::{Isolated, Spec};
-        let shim = crate::locate::worker(self.config.worker_shim.as_deref(), &manifest.name)?;
-        let sandbox = crate::sandbox::plan(
-            &manifest.name,
-            &library,
-            &grant,
-            self.config.data_dir.as_deref(),
-        )?;
+        let config = &self.shared.config;
+        let shim = crate::locate::worker(config.worker_shim.as_deref(), &manifest.name)?;
+        let sandbox =
+            crate::sandbox::plan(&manifest.name, &library, &grant, config.data_dir.as_deref())?;
         let spec = Spec {
             plugin: manifest.name.as_str().into(),
             shim,
-            library,
+            library: library.clone(),
             config: manifest.config_bytes(),
             limits: manifest.limits.clone(),
             timeouts: manifest.timeouts.clone(),
@@ -185,10 +430,19 @@ impl Host {
             sandbox: sandbox.wire,
             env: sandbox.env,
             tmp_dir: sandbox.tmp_dir,
+            instances: manifest.instances.or(config.instances).unwrap_or(1) as usize,
+            idle_timeout: manifest.idle_timeout.or(config.idle_timeout),
         };
+        let instances = spec.instances;
         let (backend, info) = Isolated::load(spec).await?;
-        tracing::info!(plugin = %info.name, version = %info.version, "loaded in a worker process");
-        Ok(Plugin::new(manifest, info, grant, Box::new(backend)))
+        tracing::info!(plugin = %info.name, version = %info.version, instances, "loaded in worker processes");
+        Ok(Plugin::new(
+            manifest,
+            library,
+            info,
+            grant,
+            Box::new(backend),
+        ))
     }
 
     #[cfg(not(unix))]

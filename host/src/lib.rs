@@ -27,6 +27,7 @@
 //! Errors say which plugin, which method and what to do next: see [`Error`].
 //! `docs/guide.md` is the app developer's guide; `docs/manifest.md` the manifest reference.
 
+mod cancel;
 pub mod crash;
 pub mod error;
 pub mod manifest;
@@ -41,6 +42,7 @@ mod loader;
 mod locate;
 mod plugin;
 mod status;
+mod watch;
 
 /// The wire protocol between the host and its workers (the `plugin-host-protocol` crate).
 pub use plugin_host_protocol as protocol;
@@ -49,14 +51,17 @@ pub use semver;
 /// Re-exported: a manifest's `[config]` is a `toml::Table`.
 pub use toml;
 
+/// Re-exported: [`Plugin::subscribe`] hands out an `async_channel::Receiver`.
+pub use async_channel;
+pub use cancel::CancelHandle;
 pub use crash::{CrashReport, ExitInfo, LimitExceeded};
 pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
-pub use host::{Host, HostBuilder};
+pub use host::{DirLoad, Host, HostBuilder};
 pub use locate::WORKER_SHIM_ENV;
 pub use manifest::{Manifest, Trust};
 pub use permissions::{Grant, GrantStore, PermissionRequest, Permissions, SandboxMode};
 pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
-pub use status::{PluginEvent, PluginState, Status};
+pub use status::{EventReceiver, InstanceStatus, PluginEvent, PluginState, Status};
 
 /// The plugin ABI version this host implements, as semver (major.minor.0).
 pub fn abi_version() -> semver::Version {

@@ -190,6 +190,17 @@ pub struct Manifest {
     pub limits: Limits,
     /// `[restart]`.
     pub restart: RestartPolicy,
+    /// How many worker processes serve this plugin (`instances`, 1 to 64; untrusted
+    /// plugins only). `None`: the host's default ([`HostBuilder::instances`], else 1).
+    ///
+    /// [`HostBuilder::instances`]: crate::HostBuilder::instances
+    pub instances: Option<u32>,
+    /// Stop a worker that had no call for this long (`idle_timeout`, a duration; untrusted
+    /// plugins only); the next call starts it again. `None`: the host's default
+    /// ([`HostBuilder::idle_timeout`], else never).
+    ///
+    /// [`HostBuilder::idle_timeout`]: crate::HostBuilder::idle_timeout
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A manifest field reader that knows which file and section it is in.
@@ -493,6 +504,8 @@ const TOP_LEVEL: &[&str] = &[
     "timeouts",
     "limits",
     "restart",
+    "instances",
+    "idle_timeout",
 ];
 
 impl Manifest {
@@ -721,6 +734,16 @@ impl Manifest {
             }
         }
 
+        let instances = top.integer(&table, "instances", 1, 64)?.map(|n| n as u32);
+        let idle_timeout = top.duration(&table, "idle_timeout")?;
+        if idle_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(top.err(
+                "idle_timeout",
+                ManifestErrorKind::InvalidValue,
+                "must be longer than zero; leave it out to keep workers running",
+            ));
+        }
+
         Ok(Manifest {
             path: None,
             name: name.to_string(),
@@ -735,6 +758,8 @@ impl Manifest {
             timeouts,
             limits,
             restart,
+            instances,
+            idle_timeout,
         })
     }
 

@@ -1,19 +1,21 @@
 //! The handle an application holds for a loaded plugin: calls (typed, raw, blocking),
 //! per-call options (deadline, progress), introspection and shutdown.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::backend::{Backend, CallRequest, ProgressFn};
+use crate::cancel::CancelHandle;
 use crate::error::{CallError, Error};
 use crate::loader::Descriptor;
 use crate::manifest::{Manifest, Trust};
 use crate::permissions::{Grant, PermissionRequest};
-use crate::status::{PluginEvent, PluginState, Status};
+use crate::status::{EventReceiver, PluginState, Status};
 
 /// What a loaded plugin says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,11 +69,13 @@ impl Progress {
     }
 }
 
-/// Options for one call: a deadline other than the manifest's, and a progress callback.
+/// Options for one call: a deadline other than the manifest's, a progress callback, a
+/// cancellation handle.
 #[derive(Clone, Default)]
 pub struct CallOptions {
     timeout: Option<Duration>,
     progress: Option<ProgressFn>,
+    cancel: Option<CancelHandle>,
 }
 
 impl CallOptions {
@@ -92,6 +96,13 @@ impl CallOptions {
         self.progress = Some(Arc::new(f));
         self
     }
+
+    /// Lets `handle` cancel this call from another task or thread, without dropping the
+    /// call's future: see [`CancelHandle`].
+    pub fn cancel(mut self, handle: &CancelHandle) -> Self {
+        self.cancel = Some(handle.clone());
+        self
+    }
 }
 
 impl std::fmt::Debug for CallOptions {
@@ -99,18 +110,33 @@ impl std::fmt::Debug for CallOptions {
         f.debug_struct("CallOptions")
             .field("timeout", &self.timeout)
             .field("progress", &self.progress.is_some())
+            .field("cancel", &self.cancel)
             .finish()
     }
 }
 
 struct Inner {
     manifest: Manifest,
-    info: PluginInfo,
+    name: String,
+    /// The library file it runs (resolved, absolute when it could be).
+    library: PathBuf,
+    /// Replaced by a reload.
+    info: RwLock<Arc<PluginInfo>>,
+    /// The library file as it was when the running version was loaded (for the watcher).
+    stamp: std::sync::Mutex<Option<crate::watch::Stamp>>,
     backend: Box<dyn Backend>,
+    grant: Grant,
     stopped: AtomicBool,
     next_id: AtomicU64,
     calls: AtomicU64,
     failures: AtomicU64,
+}
+
+impl Inner {
+    /// What the app's policy granted (fixed at load; a reload keeps it).
+    fn manifest_grant(&self) -> &Grant {
+        &self.grant
+    }
 }
 
 /// A loaded plugin. Cheap to clone: clones share the same plugin instance (or worker), and
@@ -126,9 +152,9 @@ pub struct Plugin {
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
-            .field("name", &self.inner.info.name)
-            .field("version", &self.inner.info.version)
-            .field("trust", &self.inner.manifest.trust)
+            .field("name", &self.inner.name)
+            .field("version", &self.info().version)
+            .field("trust", &self.trust())
             .finish()
     }
 }
@@ -136,17 +162,23 @@ impl std::fmt::Debug for Plugin {
 impl Plugin {
     pub(crate) fn new(
         manifest: Manifest,
+        library: PathBuf,
         mut info: PluginInfo,
         grant: Grant,
         backend: Box<dyn Backend>,
     ) -> Plugin {
         info.requested = Some(PermissionRequest::from_manifest(&manifest));
-        info.granted = grant;
+        info.granted = grant.clone();
+        let stamp = crate::watch::stamp(&library);
         Plugin {
             inner: Arc::new(Inner {
+                name: info.name.clone(),
                 manifest,
-                info,
+                library,
+                info: RwLock::new(Arc::new(info)),
+                stamp: std::sync::Mutex::new(stamp),
                 backend,
+                grant,
                 stopped: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 calls: AtomicU64::new(0),
@@ -157,27 +189,45 @@ impl Plugin {
 
     /// The plugin's name (from its manifest).
     pub fn name(&self) -> &str {
-        &self.inner.info.name
+        &self.inner.name
     }
 
-    /// The version the library declares.
-    pub fn version(&self) -> &str {
-        &self.inner.info.version
+    /// The version the library declares (the new library's after a [`reload`](Self::reload)).
+    pub fn version(&self) -> String {
+        self.info().version.clone()
     }
 
     /// The methods the plugin exposes.
-    pub fn methods(&self) -> &[String] {
-        &self.inner.info.methods
+    pub fn methods(&self) -> Vec<String> {
+        self.info().methods.clone()
     }
 
     /// Whether the plugin exposes `method`.
     pub fn has_method(&self, method: &str) -> bool {
-        self.inner.info.methods.iter().any(|m| m == method)
+        self.info().methods.iter().any(|m| m == method)
     }
 
-    /// Everything the plugin said about itself when it loaded.
-    pub fn info(&self) -> &PluginInfo {
-        &self.inner.info
+    /// Everything the plugin said about itself when it loaded (or last reloaded).
+    pub fn info(&self) -> Arc<PluginInfo> {
+        self.inner
+            .info
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The library file's stamp when the running version was loaded.
+    pub(crate) fn loaded_stamp(&self) -> Option<crate::watch::Stamp> {
+        self.inner
+            .stamp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The library file the plugin runs, as resolved from its manifest.
+    pub fn library_path(&self) -> &Path {
+        &self.inner.library
     }
 
     /// The manifest it was loaded from.
@@ -188,14 +238,14 @@ impl Plugin {
     /// Whether it runs in-process (trusted) or in a worker process (untrusted): what the
     /// app's policy granted, which may be less than the manifest requested.
     pub fn trust(&self) -> Trust {
-        self.inner.info.granted.trust
+        self.inner.manifest_grant().trust
     }
 
     /// What the plugin got: the intersection of its manifest's request and the app's
     /// grant. Compare with [`manifest().permissions`](Manifest::permissions) for what it
     /// asked.
     pub fn grant(&self) -> &Grant {
-        &self.inner.info.granted
+        self.inner.manifest_grant()
     }
 
     /// Calls `method` with `input` encoded as MessagePack and decodes the output as `O`.
@@ -287,7 +337,7 @@ impl Plugin {
             return Err(CallError::UnknownMethod {
                 plugin: self.name().to_string(),
                 method: method.to_string(),
-                available: inner.info.methods.clone(),
+                available: self.methods(),
             });
         }
         let deadline = options.timeout.unwrap_or(inner.manifest.timeouts.call);
@@ -300,6 +350,7 @@ impl Plugin {
                 input,
                 progress: options.progress,
                 deadline,
+                cancel: options.cancel,
             })
             .await
     }
@@ -323,7 +374,8 @@ impl Plugin {
     }
 
     /// Stops the plugin: new calls fail with [`CallError::Stopped`], calls in flight get up
-    /// to the manifest's `timeouts.shutdown` to finish.
+    /// to the manifest's `timeouts.shutdown` to finish. The host that loaded it forgets
+    /// it (its name is free to load again).
     pub async fn shutdown(&self) {
         self.inner.stopped.store(true, Ordering::Release);
         self.inner
@@ -357,20 +409,54 @@ impl Plugin {
             last_crash: backend.last_crash,
             sandbox: backend.sandbox,
             sandbox_missing: backend.sandbox_missing,
+            instances: backend.instances,
         }
     }
 
-    /// Lifecycle events from now on (crashes, restarts, quarantine, stop). Each call
-    /// returns a new receiver; drop it to unsubscribe. A receiver more than 256 events
-    /// behind is dropped.
-    pub fn subscribe(&self) -> async_channel::Receiver<PluginEvent> {
+    /// Lifecycle events from now on (crashes, restarts, quarantine, idle, reload, stop).
+    /// Each call returns a new receiver; drop it to unsubscribe. A receiver more than 256
+    /// events behind is dropped.
+    pub fn subscribe(&self) -> EventReceiver {
         self.inner.backend.subscribe()
     }
 
-    /// Lifts a quarantine: forgets the crash history and starts a fresh worker. Does
-    /// nothing for a plugin that is not quarantined.
-    pub async fn enable(&self) {
+    /// Lifts a quarantine: forgets the crash history and starts fresh workers; returns
+    /// once they are up (or failed again). Returns `false`, and does nothing, when the
+    /// plugin was not quarantined.
+    pub async fn enable(&self) -> bool {
         self.inner.backend.enable().await
+    }
+
+    /// Switches an untrusted plugin to its library as it is on disk now, without losing a
+    /// call: fresh workers load the library and handshake first; only then do new calls
+    /// go to them, while the old workers finish the calls they hold (for up to the
+    /// manifest's `timeouts.shutdown`) and exit. If the new library fails to load, the
+    /// old workers keep serving and the load error is returned (and sent as
+    /// [`PluginEvent::ReloadFailed`](crate::PluginEvent::ReloadFailed)).
+    ///
+    /// Replace the library file atomically (write a new file, then rename it over the
+    /// old one): overwriting it in place can crash the workers that have it mapped.
+    ///
+    /// A trusted plugin cannot be reloaded (a library loaded in-process cannot be
+    /// unloaded safely): that is [`LoadError::ReloadUnsupported`](crate::LoadError::ReloadUnsupported).
+    pub async fn reload(&self) -> Result<(), Error> {
+        if self.is_stopped() {
+            return Err(CallError::Stopped {
+                plugin: self.name().to_string(),
+            }
+            .into());
+        }
+        let stamp = crate::watch::stamp(&self.inner.library);
+        let result = self.inner.backend.reload().await;
+        // A failed version is not retried by the watcher until the file changes again.
+        *self.inner.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        let desc = result?;
+        let mut info = self.inner.info.write().unwrap_or_else(|e| e.into_inner());
+        let mut fresh = PluginInfo::new(&self.inner.name, &desc);
+        fresh.requested = info.requested.clone();
+        fresh.granted = info.granted.clone();
+        *info = Arc::new(fresh);
+        Ok(())
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

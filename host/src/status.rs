@@ -17,6 +17,9 @@ pub enum PluginState {
     Ready,
     /// Its worker died and a fresh one is being started (after a backoff).
     Restarting,
+    /// Its workers were stopped after `idle_timeout` without a call; the next call starts
+    /// one again (and pays the cold start).
+    Idle,
     /// It crashed more often than its restart policy allows; calls fail at once with
     /// [`CallError::Quarantined`](crate::CallError::Quarantined) until
     /// [`Plugin::enable`](crate::Plugin::enable).
@@ -45,6 +48,9 @@ pub struct Status {
     pub pid: Option<u32>,
     /// The most recent crash.
     pub last_crash: Option<Arc<CrashReport>>,
+    /// One entry per worker process of a pool (`instances`); a single entry for a plugin
+    /// with one worker, and for an in-process plugin.
+    pub instances: Vec<InstanceStatus>,
     /// The sandbox layers in force in the current worker (for example `landlock
     /// filesystem`, `seccomp`, `pid namespace`); empty for in-process plugins, a stopped
     /// worker, or the sandbox turned off.
@@ -53,8 +59,29 @@ pub struct Status {
     pub sandbox_missing: Vec<String>,
 }
 
-/// A lifecycle event.
+/// One worker of a plugin's pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Its index in the pool, from 0.
+    pub index: usize,
+    /// Its state: `Ready`, `Restarting` (also while it starts again after being idle),
+    /// `Idle`, `Quarantined` or `Stopped`.
+    pub state: PluginState,
+    /// Its worker's process id, while one runs.
+    pub pid: Option<u32>,
+    /// How long its worker has been up.
+    pub uptime: Option<Duration>,
+    /// Calls it is running now.
+    pub in_flight: usize,
+}
+
+/// What [`Plugin::subscribe`](crate::Plugin::subscribe) returns: a receiver of lifecycle
+/// events (`recv().await`, `recv_blocking()`, `try_recv()`; it is also a `Stream`).
+pub type EventReceiver = async_channel::Receiver<PluginEvent>;
+
+/// A lifecycle event. New kinds may be added: match with a wildcard arm.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum PluginEvent {
     /// The worker crashed (or was killed by the host); the report says how.
     Crashed(Arc<CrashReport>),
@@ -69,6 +96,32 @@ pub enum PluginEvent {
     Quarantined(Arc<CrashReport>),
     /// The application re-enabled a quarantined plugin.
     Enabled,
+    /// A worker had no call for `idle_timeout` and was stopped; the next call starts it
+    /// again.
+    Idle {
+        /// Which instance of the pool.
+        instance: usize,
+        /// The process id it had.
+        pid: u32,
+    },
+    /// An idle instance was started again for a call.
+    Woke {
+        /// Which instance of the pool.
+        instance: usize,
+        /// The new worker's process id.
+        pid: u32,
+    },
+    /// [`Plugin::reload`](crate::Plugin::reload) switched the plugin to the library as it
+    /// is on disk now.
+    Reloaded {
+        /// The version the new library declares.
+        version: String,
+    },
+    /// A reload failed; the plugin keeps running the library it had.
+    ReloadFailed {
+        /// Why (the load error, as text).
+        error: String,
+    },
     /// The plugin was shut down.
     Stopped,
 }

@@ -82,6 +82,7 @@ fn past_the_crash_budget_the_plugin_is_quarantined_until_enabled() {
             PluginEvent::Quarantined(_) => "quarantined",
             PluginEvent::Enabled => "enabled",
             PluginEvent::Stopped => "stopped",
+            _ => "other",
         })
         .collect();
     assert_eq!(

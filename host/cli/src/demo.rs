@@ -159,6 +159,8 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
     println!("\n-- 4. a call that never returns");
     let mut manifest = Manifest::from_file(dir.join("faulty/plugin.toml"))?;
     manifest.timeouts.cancel_grace = Duration::from_millis(300);
+    // A second instance of the plugin in this host: names are unique, so it gets its own.
+    manifest.name = "faulty-stuck".into();
     let stuck = host.load_manifest(manifest).await?;
     let events = stuck.subscribe();
     let started = Instant::now();
@@ -184,6 +186,7 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
     println!("\n-- 5. a plugin that keeps crashing is quarantined");
     let mut manifest = Manifest::from_file(dir.join("faulty/plugin.toml"))?;
     manifest.restart.max_crashes = 2;
+    manifest.name = "faulty-flaky".into();
     let flaky = host.load_manifest(manifest).await?;
     let events = flaky.subscribe();
     println!(
@@ -281,6 +284,7 @@ fn print_event(event: &PluginEvent) {
         }
         PluginEvent::Enabled => println!("  [event] enabled"),
         PluginEvent::Stopped => println!("  [event] stopped"),
+        other => println!("  [event] {other:?}"),
     }
 }
 

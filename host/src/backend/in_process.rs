@@ -7,9 +7,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{
-    outcome, timeout, Backend, BackendStatus, BoxFuture, CallRequest, ProgressFn,
+    cancelled as cancelled_error, outcome, timeout, Backend, BackendStatus, BoxFuture, CallRequest,
+    ProgressFn,
 };
+use crate::cancel::CancelHandle;
 use crate::error::{CallError, LoadError};
+use crate::loader::Descriptor;
+use crate::status::InstanceStatus;
+
+/// Sets the call's `is_cancelled` flag when the call's future ends before the plugin
+/// returned (dropped, timed out or cancelled).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
 use crate::loader::{emit_log, HostServices, Instance, Library};
 use crate::manifest::Manifest;
 use crate::plugin::{PluginInfo, Progress};
@@ -94,6 +108,13 @@ impl InProcess {
     }
 }
 
+impl InProcess {
+    /// Calls running now: each holds a reference to the instance.
+    fn in_flight(&self) -> usize {
+        Arc::strong_count(&self.instance).saturating_sub(1)
+    }
+}
+
 impl Backend for InProcess {
     fn call(&self, call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>> {
         let (name, methods, instance) = (
@@ -103,6 +124,10 @@ impl Backend for InProcess {
         );
         let cancelled = Arc::new(AtomicBool::new(false));
         let flag = cancelled.clone();
+        if call.cancel.as_ref().is_some_and(CancelHandle::is_cancelled) {
+            let error = cancelled_error(&self.name, &call.method);
+            return Box::pin(async move { Err(error) });
+        }
         let method = call.method.clone();
         let work = blocking::unblock(move || {
             let services = CallServices {
@@ -120,18 +145,35 @@ impl Backend for InProcess {
             )
         });
         let name = self.name.clone();
+        // Dropping the call's future (or cancelling it) tells the plugin: the thread
+        // cannot be stopped, but `is_cancelled` turns true.
+        let guard = CancelOnDrop(cancelled);
         Box::pin(async move {
-            let timer = async {
-                smol::Timer::after(call.deadline).await;
-                None
+            let guard = guard;
+            let cancel = call.cancel.clone();
+            let stop = async {
+                futures_lite::future::or(
+                    async {
+                        smol::Timer::after(call.deadline).await;
+                        Some(timeout(&name, &method, call.deadline))
+                    },
+                    async {
+                        crate::cancel::cancelled(cancel.as_ref()).await;
+                        Some(cancelled_error(&name, &method))
+                    },
+                )
+                .await
             };
-            match futures_lite::future::or(async { Some(work.await) }, timer).await {
-                Some(result) => result,
-                None => {
-                    // The thread cannot be stopped: tell the plugin and let it finish.
-                    cancelled.store(true, Ordering::Release);
-                    Err(timeout(&name, &method, call.deadline))
+            let result =
+                futures_lite::future::or(async { Err(work.await) }, async { Ok(stop.await) }).await;
+            match result {
+                Err(result) => {
+                    guard.0.store(false, Ordering::Relaxed);
+                    std::mem::forget(guard);
+                    result
                 }
+                Ok(Some(error)) => Err(error),
+                Ok(None) => unreachable!("the stop future only ends with an error"),
             }
         })
     }
@@ -148,6 +190,13 @@ impl Backend for InProcess {
             state: PluginState::Ready,
             crashes: 0,
             restarts: 0,
+            instances: vec![InstanceStatus {
+                index: 0,
+                state: PluginState::Ready,
+                pid: None,
+                uptime: Some(self.loaded.elapsed()),
+                in_flight: self.in_flight(),
+            }],
             uptime: Some(self.loaded.elapsed()),
             pid: None,
             last_crash: None,
@@ -160,8 +209,19 @@ impl Backend for InProcess {
         self.events.subscribe()
     }
 
-    fn enable(&self) -> BoxFuture<()> {
+    fn enable(&self) -> BoxFuture<bool> {
         // An in-process plugin is never quarantined.
-        Box::pin(async {})
+        Box::pin(async { false })
+    }
+
+    fn reload(&self) -> BoxFuture<Result<Descriptor, LoadError>> {
+        let error = LoadError::ReloadUnsupported {
+            plugin: self.name.to_string(),
+            reason: "it runs in-process (trusted), and a loaded library cannot be unloaded \
+                     safely (its threads and thread-local destructors may still run its code); \
+                     restart the application, or load it untrusted to reload it in a worker"
+                .into(),
+        };
+        Box::pin(async move { Err(error) })
     }
 }

@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use plugin_api::abi::status;
 
+use crate::cancel::CancelHandle;
 use crate::crash::CrashReport;
-use crate::error::CallError;
+use crate::error::{CallError, LoadError};
+use crate::loader::Descriptor;
 use crate::plugin::Progress;
-use crate::status::{PluginEvent, PluginState};
+use crate::status::{InstanceStatus, PluginEvent, PluginState};
 
 /// A boxed `Send` future, as backends return them.
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -32,6 +34,8 @@ pub(crate) struct CallRequest {
     pub progress: Option<ProgressFn>,
     /// At this point the caller gets `Timeout` and the plugin is told to cancel.
     pub deadline: Duration,
+    /// Cancels the call from elsewhere: the caller gets `Cancelled`, the plugin is told.
+    pub cancel: Option<CancelHandle>,
 }
 
 /// What a backend reports for [`crate::Status`].
@@ -44,6 +48,7 @@ pub(crate) struct BackendStatus {
     pub last_crash: Option<Arc<CrashReport>>,
     pub sandbox: Vec<String>,
     pub sandbox_missing: Vec<String>,
+    pub instances: Vec<InstanceStatus>,
 }
 
 /// A running plugin.
@@ -57,8 +62,11 @@ pub(crate) trait Backend: Send + Sync {
     fn status(&self) -> BackendStatus;
     /// Lifecycle events from now on.
     fn subscribe(&self) -> async_channel::Receiver<PluginEvent>;
-    /// Lifts a quarantine and starts a fresh worker.
-    fn enable(&self) -> BoxFuture<()>;
+    /// Lifts a quarantine and starts fresh workers; `false` if it was not quarantined.
+    fn enable(&self) -> BoxFuture<bool>;
+    /// Switches to the library as it is on disk now, without losing a call; the new
+    /// library's descriptor.
+    fn reload(&self) -> BoxFuture<Result<Descriptor, LoadError>>;
 }
 
 /// The error for a call whose deadline passed.
@@ -67,6 +75,41 @@ pub(crate) fn timeout(plugin: &str, method: &str, after: Duration) -> CallError 
         plugin: plugin.to_string(),
         method: method.to_string(),
         after,
+    }
+}
+
+/// Polls every future to completion, concurrently on this task.
+pub(crate) async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
+/// The error for a call its caller cancelled.
+pub(crate) fn cancelled(plugin: &str, method: &str) -> CallError {
+    CallError::Cancelled {
+        plugin: plugin.to_string(),
+        method: method.to_string(),
     }
 }
 

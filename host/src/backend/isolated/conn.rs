@@ -286,7 +286,9 @@ impl Conn {
         })
     }
 
-    /// Sends a call; wait for its reply with [`CallGuard::reply`].
+    /// Sends a call; wait for its reply with [`CallGuard::reply`]. An error means the
+    /// call never reached the worker (the connection was closed before, or the frame
+    /// could not be written whole), so it is safe to send it elsewhere.
     pub async fn call(
         self: &Arc<Self>,
         id: u64,
@@ -294,13 +296,19 @@ impl Conn {
         input: &[u8],
         progress: Option<ProgressFn>,
     ) -> Result<CallGuard, Closed> {
-        let guard = self.register(id, method, progress)?;
+        let mut guard = self.register(id, method, progress)?;
         let message = Message::Call {
             id,
             method: method.to_string(),
         };
         if let Err(e) = self.send(&message, input).await {
             self.close(CloseReason::from_io("sending a call", &e));
+            guard.answered = true;
+            let closed = self.closed().unwrap_or(Closed {
+                reason: CloseReason::Eof,
+                in_flight: Vec::new(),
+            });
+            return Err(closed);
         }
         Ok(guard)
     }
