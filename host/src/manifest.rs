@@ -111,6 +111,11 @@ pub struct Limits {
     pub max_frame: u64,
     /// How many calls a worker runs at once (`concurrency`, default 4).
     pub concurrency: u32,
+    /// How many more calls a worker may hold queued, beyond those it runs (`queue`,
+    /// default 12). Queued calls keep the worker busy without a round trip between calls
+    /// (throughput); calls past `concurrency + queue` wait in the host, and those are the
+    /// calls a crash of the worker cannot take down (they go to the replacement).
+    pub queue: u32,
     /// How many lines of the worker's stderr to keep for crash reports
     /// (`stderr_lines`, default 50).
     pub stderr_lines: u32,
@@ -125,6 +130,7 @@ impl Default for Limits {
             core_dumps: false,
             max_frame: 64 << 20,
             concurrency: 4,
+            queue: 12,
             stderr_lines: 50,
         }
     }
@@ -653,6 +659,7 @@ impl Manifest {
                     "core_dumps",
                     "max_frame",
                     "concurrency",
+                    "queue",
                     "stderr_lines",
                 ],
             )?;
@@ -678,6 +685,9 @@ impl Manifest {
                     ));
                 }
                 limits.max_frame = f;
+            }
+            if let Some(q) = r.integer(t, "queue", 0, 4096)? {
+                limits.queue = q as u32;
             }
             if let Some(c) = r.integer(t, "concurrency", 1, 1024)? {
                 limits.concurrency = c as u32;

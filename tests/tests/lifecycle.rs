@@ -13,11 +13,13 @@ use plugin_host::{
 };
 use serde_json::json;
 
-/// The faulty plugin in a pool of `instances` workers, each running up to 4 calls.
+/// The faulty plugin in a pool of `instances` workers, each running up to 4 calls and
+/// holding none queued (calls past 4 per worker wait in the host).
 fn pool(instances: u32) -> Plugin {
     let mut m = manifest("faulty", Trust::Untrusted);
     m.instances = Some(instances);
     m.limits.concurrency = 4;
+    m.limits.queue = 0;
     m.restart.backoff = Duration::from_millis(10);
     run(host().load_manifest(m)).unwrap()
 }
@@ -170,6 +172,7 @@ fn calls_waiting_for_a_slot_go_to_the_replacement_when_the_worker_dies() {
     // the dying worker, so the replacement serves them.
     let mut m = manifest("faulty", Trust::Untrusted);
     m.limits.concurrency = 1;
+    m.limits.queue = 0;
     m.restart.backoff = Duration::from_millis(10);
     let plugin = run(host().load_manifest(m)).unwrap();
     let pid = plugin.worker_pid().unwrap();

@@ -11,14 +11,14 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use interprocess::local_socket::{
     prelude::*, GenericNamespaced, Listener, ListenerOptions, Stream,
 };
-use plugin_host::{Grant, Host, HostBuilder, Manifest, Plugin, SandboxMode, Trust};
+use plugin_host::{Grant, Host, HostBuilder, Manifest, Plugin, PluginEvent, SandboxMode, Trust};
 
 /// Settings for one run.
 pub struct Settings {
@@ -243,6 +243,49 @@ fn plugin_pipelined(plugin: &Plugin, depth: usize, total: usize) -> f64 {
     (per_task * depth) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The latency of a call that wakes an idle-reclaimed worker, `samples` times.
+fn wake_latency(host: &Host, manifest: &Path, samples: usize) -> Result<Stats, String> {
+    let mut m = Manifest::from_file(manifest).map_err(|e| e.to_string())?;
+    m.name = "hello-idle".into();
+    m.trust = Trust::Untrusted;
+    m.idle_timeout = Some(Duration::from_millis(30));
+    let plugin = smol::block_on(host.load_manifest(m)).map_err(|e| e.to_string())?;
+    let events = plugin.subscribe();
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        // Wait (bounded) until the worker is reclaimed.
+        let reclaimed = smol::block_on(async {
+            futures_lite::future::or(
+                async {
+                    while let Ok(event) = events.recv().await {
+                        if matches!(event, PluginEvent::Idle { .. }) {
+                            return true;
+                        }
+                    }
+                    false
+                },
+                async {
+                    smol::Timer::after(Duration::from_secs(5)).await;
+                    false
+                },
+            )
+            .await
+        });
+        if !reclaimed {
+            break;
+        }
+        let t = Instant::now();
+        let answered = smol::block_on(plugin.call_raw("echo", vec![1u8; 16]));
+        times.push(t.elapsed());
+        answered.map_err(|e| e.to_string())?;
+    }
+    smol::block_on(plugin.shutdown());
+    match times.len() == samples {
+        true => Ok(stats(times)),
+        false => Err("the idle worker was not reclaimed within 5 s".into()),
+    }
+}
+
 fn line(name: &str, s: &Stats, base: &Stats, target: &str) {
     let ratio = s.median.as_secs_f64() / base.median.as_secs_f64();
     println!(
@@ -397,6 +440,28 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         our_rate,
         our_rate / raw_rate
     );
+    // The same load over a pool of two workers (a distinct name: names are unique).
+    let pool = {
+        let mut m = Manifest::from_file(&manifest_path).expect("the hello manifest");
+        m.name = "hello-pool".into();
+        m.trust = Trust::Untrusted;
+        m.instances = Some(2);
+        smol::block_on(sandboxed.load_manifest(m))
+    };
+    match pool {
+        Ok(pool) => {
+            let pool_rate = plugin_pipelined(&pool, depth, total);
+            println!(
+                "{:<34} {:>10.0} calls/s  ratio {:>5.2}x  (vs 1 instance; each worker runs {} calls at once)",
+                format!("pool of 2, {depth} in flight"),
+                pool_rate,
+                pool_rate / our_rate,
+                pool.manifest().limits.concurrency
+            );
+            smol::block_on(pool.shutdown());
+        }
+        Err(e) => eprintln!("error: pool of 2: {e}"),
+    }
     smol::block_on(isolated.shutdown());
 
     let starts = if settings.quick { 5 } else { 30 };
@@ -465,6 +530,17 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             false => off_layers.join(", "),
         }
     );
+    // A call that finds its worker reclaimed for being idle starts it again: the cost, next
+    // to a cold start (load + first call) measured above.
+    match wake_latency(&sandboxed, &manifest_path, starts) {
+        Ok(wake) => line(
+            "call waking an idle worker",
+            &wake,
+            &cold_on,
+            "(vs cold start, sandbox on)",
+        ),
+        Err(e) => eprintln!("error: idle wake-up: {e}"),
+    }
     spinning.store(false, std::sync::atomic::Ordering::Relaxed);
     ExitCode::SUCCESS
 }

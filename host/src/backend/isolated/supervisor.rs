@@ -9,11 +9,11 @@
 //! exponential backoff.
 //!
 //! Calls go to the least-loaded live worker, and a worker is given at most
-//! `limits.concurrency` calls at once: the rest wait here, in the host, for a free slot
-//! (within their own deadline). So a worker that dies takes down only the calls it was
-//! running; a call that had not been written to it yet (waiting for a slot or a
-//! restart, or whose frame could not be written) goes to another worker or the
-//! replacement instead of failing.
+//! `limits.concurrency + limits.queue` calls at once: the rest wait here, in the host, for
+//! a free slot (within their own deadline). So a worker that dies takes down only the
+//! calls it was running or had queued; a call that had not been written to it yet
+//! (waiting for a slot or a restart, or whose frame could not be written) goes to another
+//! worker or the replacement instead of failing.
 //!
 //! The host also kills workers: one still busy with a call `timeouts.cancel_grace` after
 //! that call's deadline (or its cancellation), and one that does not answer a ping within
@@ -181,8 +181,10 @@ impl Inner {
         self.spec.plugin.to_string()
     }
 
-    fn concurrency(&self) -> usize {
-        self.spec.limits.concurrency.max(1) as usize
+    /// Calls one worker may hold: those it runs plus those queued in it.
+    fn window(&self) -> usize {
+        let limits = &self.spec.limits;
+        limits.concurrency.max(1) as usize + limits.queue as usize
     }
 
     /// Watches a fresh worker: its death is handled when the process is reaped, and it is
@@ -241,7 +243,7 @@ impl Inner {
     /// why not. Starts handling dead workers it finds, and wakes an idle instance when
     /// every live worker is full.
     fn pick(self: &Arc<Self>) -> Pick {
-        let limit = self.concurrency();
+        let limit = self.window();
         let mut best: Option<(usize, usize)> = None;
         let mut waiting = false;
         let mut idle = None;
