@@ -13,16 +13,24 @@
 //! #[derive(Deserialize)]
 //! struct Greeting { message: String }
 //!
-//! # fn main() -> Result<(), plugin_host::Error> {
-//! smol::block_on(async {
-//!     let host = Host::builder().search_path("target/release").build()?;
-//!     let plugin = host.load("plugins/hello/plugin.toml").await?;
-//!     let out: Greeting = plugin.call("greet", &Greet { name: "world" }).await?;
-//!     println!("{}", out.message);
-//!     Ok(())
-//! })
-//! # }
+//! fn main() -> Result<(), plugin_host::Error> {
+//!     plugin_host::worker::run_if_worker(); // first: the app is also its plugins' worker
+//!     let libs = std::env::var_os("PLUGIN_LIBS").unwrap_or_else(|| "target/release".into());
+//!     smol::block_on(async {
+//!         let host = Host::builder().search_path(libs).build()?;
+//!         let plugin = host.load("plugins/hello/plugin.toml").await?;
+//!         let out: Greeting = plugin.call("greet", &Greet { name: "world" }).await?;
+//!         println!("{}", out.message);
+//!         Ok(())
+//!     })
+//! }
 //! ```
+//!
+//! Untrusted plugins (the default) each run in a worker process. Call
+//! [`worker::run_if_worker()`] as the first line of your `main` and your application is
+//! its own worker; or ship the dedicated `worker-shim` executable beside it, or name one
+//! with [`HostBuilder::worker_shim`] or [`WORKER_SHIM_ENV`] (`docs/guide.md`, "Shipping:
+//! where the worker comes from").
 //!
 //! Errors say which plugin, which method and what to do next: see [`Error`].
 //! `docs/guide.md` is the app developer's guide; `docs/manifest.md` the manifest reference.
@@ -33,7 +41,6 @@ pub mod error;
 pub mod manifest;
 pub mod permissions;
 pub mod sandbox;
-#[doc(hidden)]
 pub mod worker;
 
 mod backend;

@@ -1,5 +1,10 @@
-//! The worker's side: connect to the host, handshake, load the plugin, serve calls.
-//! `src/bin/worker-shim.rs` only calls [`main`].
+//! The worker: the process that runs one untrusted plugin for the host.
+//!
+//! Applications call [`run_if_worker`] first in `main` to be their own worker; the
+//! dedicated `worker-shim` binary (`src/bin/worker-shim.rs`) only calls [`main`]. The
+//! rest of this module is the host's business.
+//!
+//! Inside: connect to the host, handshake, load the plugin, serve calls.
 //!
 //! Threads: `concurrency + 1` identical threads take turns as the reader (leader/follower).
 //! The thread that reads a `Call` runs it itself and writes the `Reply`, so a call costs no
@@ -7,6 +12,7 @@
 //! `Ping` and further calls. A call read while all `concurrency` slots are busy waits in a
 //! queue that finishing threads drain first.
 
+mod app;
 mod limits;
 #[cfg(target_os = "linux")]
 pub(crate) mod sandbox;
@@ -21,13 +27,18 @@ use std::time::{Duration, Instant};
 
 use std::io::BufReader;
 
+pub(crate) use app::opted_in;
+pub use app::{run_if_worker, WORKER_ARG};
+
 use crate::loader::{HostServices, Instance, Library};
 use crate::protocol::frame::{read_frame, write_frame, FrameError};
 use crate::protocol::{self, Message, WireLimits, WireSandbox};
 
 /// Environment variable with the host's pid; the worker exits if its parent is another.
+#[doc(hidden)]
 pub const PARENT_ENV: &str = "PLUGIN_HOST_PARENT_PID";
 /// Test hook: makes the worker announce this protocol version instead of its own.
+#[doc(hidden)]
 pub const VERSION_OVERRIDE_ENV: &str = "PLUGIN_HOST_TEST_PROTOCOL_VERSION";
 
 /// Exit code when the worker cannot even reach the host.
@@ -35,15 +46,24 @@ const EXIT_NO_HOST: u8 = 70;
 /// Exit code on a protocol violation by the host.
 const EXIT_PROTOCOL: u8 = 71;
 
-fn die(code: u8, message: &str) -> ExitCode {
+fn die(code: u8, message: &str) -> u8 {
     eprintln!("worker-shim: {message}");
-    ExitCode::from(code)
+    code
 }
 
 /// The worker process's entry point: `worker-shim --fd N [--plugin NAME] [--sandbox MODE]`.
 /// The host hands the worker its end of a socket pair as descriptor `N` (by default 0,
 /// standard input): there is no socket anyone else could connect to.
+///
+/// The `worker-shim` binary's `main` is this function. An application that is its own
+/// worker calls [`run_if_worker`] instead, which runs this when the process was started
+/// as a worker.
 pub fn main() -> ExitCode {
+    ExitCode::from(run())
+}
+
+/// [`main`], returning the exit code as a number.
+fn run() -> u8 {
     let args: Vec<String> = std::env::args().collect();
     let arg = |flag: &str| {
         args.iter()
@@ -57,7 +77,7 @@ pub fn main() -> ExitCode {
              Started by the host, not by hand: worker-shim --fd N [--plugin NAME] [--sandbox MODE]\n\
              (descriptor N is the worker's end of a socket pair the host created)."
         );
-        return ExitCode::from(2);
+        return 2;
     }
     let plugin = arg("--plugin").unwrap_or_else(|| "plugin".into());
     let sandboxed = arg("--sandbox").as_deref() != Some("off");
@@ -103,7 +123,7 @@ pub fn main() -> ExitCode {
         };
         let stream = std::os::unix::net::UnixStream::from(conn);
         match serve(stream, version, sandboxed) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => 0,
             Err(message) => die(EXIT_PROTOCOL, &format!("plugin `{plugin}`: {message}")),
         }
     }

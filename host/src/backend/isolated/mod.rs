@@ -25,7 +25,7 @@ use process::WorkerProcess;
 /// Everything needed to start (and restart) a plugin's worker.
 pub(crate) struct Spec {
     pub plugin: Arc<str>,
-    pub shim: PathBuf,
+    pub shim: crate::locate::WorkerExe,
     pub library: PathBuf,
     pub config: Vec<u8>,
     pub limits: Limits,

@@ -37,13 +37,14 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
     let plugin = spec.plugin.to_string();
     let spawn_error = |reason: String| LoadError::WorkerSpawn {
         plugin: plugin.clone(),
-        shim: spec.shim.clone(),
+        shim: spec.shim.program.clone(),
         reason,
     };
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| spawn_error(format!("cannot create a socket pair: {e}")))?;
-    let mut command = Command::new(&spec.shim);
+    let mut command = Command::new(&spec.shim.program);
     command
+        .args(&spec.shim.args)
         .arg("--fd")
         .arg("0")
         .arg("--plugin")
@@ -70,7 +71,7 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
             spec.limits.stderr_lines as usize,
             Some(theirs.into()),
         )
-        .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.display())))?,
+        .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.program.display())))?,
     );
     // If this future is dropped before the worker is ready, the worker must not outlive it.
     let mut armed = KillOnDrop(Some(process.clone()));
