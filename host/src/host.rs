@@ -389,6 +389,12 @@ impl Host {
         }
         match grant.trust {
             Trust::Trusted => {
+                if manifest.instances.is_some_and(|n| n > 1) || manifest.idle_timeout.is_some() {
+                    tracing::warn!(
+                        plugin = %manifest.name,
+                        "`instances` and `idle_timeout` apply to untrusted plugins only; this one runs in-process, once"
+                    );
+                }
                 let path = library.clone();
                 let (backend, info, manifest) = blocking::unblock(move || {
                     InProcess::load(&manifest, &path).map(|(b, i)| (b, i, manifest))

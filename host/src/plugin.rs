@@ -125,18 +125,12 @@ struct Inner {
     /// The library file as it was when the running version was loaded (for the watcher).
     stamp: std::sync::Mutex<Option<crate::watch::Stamp>>,
     backend: Box<dyn Backend>,
+    /// What the app's policy granted (fixed at load; a reload keeps it).
     grant: Grant,
     stopped: AtomicBool,
     next_id: AtomicU64,
     calls: AtomicU64,
     failures: AtomicU64,
-}
-
-impl Inner {
-    /// What the app's policy granted (fixed at load; a reload keeps it).
-    fn manifest_grant(&self) -> &Grant {
-        &self.grant
-    }
 }
 
 /// A loaded plugin. Cheap to clone: clones share the same plugin instance (or worker), and
@@ -238,14 +232,14 @@ impl Plugin {
     /// Whether it runs in-process (trusted) or in a worker process (untrusted): what the
     /// app's policy granted, which may be less than the manifest requested.
     pub fn trust(&self) -> Trust {
-        self.inner.manifest_grant().trust
+        self.inner.grant.trust
     }
 
     /// What the plugin got: the intersection of its manifest's request and the app's
     /// grant. Compare with [`manifest().permissions`](Manifest::permissions) for what it
     /// asked.
     pub fn grant(&self) -> &Grant {
-        self.inner.manifest_grant()
+        &self.inner.grant
     }
 
     /// Calls `method` with `input` encoded as MessagePack and decodes the output as `O`.
