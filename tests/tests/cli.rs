@@ -426,3 +426,68 @@ fn workers_die_when_the_host_process_is_killed() {
     }
     assert!(gone, "worker {worker} outlived its host");
 }
+
+/// A manifest named `plugin.toml` in `dir` (created), with `body` after the required fields.
+fn write_manifest(
+    dir: &std::path::Path,
+    name: &str,
+    library: &str,
+    body: &str,
+) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let manifest = dir.join("plugin.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"{name}\"\nversion = \"0.1.0\"\nlibrary = \"{library}\"\napi = \"^1\"\n{body}"
+        ),
+    )
+    .unwrap();
+    manifest
+}
+
+/// The path of an example plugin's library among the test artifacts.
+fn lib(name: &str) -> String {
+    artifacts()
+        .join(format!("lib{name}.so"))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn config_type_errors_name_the_field_and_the_expected_type() {
+    let dir = tempfile::tempdir().unwrap();
+    for trust in ["untrusted", "trusted"] {
+        let manifest = write_manifest(
+            &dir.path().join(trust),
+            "faulty",
+            &lib("faulty"),
+            &format!("trust = \"{trust}\"\n\n[config]\ncreate_sleep_ms = \"big\"\n"),
+        );
+        let o = cli(&["--grant", "inspect", manifest.to_str().unwrap()]);
+        assert_code(&o, 4);
+        assert!(
+            stderr(&o).contains(
+                "plugin `faulty`: create failed: config field `create_sleep_ms`: expected u64, \
+                 found string \"big\""
+            ),
+            "{trust}: {}",
+            stderr(&o)
+        );
+    }
+    let manifest = write_manifest(
+        &dir.path().join("hello"),
+        "hello",
+        &lib("hello"),
+        "[config]\ngreeting = 5\n",
+    );
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(
+            "create failed: config field `greeting`: expected a string, found integer `5`"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
