@@ -8,29 +8,76 @@ use std::time::Duration;
 
 use common::{artifacts, repo};
 
-/// Runs `plugin-host ARGS` from the repository root with a deadline.
+/// Runs `plugin-host ARGS` from the repository root with a deadline, stdin empty.
 fn cli(args: &[&str]) -> Output {
-    let exe = artifacts().join("plugin-host");
-    let mut child = Command::new(exe)
+    run(plugin_host(args), None)
+}
+
+/// `plugin-host ARGS` from the repository root, RUST_LOG unset.
+fn plugin_host(args: &[&str]) -> Command {
+    let mut command = Command::new(artifacts().join("plugin-host"));
+    command
         .args(args)
         .current_dir(repo())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// Runs `command` with a deadline, writing `stdin` to it (None: stdin is /dev/null) and
+/// collecting its output as it comes.
+fn run(mut command: Command, stdin: Option<Vec<u8>>) -> Output {
+    use std::io::{Read, Write};
+    let mut child = command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let writer = child.stdin.take().map(|mut pipe| {
+        let bytes = stdin.unwrap_or_default();
+        // The command may fail before it reads: a broken pipe is its answer, not ours.
+        std::thread::spawn(move || drop(pipe.write_all(&bytes)))
+    });
+    // Read in threads, so a full pipe never stalls the command; the results come back on
+    // channels, so a process that inherited a pipe and outlives the command cannot make
+    // the test wait past its deadline.
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send(bytes);
+        });
+        rx
+    };
+    let out = reader(Box::new(child.stdout.take().unwrap()));
+    let err = reader(Box::new(child.stderr.take().unwrap()));
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("plugin-host {args:?} did not finish in time");
+            panic!("{command:?} did not finish in time");
         }
         std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(writer);
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        rx.recv_timeout(left.max(Duration::from_secs(5)))
+            .unwrap_or_else(|_| panic!("{command:?}: its output did not end in time"))
+    };
+    Output {
+        status,
+        stdout: collect(out),
+        stderr: collect(err),
     }
 }
 
@@ -186,6 +233,16 @@ fn help_is_available_for_every_command() {
         let o = cli(&[cmd, "--help"]);
         assert_code(&o, 0);
         assert!(stdout(&o).contains("Usage"), "{cmd}: {}", stdout(&o));
+    }
+    let help = stdout(&cli(&["call", "--help"]));
+    for flag in [
+        "--raw",
+        "--input <FILE>",
+        "--output <FILE>",
+        "--json <JSON>",
+        "add_raw",
+    ] {
+        assert!(help.contains(flag), "{flag}: {help}");
     }
     let help = stdout(&cli(&["--help"]));
     assert!(help.contains("Exit codes"), "{help}");
@@ -452,6 +509,207 @@ fn lib(name: &str) -> String {
         .join(format!("lib{name}.so"))
         .display()
         .to_string()
+}
+
+#[test]
+fn call_reads_input_from_a_file_or_stdin_and_writes_output_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    std::fs::write(&input, r#"{"name": "file"}"#).unwrap();
+    let greet = |name: &str| format!("{{\n  \"message\": \"Hello, {name}!\"\n}}\n");
+    let hello = ["call", "plugins/hello/plugin.toml", "greet"];
+
+    let o = cli(&[&hello[..], &["--input", input.to_str().unwrap()]].concat());
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), greet("file"));
+
+    // No input argument and stdin is not a terminal: stdin is the input.
+    let o = run(plugin_host(&hello), Some(br#"{"name": "pipe"}"#.to_vec()));
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), greet("pipe"));
+    let o = run(
+        plugin_host(&[&hello[..], &["--input", "-"]].concat()),
+        Some(br#"{"name": "dash"}"#.to_vec()),
+    );
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), greet("dash"));
+
+    // --output: the JSON goes to the file, nothing to stdout.
+    let output = dir.path().join("out.json");
+    let o = cli(&[
+        &hello[..],
+        &[
+            "--json",
+            r#"{"name":"out"}"#,
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "");
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), greet("out"));
+
+    // Empty stdin is no input (`null`): greet rejects it as input, exit 5.
+    let o = run(plugin_host(&hello), Some(Vec::new()));
+    assert_code(&o, 5);
+    assert!(stderr(&o).contains("rejected its input"), "{}", stderr(&o));
+}
+
+#[test]
+fn call_raw_passes_bytes_through_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every byte value: not UTF-8, not MessagePack, NULs and newlines included.
+    let bytes: Vec<u8> = (0..=255u8).rev().chain(0..=255u8).collect();
+    let input = dir.path().join("in.bin");
+    let output = dir.path().join("out.bin");
+    std::fs::write(&input, &bytes).unwrap();
+    let echo = ["call", "plugins/hello/plugin.toml", "echo", "--raw"];
+
+    let o = cli(&[
+        &echo[..],
+        &[
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    assert_code(&o, 0);
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+    assert_eq!(std::fs::read(&output).unwrap(), bytes);
+
+    // stdin to stdout, exactly (no newline added).
+    let o = run(plugin_host(&echo), Some(bytes.clone()));
+    assert_code(&o, 0);
+    assert_eq!(o.stdout, bytes);
+
+    // Nothing in, nothing out.
+    let o = cli(&echo);
+    assert_code(&o, 0);
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+
+    // Without --raw the same bytes are not JSON: a usage error that points at --raw.
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "echo",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains(&format!(
+            "input file `{}` is not valid JSON",
+            input.display()
+        )) && stderr(&o).contains("--raw"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A typed method sent raw bytes that are not its MessagePack input: the call fails.
+    let o = run(
+        plugin_host(&["call", "plugins/hello/plugin.toml", "greet", "--raw"]),
+        Some(b"not msgpack".to_vec()),
+    );
+    assert_code(&o, 5);
+    assert!(stderr(&o).contains("rejected its input"), "{}", stderr(&o));
+}
+
+#[test]
+fn call_io_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-input.json");
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--input",
+        missing.to_str().unwrap(),
+    ]);
+    assert_code(&o, 1);
+    assert!(
+        stderr(&o).contains(&format!("cannot read input file `{}`", missing.display())),
+        "{}",
+        stderr(&o)
+    );
+
+    // The output cannot be written: the call ran, the error names the file.
+    let output = dir.path().join("no-such-dir").join("out.json");
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--json",
+        r#"{"name":"x"}"#,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_code(&o, 1);
+    assert!(
+        stderr(&o).contains(&format!("cannot write output file `{}`", output.display())),
+        "{}",
+        stderr(&o)
+    );
+
+    // A failed call writes no output file.
+    let output = dir.path().join("out.json");
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--json",
+        r#"{"name":""}"#,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_code(&o, 5);
+    assert!(!output.exists());
+
+    // Bad or empty input files are usage errors naming the file.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{bad").unwrap();
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains(&format!("input file `{}` is not valid JSON", bad.display())),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&bad, " \n").unwrap();
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains(&format!("input file `{}` is empty", bad.display())),
+        "{}",
+        stderr(&o)
+    );
+
+    // One input at a time.
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--json",
+        "null",
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
 }
 
 #[test]

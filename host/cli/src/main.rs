@@ -72,15 +72,32 @@ enum Command {
         /// The plugin's manifest.
         manifest: PathBuf,
     },
-    /// Call a method with JSON input and print the JSON output.
+    /// Call a method and print its output. Input and output are JSON, converted to and from
+    /// MessagePack; with --raw they are bytes, passed through unchanged.
+    ///
+    /// The input is --json, else the contents of --input FILE, else stdin when stdin is not
+    /// a terminal; with none of these it is `null` (with --raw: no bytes). Empty stdin also
+    /// means `null`.
     Call {
         /// The plugin's manifest.
         manifest: PathBuf,
         /// The method to call.
         method: String,
-        /// The input, as JSON (converted to MessagePack).
-        #[arg(long, default_value = "null")]
-        json: String,
+        /// The input as JSON text (converted to MessagePack).
+        #[arg(long, value_name = "JSON", conflicts_with_all = ["input", "raw"])]
+        json: Option<String>,
+        /// Read the input from FILE (`-`: stdin): JSON text, or with --raw any bytes.
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Write the output to FILE instead of stdout (`-`: stdout): pretty JSON, or with
+        /// --raw the bytes as the plugin returned them. Written only if the call succeeds.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Bytes in, bytes out: no JSON or MessagePack conversion either way. For methods the
+        /// plugin registered with `add_raw` (such as hello's and faulty's `echo`); a typed
+        /// method given raw input must be sent MessagePack.
+        #[arg(long)]
+        raw: bool,
         /// Deadline for the call, e.g. "5s" (default: the manifest's timeouts.call).
         #[arg(long)]
         timeout: Option<String>,
@@ -213,8 +230,22 @@ fn main() -> ExitCode {
             manifest,
             method,
             json,
+            input,
+            output,
+            raw,
             timeout,
-        } => call(&host, &manifest, &method, &json, timeout),
+        } => call(
+            &host,
+            &manifest,
+            &method,
+            &CallIo {
+                json,
+                input,
+                output,
+                raw,
+            },
+            timeout,
+        ),
         Command::Check { dir } => check(&host, &dir),
         Command::Demo { plugins } => demo::run(&host, &plugins),
         #[cfg(unix)]
@@ -412,21 +443,25 @@ fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
     }
 }
 
+/// Where `call` takes its input from and puts its output, and in which form.
+struct CallIo {
+    /// `--json`: the input as JSON text.
+    json: Option<String>,
+    /// `--input`: a file to read the input from (`-`: stdin).
+    input: Option<PathBuf>,
+    /// `--output`: a file to write the output to (`-`: stdout).
+    output: Option<PathBuf>,
+    /// `--raw`: bytes in, bytes out.
+    raw: bool,
+}
+
 fn call(
     host: &Host,
     manifest: &Path,
     method: &str,
-    input: &str,
+    io: &CallIo,
     timeout: Option<String>,
 ) -> ExitCode {
-    let value: serde_json::Value = match serde_json::from_str(input) {
-        Ok(v) => v,
-        Err(e) => return usage(&format!("--json is not valid JSON: {e}")),
-    };
-    let bytes = match json::to_msgpack(&value) {
-        Ok(b) => b,
-        Err(e) => return usage(&e),
-    };
     let mut options = CallOptions::new();
     if let Some(t) = timeout {
         match manifest::parse_duration(&t) {
@@ -434,26 +469,123 @@ fn call(
             _ => return usage(&format!("--timeout `{t}` is not a duration such as \"5s\"")),
         }
     }
+    let input = match call_input(io) {
+        Ok(bytes) => bytes,
+        Err(code) => return code,
+    };
     let plugin = match host.load_blocking(manifest) {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
-    let result = futures_lite::future::block_on(plugin.call_raw_with(method, bytes, options));
+    let result = futures_lite::future::block_on(plugin.call_raw_with(method, input, options));
     let code = match result {
-        Ok(output) => match json::from_msgpack(&output) {
-            Ok(v) => {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: plugin `{}` method `{method}`: {e}", plugin.name());
-                ExitCode::from(5)
-            }
-        },
+        Ok(output) => write_output(&plugin, method, io, &output),
         Err(e) => fail(&e),
     };
     futures_lite::future::block_on(plugin.shutdown());
     code
+}
+
+/// The bytes to send: with `--raw` the input as it is, else its JSON as MessagePack.
+fn call_input(io: &CallIo) -> Result<Vec<u8>, ExitCode> {
+    use std::io::IsTerminal;
+    let stdin = || -> Result<Vec<u8>, ExitCode> {
+        let mut bytes = Vec::new();
+        match std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes) {
+            Ok(_) => Ok(bytes),
+            Err(e) => {
+                eprintln!("error: cannot read the input from stdin: {e}");
+                Err(ExitCode::from(1))
+            }
+        }
+    };
+    let (bytes, source) = match (&io.json, &io.input) {
+        (Some(json), _) => (json.clone().into_bytes(), "--json".to_string()),
+        (None, Some(path)) if path.as_os_str() == "-" => (stdin()?, "stdin".to_string()),
+        (None, Some(path)) => match std::fs::read(path) {
+            Ok(bytes) => (bytes, format!("input file `{}`", path.display())),
+            Err(e) => {
+                eprintln!("error: cannot read input file `{}`: {e}", path.display());
+                return Err(ExitCode::from(1));
+            }
+        },
+        (None, None) if !std::io::stdin().is_terminal() => {
+            let bytes = stdin()?;
+            // Nothing on stdin (`< /dev/null`, a script's closed stdin) is no input.
+            if !io.raw && bytes.iter().all(u8::is_ascii_whitespace) {
+                (b"null".to_vec(), "stdin".to_string())
+            } else {
+                (bytes, "stdin".to_string())
+            }
+        }
+        (None, None) if io.raw => (Vec::new(), String::new()),
+        (None, None) => (b"null".to_vec(), String::new()),
+    };
+    if io.raw {
+        return Ok(bytes);
+    }
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            return Err(usage(&format!(
+                "{source} is not valid JSON: it is not UTF-8 text ({e}); --raw sends bytes as \
+                 they are"
+            )))
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(usage(&format!(
+            "{source} is empty; expected JSON (`null` for no input)"
+        )));
+    }
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return Err(usage(&format!("{source} is not valid JSON: {e}"))),
+    };
+    json::to_msgpack(&value).map_err(|e| usage(&e))
+}
+
+/// Writes a successful call's output to `--output` or stdout: the bytes as they are with
+/// `--raw`, else as pretty JSON.
+fn write_output(plugin: &Plugin, method: &str, io: &CallIo, output: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let bytes = if io.raw {
+        output.to_vec()
+    } else {
+        match json::from_msgpack(output) {
+            Ok(v) => {
+                let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                text.push('\n');
+                text.into_bytes()
+            }
+            Err(e) => {
+                eprintln!("error: plugin `{}` method `{method}`: {e}", plugin.name());
+                eprintln!(
+                    "hint: a method registered with `add_raw` returns bytes of its own; --raw \
+                     passes them through unconverted"
+                );
+                return ExitCode::from(5);
+            }
+        }
+    };
+    let written = match &io.output {
+        Some(path) if path.as_os_str() != "-" => std::fs::write(path, &bytes)
+            .map_err(|e| format!("cannot write output file `{}`: {e}", path.display())),
+        _ => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| format!("cannot write the output to stdout: {e}"))
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn check(host: &Host, dir: &Path) -> ExitCode {
