@@ -713,6 +713,91 @@ fn call_io_errors_name_the_file() {
 }
 
 #[test]
+fn load_errors_give_command_line_hints_not_library_calls() {
+    let library_words = ["HostBuilder", "cargo build -p plugin-host", "have the app"];
+    let no_library_words = |o: &Output| {
+        for word in library_words {
+            assert!(!stderr(o).contains(word), "{word:?} in\n{}", stderr(o));
+        }
+    };
+
+    // A library that is nowhere: -L.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(&dir.path().join("x"), "x", "nothing_here", "");
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains("library `nothing_here` not found; looked in: ")
+            && stderr(&o).contains("hint: if it is built elsewhere, pass its directory with -L DIR (--search-path DIR)"),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+
+    // A worker-shim that is not there: PLUGIN_HOST_WORKER_SHIM.
+    let mut command = plugin_host(&["call", "plugins/hello/plugin.toml", "echo"]);
+    command.env("PLUGIN_HOST_WORKER_SHIM", "/nonexistent/worker-shim");
+    let o = run(command, None);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(
+            "cannot start the worker: PLUGIN_HOST_WORKER_SHIM=/nonexistent/worker-shim names no file"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+
+    // plugin-host without a worker-shim next to it (nor one directory up).
+    let alone = dir.path().join("bin");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(artifacts().join("plugin-host"), alone.join("plugin-host")).unwrap();
+    let mut command = Command::new(alone.join("plugin-host"));
+    command
+        .args([
+            "-L",
+            artifacts().to_str().unwrap(),
+            "call",
+            "plugins/hello/plugin.toml",
+            "echo",
+        ])
+        .current_dir(repo())
+        .env_remove("RUST_LOG")
+        .env_remove("PLUGIN_HOST_WORKER_SHIM");
+    let o = run(command, None);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!(
+            "no worker-shim executable found (looked in: {}, {})",
+            alone.join("worker-shim").display(),
+            dir.path().join("worker-shim").display()
+        )) && stderr(&o).contains("or set PLUGIN_HOST_WORKER_SHIM=/path/to/worker-shim"),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+
+    // A sandbox that cannot be set up (here: its data directory cannot be created).
+    let manifest = write_manifest(
+        &dir.path().join("data"),
+        "data",
+        &lib("hello"),
+        "[permissions]\nwrite = [\"$DATA_DIR\"]\n",
+    );
+    let mut command = plugin_host(&["--grant", "inspect", manifest.to_str().unwrap()]);
+    command.env("XDG_DATA_HOME", "/proc/no-such-dir");
+    let o = run(command, None);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains("plugin `data`: cannot sandbox the worker: ")
+            && stderr(&o).contains("hint: `plugin-host doctor`"),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+}
+
+#[test]
 fn config_type_errors_name_the_field_and_the_expected_type() {
     let dir = tempfile::tempdir().unwrap();
     for trust in ["untrusted", "trusted"] {
@@ -745,6 +830,93 @@ fn config_type_errors_name_the_field_and_the_expected_type() {
         stderr(&o).contains(
             "create failed: config field `greeting`: expected a string, found integer `5`"
         ),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_missing_library_comes_with_the_command_that_builds_it() {
+    // A copy of the repository's layout: plugins/c-echo and plugin-api/include.
+    let root = tempfile::tempdir().unwrap();
+    let c_echo = root.path().join("plugins").join("c-echo");
+    std::fs::create_dir_all(&c_echo).unwrap();
+    for file in ["plugin.toml", "echo.c", "build.sh"] {
+        std::fs::copy(repo().join("plugins/c-echo").join(file), c_echo.join(file)).unwrap();
+    }
+    let include = root.path().join("plugin-api").join("include");
+    std::fs::create_dir_all(&include).unwrap();
+    std::fs::copy(
+        repo().join("plugin-api/include/plugin_api.h"),
+        include.join("plugin_api.h"),
+    )
+    .unwrap();
+    let plugins = root.path().join("plugins");
+    let build = format!("sh {}", c_echo.join("build.sh").display());
+
+    let o = cli(&["check", plugins.to_str().unwrap()]);
+    assert_code(&o, 8);
+    assert!(
+        stdout(&o).contains("library `c_echo` not found")
+            && stdout(&o).contains(&format!("hint: build it: {build}\n")),
+        "{}",
+        stdout(&o)
+    );
+    let manifest = c_echo.join("plugin.toml");
+    let o = cli(&["call", manifest.to_str().unwrap(), "echo", "--raw"]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!("hint: build it: {build}\n")),
+        "{}",
+        stderr(&o)
+    );
+
+    // The command works, and then so does the plugin.
+    let o = run(
+        {
+            let mut c = Command::new("sh");
+            c.arg(c_echo.join("build.sh"));
+            c
+        },
+        None,
+    );
+    assert_code(&o, 0);
+    let o = cli(&["check", plugins.to_str().unwrap()]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("loads, 3 methods"), "{}", stdout(&o));
+    let o = run(
+        plugin_host(&["call", manifest.to_str().unwrap(), "echo", "--raw"]),
+        Some(b"\x00raw\xff".to_vec()),
+    );
+    assert_code(&o, 0);
+    assert_eq!(o.stdout, b"\x00raw\xff");
+
+    // Other kinds of plugin directories: a Cargo package, a lone C file.
+    let cargo = plugins.join("rusty");
+    let manifest = write_manifest(&cargo, "rusty", "rusty", "");
+    std::fs::write(cargo.join("Cargo.toml"), "[package]\nname = \"rusty\"\n").unwrap();
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!(
+            "hint: build it: cargo build --manifest-path {}\n",
+            cargo.join("Cargo.toml").display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let lone = plugins.join("lone");
+    let manifest = write_manifest(&lone, "lone", "lone", "");
+    std::fs::write(lone.join("lone.c"), "").unwrap();
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!(
+            "hint: build it: cc -shared -fPIC -O2 -I {} -o {} {}\n",
+            include.display(),
+            lone.join("liblone.so").display(),
+            lone.join("lone.c").display()
+        )),
         "{}",
         stderr(&o)
     );

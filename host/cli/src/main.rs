@@ -11,6 +11,7 @@ mod bench;
 mod demo;
 mod doctor;
 mod json;
+mod report;
 #[cfg(target_os = "linux")]
 mod soak;
 
@@ -19,9 +20,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use plugin_host::{
-    manifest, CallError, CallOptions, Error, Host, LoadError, Manifest, Plugin, Trust,
-};
+use plugin_host::{manifest, CallError, CallOptions, Error, Host, Manifest, Plugin, Trust};
 
 const EXIT_CODES: &str = "Policy: deny-all by default: every plugin runs untrusted, in a \
 sandboxed worker, with no permissions, whatever its manifest requests. --grant grants what \
@@ -102,7 +101,9 @@ enum Command {
         #[arg(long)]
         timeout: Option<String>,
     },
-    /// Validate every manifest under DIR and load each plugin once.
+    /// Validate every manifest under DIR and load each plugin once. A missing library is
+    /// reported with the command that builds it, where the plugin's directory says how
+    /// (build.sh, Makefile, Cargo.toml, one C file).
     Check {
         /// Directory to search (three levels deep).
         #[arg(default_value = ".")]
@@ -220,7 +221,7 @@ fn main() -> ExitCode {
         .init();
     let host = match host(&cli.search_paths, cli.grant) {
         Ok(h) => h,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e, None),
     };
     match cli.command {
         Command::List { dir } => list(&dir),
@@ -293,15 +294,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn fail(err: &Error) -> ExitCode {
-    eprintln!("error: {err}");
-    if let Error::Load(LoadError::Sandbox { .. }) = err {
-        eprintln!(
-            "hint: `plugin-host doctor` lists the sandbox layers this system lacks; with \
-             `--grant`, a plugin you trust gets the sandbox mode its manifest requests \
-             (sandbox = \"best-effort\" or \"off\")"
-        );
-    }
+/// Prints `err` in the command's words (see [`report`]) and returns its exit code.
+/// `manifest` is the manifest the failing operation was about, if there is one.
+fn fail(err: &Error, manifest: Option<&Path>) -> ExitCode {
+    report::print(err, manifest);
     ExitCode::from(exit_code(err))
 }
 
@@ -389,9 +385,10 @@ fn list(dir: &Path) -> ExitCode {
 }
 
 fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
-    let manifest = match Manifest::from_file(manifest) {
+    let path = manifest;
+    let manifest = match Manifest::from_file(path) {
         Ok(m) => m,
-        Err(e) => return fail(&e.into()),
+        Err(e) => return fail(&e.into(), Some(path)),
     };
     let request = plugin_host::PermissionRequest::from_manifest(&manifest);
     match futures_lite::future::block_on(host.load_manifest(manifest)) {
@@ -439,7 +436,7 @@ fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
             futures_lite::future::block_on(plugin.shutdown());
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => fail(&e, Some(path)),
     }
 }
 
@@ -475,12 +472,12 @@ fn call(
     };
     let plugin = match host.load_blocking(manifest) {
         Ok(p) => p,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e, Some(manifest)),
     };
     let result = futures_lite::future::block_on(plugin.call_raw_with(method, input, options));
     let code = match result {
         Ok(output) => write_output(&plugin, method, io, &output),
-        Err(e) => fail(&e),
+        Err(e) => fail(&e, Some(manifest)),
     };
     futures_lite::future::block_on(plugin.shutdown());
     code
@@ -588,6 +585,7 @@ fn write_output(plugin: &Plugin, method: &str, io: &CallIo, output: &[u8]) -> Ex
     }
 }
 
+/// Validates and loads every manifest under `dir`.
 fn check(host: &Host, dir: &Path) -> ExitCode {
     let found = match manifest::discover(dir) {
         Ok(f) => f,
@@ -598,6 +596,7 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
     };
     let mut problems = 0;
     for (path, result) in &found {
+        let mut hints = Vec::new();
         let outcome = match result {
             Err(e) => Err(e.to_string()),
             Ok(m) => match futures_lite::future::block_on(host.load_manifest(m.clone())) {
@@ -607,8 +606,11 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
                     futures_lite::future::block_on(plugin.shutdown());
                     Ok(format!("loads, {methods} methods; {place}"))
                 }
-                Err(Error::Load(LoadError::Unsupported { message, .. })) => Err(message),
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    let report = report::explain(&e, Some(path));
+                    hints = report.hints;
+                    Err(report.message)
+                }
             },
         };
         match outcome {
@@ -617,6 +619,9 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
                 problems += 1;
                 println!("FAILED   {}: {text}", path.display());
             }
+        }
+        for hint in hints {
+            println!("         hint: {hint}");
         }
     }
     println!("{} manifests, {problems} with problems", found.len());
