@@ -244,6 +244,8 @@ fn help_is_available_for_every_command() {
     ] {
         assert!(help.contains(flag), "{flag}: {help}");
     }
+    let help = stdout(&cli(&["check", "--help"]));
+    assert!(help.contains("in a worker process"), "{help}");
     let help = stdout(&cli(&["--help"]));
     assert!(help.contains("Exit codes"), "{help}");
     assert!(
@@ -795,6 +797,71 @@ fn load_errors_give_command_line_hints_not_library_calls() {
         stderr(&o)
     );
     no_library_words(&o);
+}
+
+#[test]
+fn check_loads_trusted_plugins_in_a_worker_and_survives_one_that_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(
+        &dir.path().join("aborts"),
+        "aborts",
+        &lib("faulty"),
+        "trust = \"trusted\"\n\n[config]\ncreate_abort = true\n",
+    );
+    write_manifest(
+        &dir.path().join("fine"),
+        "fine",
+        &lib("hello"),
+        "trust = \"trusted\"\n\n[config]\ngreeting = \"Hi\"\n",
+    );
+    let o = cli(&["--grant", "check", dir.path().to_str().unwrap()]);
+    // 8, not a signal: the abort ended a worker, not check.
+    assert_code(&o, 8);
+    let out = stdout(&o);
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!("{name}/plugin.toml")))
+            .unwrap_or_else(|| panic!("no line for {name} in\n{out}"))
+            .to_string()
+    };
+    let aborts = line("aborts");
+    assert!(
+        aborts.starts_with("FAILED")
+            && aborts.contains("the worker crashed while loading the plugin")
+            && aborts.contains("SIGABRT"),
+        "{out}"
+    );
+    let fine = line("fine");
+    assert!(
+        fine.starts_with("ok") && fine.contains("untrusted, worker process"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("note: requests trust; checked in a worker process, not in-process")
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        out.contains("2 manifests, 1 with problems")
+            && out.contains(
+                "trusted plugins were checked in a worker process: check runs no plugin code in \
+                 its own process (2 of these manifests request trust;"
+            ),
+        "{out}"
+    );
+
+    // The rest of --grant still applies: a sandbox the manifest relaxes stays relaxed.
+    write_manifest(
+        &dir.path().join("fine"),
+        "fine",
+        &lib("hello"),
+        "trust = \"trusted\"\nsandbox = \"off\"\n",
+    );
+    std::fs::remove_dir_all(dir.path().join("aborts")).unwrap();
+    let o = cli(&["--grant", "check", dir.path().to_str().unwrap()]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("(sandbox off)"), "{}", stdout(&o));
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //!
 //! Policy: like the library, deny-all by default. Every plugin runs untrusted, in a worker
 //! with the sandbox required and no permissions, whatever its manifest says; `--grant`
-//! grants what each manifest requests (trust, sandbox mode, permissions).
+//! grants what each manifest requests (trust, sandbox mode, permissions). `check` never
+//! grants trust: it loads every plugin in a worker, so no plugin code runs in its process.
 
 #[cfg(unix)]
 mod bench;
@@ -20,11 +21,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use plugin_host::{manifest, CallError, CallOptions, Error, Host, Manifest, Plugin, Trust};
+use plugin_host::{manifest, CallError, CallOptions, Error, Grant, Host, Manifest, Plugin, Trust};
 
 const EXIT_CODES: &str = "Policy: deny-all by default: every plugin runs untrusted, in a \
 sandboxed worker, with no permissions, whatever its manifest requests. --grant grants what \
-each manifest requests (trust, sandbox mode, permissions); use it only for plugins you trust.
+each manifest requests (trust, sandbox mode, permissions); use it only for plugins you trust. \
+`check` grants everything but trust: it loads every plugin in a worker process.
 
 Exit codes: 0 success, 1 I/O or other error, 2 usage, 3 invalid manifest, 4 plugin failed to \
 load (a sandbox this system cannot enforce included: see `plugin-host doctor`), 5 the call \
@@ -40,9 +42,9 @@ struct Cli {
     #[arg(short = 'L', long = "search-path", global = true)]
     search_paths: Vec<PathBuf>,
 
-    /// Grant what each manifest requests: trust, sandbox mode and permissions. Only for
-    /// plugins you trust. Without it every plugin runs untrusted, sandboxed, with no
-    /// permissions (deny-all).
+    /// Grant what each manifest requests: trust, sandbox mode and permissions (`check`: all
+    /// but trust). Only for plugins you trust. Without it every plugin runs untrusted,
+    /// sandboxed, with no permissions (deny-all).
     #[arg(long, global = true)]
     grant: bool,
 
@@ -101,9 +103,11 @@ enum Command {
         #[arg(long)]
         timeout: Option<String>,
     },
-    /// Validate every manifest under DIR and load each plugin once. A missing library is
-    /// reported with the command that builds it, where the plugin's directory says how
-    /// (build.sh, Makefile, Cargo.toml, one C file).
+    /// Validate every manifest under DIR and load each plugin once, in a worker process:
+    /// check never runs plugin code in its own process, so a plugin that crashes on load is
+    /// reported, not fatal. With --grant, trusted plugins get what they request except
+    /// trust. A missing library is reported with the command that builds it, where the
+    /// plugin's directory says how (build.sh, Makefile, Cargo.toml, one C file).
     Check {
         /// Directory to search (three levels deep).
         #[arg(default_value = ".")]
@@ -185,10 +189,29 @@ fn is_crash(err: &CallError) -> bool {
     )
 }
 
-fn host(cli_paths: &[PathBuf], grant: bool) -> Result<Host, Error> {
+/// What the command grants the plugins it loads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// Nothing: the library's default.
+    DenyAll,
+    /// `--grant`: what each manifest requests.
+    Requested,
+    /// `check --grant`: what each manifest requests, except trust. `check` loads every
+    /// plugin in a worker, so that no plugin code runs in its own process.
+    RequestedUntrusted,
+}
+
+fn host(cli_paths: &[PathBuf], policy: Policy) -> Result<Host, Error> {
     let mut builder = Host::builder();
-    if grant {
-        builder = builder.grant_requested();
+    match policy {
+        Policy::DenyAll => {}
+        Policy::Requested => builder = builder.grant_requested(),
+        Policy::RequestedUntrusted => {
+            builder = builder.permissions(|request| Grant {
+                trust: Trust::Untrusted,
+                ..Grant::requested(request)
+            })
+        }
     }
     for path in cli_paths {
         builder = builder.search_path(path);
@@ -207,8 +230,12 @@ fn main() -> ExitCode {
     // The bench starts workers with the sandbox off on purpose (to measure what the sandbox
     // costs) and says so once; the library's warning for each of them would drown the
     // figures. Everywhere else, and whenever RUST_LOG is set, warnings are as they are.
+    // `check` says itself, on stdout, that it runs trusted plugins in a worker; the
+    // library's warning that a plugin asked for trust and did not get it would repeat that
+    // on stderr for each of them.
     let default_filter = match cli.command {
         Command::Bench { .. } => "warn,plugin_host::sandbox=error",
+        Command::Check { .. } => "warn,plugin_host::host=error",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -219,7 +246,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let host = match host(&cli.search_paths, cli.grant) {
+    let policy = match (&cli.command, cli.grant) {
+        (_, false) => Policy::DenyAll,
+        (Command::Check { .. }, true) => Policy::RequestedUntrusted,
+        (_, true) => Policy::Requested,
+    };
+    let host = match host(&cli.search_paths, policy) {
         Ok(h) => h,
         Err(e) => return fail(&e, None),
     };
@@ -585,7 +617,9 @@ fn write_output(plugin: &Plugin, method: &str, io: &CallIo, output: &[u8]) -> Ex
     }
 }
 
-/// Validates and loads every manifest under `dir`.
+/// Validates and loads every manifest under `dir`. `host`'s policy never grants trust, so
+/// every plugin is loaded in a worker process: a plugin that crashes while it loads takes
+/// its worker down, not `check`.
 fn check(host: &Host, dir: &Path) -> ExitCode {
     let found = match manifest::discover(dir) {
         Ok(f) => f,
@@ -595,23 +629,28 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
         }
     };
     let mut problems = 0;
+    let mut trusted = 0;
     for (path, result) in &found {
         let mut hints = Vec::new();
+        let mut asks_trust = false;
         let outcome = match result {
             Err(e) => Err(e.to_string()),
-            Ok(m) => match futures_lite::future::block_on(host.load_manifest(m.clone())) {
-                Ok(plugin) => {
-                    let methods = plugin.methods().len();
-                    let place = placement(&plugin);
-                    futures_lite::future::block_on(plugin.shutdown());
-                    Ok(format!("loads, {methods} methods; {place}"))
+            Ok(m) => {
+                asks_trust = m.trust == Trust::Trusted;
+                match futures_lite::future::block_on(host.load_manifest(m.clone())) {
+                    Ok(plugin) => {
+                        let methods = plugin.methods().len();
+                        let place = placement(&plugin);
+                        futures_lite::future::block_on(plugin.shutdown());
+                        Ok(format!("loads, {methods} methods; {place}"))
+                    }
+                    Err(e) => {
+                        let report = report::explain(&e, Some(path));
+                        hints = report.hints;
+                        Err(report.message)
+                    }
                 }
-                Err(e) => {
-                    let report = report::explain(&e, Some(path));
-                    hints = report.hints;
-                    Err(report.message)
-                }
-            },
+            }
         };
         match outcome {
             Ok(text) => println!("ok       {}: {text}", path.display()),
@@ -623,8 +662,19 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
         for hint in hints {
             println!("         hint: {hint}");
         }
+        if asks_trust {
+            trusted += 1;
+            println!("         note: requests trust; checked in a worker process, not in-process");
+        }
     }
     println!("{} manifests, {problems} with problems", found.len());
+    if trusted > 0 {
+        println!(
+            "trusted plugins were checked in a worker process: check runs no plugin code in its \
+             own process ({trusted} of these manifests request trust; `plugin-host --grant \
+             inspect MANIFEST` loads such a plugin in-process)"
+        );
+    }
     if problems > 0 {
         ExitCode::from(8)
     } else {
