@@ -44,6 +44,7 @@
 #![warn(missing_docs)]
 
 pub mod abi;
+mod config;
 #[doc(hidden)]
 pub mod export;
 
@@ -205,15 +206,19 @@ impl<'a> CreateContext<'a> {
     ///
     /// An absent table deserializes as an empty map, so a struct whose fields all have
     /// defaults (`#[serde(default)]`) works without any configuration.
+    ///
+    /// A value that does not fit `T` fails with a message naming the field and both types,
+    /// such as ``config field `size`: expected u32, found string "big"`` (nested fields as
+    /// `output.quality`, array elements as `modes[1]`); a missing field as ``config field
+    /// `size`: required field is missing``. Returned from `create` with `?`, that is the
+    /// message of the host's load error.
     pub fn config<T: serde::de::DeserializeOwned>(&self) -> Result<T, PluginError> {
         if self.config.is_empty() {
             let empty: BTreeMap<String, ()> = BTreeMap::new();
             let bytes = rmp_serde::to_vec_named(&empty).map_err(PluginError::from)?;
-            return rmp_serde::from_slice(&bytes)
-                .map_err(|e| PluginError::new(format!("invalid plugin config: {e}")));
+            return config::decode(&bytes).map_err(PluginError::from);
         }
-        rmp_serde::from_slice(self.config)
-            .map_err(|e| PluginError::new(format!("invalid plugin config: {e}")))
+        config::decode(self.config).map_err(PluginError::from)
     }
 
     /// The raw MessagePack bytes of the `[config]` table (empty when there is none).

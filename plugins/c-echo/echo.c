@@ -6,7 +6,8 @@
  *   length returns the input's length in bytes, as a MessagePack unsigned integer
  *   fail   returns an error (PLUGIN_ERROR) with a message
  *
- * Build: cc -shared -fPIC -I plugin-api/include -o libc_echo.so plugins/c-echo/echo.c
+ * Build: sh plugins/c-echo/build.sh, which compiles this file into libc_echo.so next to
+ * plugin.toml (cc -shared -fPIC -I plugin-api/include -o libc_echo.so echo.c).
  */
 #include <stdlib.h>
 #include <string.h>

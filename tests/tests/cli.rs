@@ -8,29 +8,76 @@ use std::time::Duration;
 
 use common::{artifacts, repo};
 
-/// Runs `plugin-host ARGS` from the repository root with a deadline.
+/// Runs `plugin-host ARGS` from the repository root with a deadline, stdin empty.
 fn cli(args: &[&str]) -> Output {
-    let exe = artifacts().join("plugin-host");
-    let mut child = Command::new(exe)
+    run(plugin_host(args), None)
+}
+
+/// `plugin-host ARGS` from the repository root, RUST_LOG unset.
+fn plugin_host(args: &[&str]) -> Command {
+    let mut command = Command::new(artifacts().join("plugin-host"));
+    command
         .args(args)
         .current_dir(repo())
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// Runs `command` with a deadline, writing `stdin` to it (None: stdin is /dev/null) and
+/// collecting its output as it comes.
+fn run(mut command: Command, stdin: Option<Vec<u8>>) -> Output {
+    use std::io::{Read, Write};
+    let mut child = command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let writer = child.stdin.take().map(|mut pipe| {
+        let bytes = stdin.unwrap_or_default();
+        // The command may fail before it reads: a broken pipe is its answer, not ours.
+        std::thread::spawn(move || drop(pipe.write_all(&bytes)))
+    });
+    // Read in threads, so a full pipe never stalls the command; the results come back on
+    // channels, so a process that inherited a pipe and outlives the command cannot make
+    // the test wait past its deadline.
+    let reader = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send(bytes);
+        });
+        rx
+    };
+    let out = reader(Box::new(child.stdout.take().unwrap()));
+    let err = reader(Box::new(child.stderr.take().unwrap()));
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("plugin-host {args:?} did not finish in time");
+            panic!("{command:?} did not finish in time");
         }
         std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(writer);
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        rx.recv_timeout(left.max(Duration::from_secs(5)))
+            .unwrap_or_else(|_| panic!("{command:?}: its output did not end in time"))
+    };
+    Output {
+        status,
+        stdout: collect(out),
+        stderr: collect(err),
     }
 }
 
@@ -187,6 +234,18 @@ fn help_is_available_for_every_command() {
         assert_code(&o, 0);
         assert!(stdout(&o).contains("Usage"), "{cmd}: {}", stdout(&o));
     }
+    let help = stdout(&cli(&["call", "--help"]));
+    for flag in [
+        "--raw",
+        "--input <FILE>",
+        "--output <FILE>",
+        "--json <JSON>",
+        "add_raw",
+    ] {
+        assert!(help.contains(flag), "{flag}: {help}");
+    }
+    let help = stdout(&cli(&["check", "--help"]));
+    assert!(help.contains("in a worker process"), "{help}");
     let help = stdout(&cli(&["--help"]));
     assert!(help.contains("Exit codes"), "{help}");
     assert!(
@@ -425,4 +484,507 @@ fn workers_die_when_the_host_process_is_killed() {
             .status();
     }
     assert!(gone, "worker {worker} outlived its host");
+}
+
+/// A manifest named `plugin.toml` in `dir` (created), with `body` after the required fields.
+fn write_manifest(
+    dir: &std::path::Path,
+    name: &str,
+    library: &str,
+    body: &str,
+) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let manifest = dir.join("plugin.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"{name}\"\nversion = \"0.1.0\"\nlibrary = \"{library}\"\napi = \"^1\"\n{body}"
+        ),
+    )
+    .unwrap();
+    manifest
+}
+
+/// The path of an example plugin's library among the test artifacts.
+fn lib(name: &str) -> String {
+    artifacts()
+        .join(format!("lib{name}.so"))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn call_reads_input_from_a_file_or_stdin_and_writes_output_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.json");
+    std::fs::write(&input, r#"{"name": "file"}"#).unwrap();
+    let greet = |name: &str| format!("{{\n  \"message\": \"Hello, {name}!\"\n}}\n");
+    let hello = ["call", "plugins/hello/plugin.toml", "greet"];
+
+    let o = cli(&[&hello[..], &["--input", input.to_str().unwrap()]].concat());
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), greet("file"));
+
+    // No input argument and stdin is not a terminal: stdin is the input.
+    let o = run(plugin_host(&hello), Some(br#"{"name": "pipe"}"#.to_vec()));
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), greet("pipe"));
+    let o = run(
+        plugin_host(&[&hello[..], &["--input", "-"]].concat()),
+        Some(br#"{"name": "dash"}"#.to_vec()),
+    );
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), greet("dash"));
+
+    // --output: the JSON goes to the file, nothing to stdout.
+    let output = dir.path().join("out.json");
+    let o = cli(&[
+        &hello[..],
+        &[
+            "--json",
+            r#"{"name":"out"}"#,
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "");
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), greet("out"));
+
+    // Empty stdin is no input (`null`): greet rejects it as input, exit 5.
+    let o = run(plugin_host(&hello), Some(Vec::new()));
+    assert_code(&o, 5);
+    assert!(stderr(&o).contains("rejected its input"), "{}", stderr(&o));
+}
+
+#[test]
+fn call_raw_passes_bytes_through_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every byte value: not UTF-8, not MessagePack, NULs and newlines included.
+    let bytes: Vec<u8> = (0..=255u8).rev().chain(0..=255u8).collect();
+    let input = dir.path().join("in.bin");
+    let output = dir.path().join("out.bin");
+    std::fs::write(&input, &bytes).unwrap();
+    let echo = ["call", "plugins/hello/plugin.toml", "echo", "--raw"];
+
+    let o = cli(&[
+        &echo[..],
+        &[
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    assert_code(&o, 0);
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+    assert_eq!(std::fs::read(&output).unwrap(), bytes);
+
+    // stdin to stdout, exactly (no newline added).
+    let o = run(plugin_host(&echo), Some(bytes.clone()));
+    assert_code(&o, 0);
+    assert_eq!(o.stdout, bytes);
+
+    // Nothing in, nothing out.
+    let o = cli(&echo);
+    assert_code(&o, 0);
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+
+    // Without --raw the same bytes are not JSON: a usage error that points at --raw.
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "echo",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains(&format!(
+            "input file `{}` is not valid JSON",
+            input.display()
+        )) && stderr(&o).contains("--raw"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A typed method sent raw bytes that are not its MessagePack input: the call fails.
+    let o = run(
+        plugin_host(&["call", "plugins/hello/plugin.toml", "greet", "--raw"]),
+        Some(b"not msgpack".to_vec()),
+    );
+    assert_code(&o, 5);
+    assert!(stderr(&o).contains("rejected its input"), "{}", stderr(&o));
+}
+
+#[test]
+fn call_io_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-input.json");
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--input",
+        missing.to_str().unwrap(),
+    ]);
+    assert_code(&o, 1);
+    assert!(
+        stderr(&o).contains(&format!("cannot read input file `{}`", missing.display())),
+        "{}",
+        stderr(&o)
+    );
+
+    // The output cannot be written: the call ran, the error names the file.
+    let output = dir.path().join("no-such-dir").join("out.json");
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--json",
+        r#"{"name":"x"}"#,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_code(&o, 1);
+    assert!(
+        stderr(&o).contains(&format!("cannot write output file `{}`", output.display())),
+        "{}",
+        stderr(&o)
+    );
+
+    // A failed call writes no output file.
+    let output = dir.path().join("out.json");
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--json",
+        r#"{"name":""}"#,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_code(&o, 5);
+    assert!(!output.exists());
+
+    // Bad or empty input files are usage errors naming the file.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{bad").unwrap();
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains(&format!("input file `{}` is not valid JSON", bad.display())),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&bad, " \n").unwrap();
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains(&format!("input file `{}` is empty", bad.display())),
+        "{}",
+        stderr(&o)
+    );
+
+    // One input at a time.
+    let o = cli(&[
+        "call",
+        "plugins/hello/plugin.toml",
+        "greet",
+        "--json",
+        "null",
+        "--input",
+        bad.to_str().unwrap(),
+    ]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+}
+
+#[test]
+fn load_errors_give_command_line_hints_not_library_calls() {
+    let library_words = ["HostBuilder", "cargo build -p plugin-host", "have the app"];
+    let no_library_words = |o: &Output| {
+        for word in library_words {
+            assert!(!stderr(o).contains(word), "{word:?} in\n{}", stderr(o));
+        }
+    };
+
+    // A library that is nowhere: -L.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(&dir.path().join("x"), "x", "nothing_here", "");
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains("library `nothing_here` not found; looked in: ")
+            && stderr(&o).contains("hint: if it is built elsewhere, pass its directory with -L DIR (--search-path DIR)"),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+
+    // A worker-shim that is not there: PLUGIN_HOST_WORKER_SHIM.
+    let mut command = plugin_host(&["call", "plugins/hello/plugin.toml", "echo"]);
+    command.env("PLUGIN_HOST_WORKER_SHIM", "/nonexistent/worker-shim");
+    let o = run(command, None);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(
+            "cannot start the worker: PLUGIN_HOST_WORKER_SHIM=/nonexistent/worker-shim names no file"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+
+    // plugin-host without a worker-shim next to it (nor one directory up).
+    let alone = dir.path().join("bin");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(artifacts().join("plugin-host"), alone.join("plugin-host")).unwrap();
+    let mut command = Command::new(alone.join("plugin-host"));
+    command
+        .args([
+            "-L",
+            artifacts().to_str().unwrap(),
+            "call",
+            "plugins/hello/plugin.toml",
+            "echo",
+        ])
+        .current_dir(repo())
+        .env_remove("RUST_LOG")
+        .env_remove("PLUGIN_HOST_WORKER_SHIM");
+    let o = run(command, None);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!(
+            "no worker-shim executable found (looked in: {}, {})",
+            alone.join("worker-shim").display(),
+            dir.path().join("worker-shim").display()
+        )) && stderr(&o).contains("or set PLUGIN_HOST_WORKER_SHIM=/path/to/worker-shim"),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+
+    // A sandbox that cannot be set up (here: its data directory cannot be created).
+    let manifest = write_manifest(
+        &dir.path().join("data"),
+        "data",
+        &lib("hello"),
+        "[permissions]\nwrite = [\"$DATA_DIR\"]\n",
+    );
+    let mut command = plugin_host(&["--grant", "inspect", manifest.to_str().unwrap()]);
+    command.env("XDG_DATA_HOME", "/proc/no-such-dir");
+    let o = run(command, None);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains("plugin `data`: cannot sandbox the worker: ")
+            && stderr(&o).contains("hint: `plugin-host doctor`"),
+        "{}",
+        stderr(&o)
+    );
+    no_library_words(&o);
+}
+
+#[test]
+fn check_loads_trusted_plugins_in_a_worker_and_survives_one_that_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(
+        &dir.path().join("aborts"),
+        "aborts",
+        &lib("faulty"),
+        "trust = \"trusted\"\n\n[config]\ncreate_abort = true\n",
+    );
+    write_manifest(
+        &dir.path().join("fine"),
+        "fine",
+        &lib("hello"),
+        "trust = \"trusted\"\n\n[config]\ngreeting = \"Hi\"\n",
+    );
+    let o = cli(&["--grant", "check", dir.path().to_str().unwrap()]);
+    // 8, not a signal: the abort ended a worker, not check.
+    assert_code(&o, 8);
+    let out = stdout(&o);
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!("{name}/plugin.toml")))
+            .unwrap_or_else(|| panic!("no line for {name} in\n{out}"))
+            .to_string()
+    };
+    let aborts = line("aborts");
+    assert!(
+        aborts.starts_with("FAILED")
+            && aborts.contains("the worker crashed while loading the plugin")
+            && aborts.contains("SIGABRT"),
+        "{out}"
+    );
+    let fine = line("fine");
+    assert!(
+        fine.starts_with("ok") && fine.contains("untrusted, worker process"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("note: requests trust; checked in a worker process, not in-process")
+            .count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        out.contains("2 manifests, 1 with problems")
+            && out.contains(
+                "trusted plugins were checked in a worker process: check runs no plugin code in \
+                 its own process (2 of these manifests request trust;"
+            ),
+        "{out}"
+    );
+
+    // The rest of --grant still applies: a sandbox the manifest relaxes stays relaxed.
+    write_manifest(
+        &dir.path().join("fine"),
+        "fine",
+        &lib("hello"),
+        "trust = \"trusted\"\nsandbox = \"off\"\n",
+    );
+    std::fs::remove_dir_all(dir.path().join("aborts")).unwrap();
+    let o = cli(&["--grant", "check", dir.path().to_str().unwrap()]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("(sandbox off)"), "{}", stdout(&o));
+}
+
+#[test]
+fn config_type_errors_name_the_field_and_the_expected_type() {
+    let dir = tempfile::tempdir().unwrap();
+    for trust in ["untrusted", "trusted"] {
+        let manifest = write_manifest(
+            &dir.path().join(trust),
+            "faulty",
+            &lib("faulty"),
+            &format!("trust = \"{trust}\"\n\n[config]\ncreate_sleep_ms = \"big\"\n"),
+        );
+        let o = cli(&["--grant", "inspect", manifest.to_str().unwrap()]);
+        assert_code(&o, 4);
+        assert!(
+            stderr(&o).contains(
+                "plugin `faulty`: create failed: config field `create_sleep_ms`: expected u64, \
+                 found string \"big\""
+            ),
+            "{trust}: {}",
+            stderr(&o)
+        );
+    }
+    let manifest = write_manifest(
+        &dir.path().join("hello"),
+        "hello",
+        &lib("hello"),
+        "[config]\ngreeting = 5\n",
+    );
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(
+            "create failed: config field `greeting`: expected a string, found integer `5`"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_missing_library_comes_with_the_command_that_builds_it() {
+    // A copy of the repository's layout: plugins/c-echo and plugin-api/include.
+    let root = tempfile::tempdir().unwrap();
+    let c_echo = root.path().join("plugins").join("c-echo");
+    std::fs::create_dir_all(&c_echo).unwrap();
+    for file in ["plugin.toml", "echo.c", "build.sh"] {
+        std::fs::copy(repo().join("plugins/c-echo").join(file), c_echo.join(file)).unwrap();
+    }
+    let include = root.path().join("plugin-api").join("include");
+    std::fs::create_dir_all(&include).unwrap();
+    std::fs::copy(
+        repo().join("plugin-api/include/plugin_api.h"),
+        include.join("plugin_api.h"),
+    )
+    .unwrap();
+    let plugins = root.path().join("plugins");
+    let build = format!("sh {}", c_echo.join("build.sh").display());
+
+    let o = cli(&["check", plugins.to_str().unwrap()]);
+    assert_code(&o, 8);
+    assert!(
+        stdout(&o).contains("library `c_echo` not found")
+            && stdout(&o).contains(&format!("hint: build it: {build}\n")),
+        "{}",
+        stdout(&o)
+    );
+    let manifest = c_echo.join("plugin.toml");
+    let o = cli(&["call", manifest.to_str().unwrap(), "echo", "--raw"]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!("hint: build it: {build}\n")),
+        "{}",
+        stderr(&o)
+    );
+
+    // The command works, and then so does the plugin.
+    let o = run(
+        {
+            let mut c = Command::new("sh");
+            c.arg(c_echo.join("build.sh"));
+            c
+        },
+        None,
+    );
+    assert_code(&o, 0);
+    let o = cli(&["check", plugins.to_str().unwrap()]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("loads, 3 methods"), "{}", stdout(&o));
+    let o = run(
+        plugin_host(&["call", manifest.to_str().unwrap(), "echo", "--raw"]),
+        Some(b"\x00raw\xff".to_vec()),
+    );
+    assert_code(&o, 0);
+    assert_eq!(o.stdout, b"\x00raw\xff");
+
+    // Other kinds of plugin directories: a Cargo package, a lone C file.
+    let cargo = plugins.join("rusty");
+    let manifest = write_manifest(&cargo, "rusty", "rusty", "");
+    std::fs::write(cargo.join("Cargo.toml"), "[package]\nname = \"rusty\"\n").unwrap();
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!(
+            "hint: build it: cargo build --manifest-path {}\n",
+            cargo.join("Cargo.toml").display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    let lone = plugins.join("lone");
+    let manifest = write_manifest(&lone, "lone", "lone", "");
+    std::fs::write(lone.join("lone.c"), "").unwrap();
+    let o = cli(&["inspect", manifest.to_str().unwrap()]);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!(
+            "hint: build it: cc -shared -fPIC -O2 -I {} -o {} {}\n",
+            include.display(),
+            lone.join("liblone.so").display(),
+            lone.join("lone.c").display()
+        )),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -363,14 +363,14 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     let isolated = match load(&sandboxed, Trust::Untrusted) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::report::print(&e, Some(&manifest_path));
             return ExitCode::from(4);
         }
     };
     let isolated_off = match load(&unsandboxed, Trust::Untrusted) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::report::print(&e, Some(&manifest_path));
             return ExitCode::from(4);
         }
     };
@@ -381,7 +381,7 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             return ExitCode::from(4);
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::report::print(&e, Some(&manifest_path));
             return ExitCode::from(4);
         }
     };

@@ -85,7 +85,8 @@ pub fn run(host: &Host, dir: &Path) -> ExitCode {
     match smol::block_on(demo(host, dir)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo failed: {e}");
+            eprintln!("demo failed:");
+            crate::report::print(&e, None);
             ExitCode::from(1)
         }
     }

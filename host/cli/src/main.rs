@@ -4,13 +4,15 @@
 //!
 //! Policy: like the library, deny-all by default. Every plugin runs untrusted, in a worker
 //! with the sandbox required and no permissions, whatever its manifest says; `--grant`
-//! grants what each manifest requests (trust, sandbox mode, permissions).
+//! grants what each manifest requests (trust, sandbox mode, permissions). `check` never
+//! grants trust: it loads every plugin in a worker, so no plugin code runs in its process.
 
 #[cfg(unix)]
 mod bench;
 mod demo;
 mod doctor;
 mod json;
+mod report;
 #[cfg(target_os = "linux")]
 mod soak;
 
@@ -19,13 +21,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use plugin_host::{
-    manifest, CallError, CallOptions, Error, Host, LoadError, Manifest, Plugin, Trust,
-};
+use plugin_host::{manifest, CallError, CallOptions, Error, Grant, Host, Manifest, Plugin, Trust};
 
 const EXIT_CODES: &str = "Policy: deny-all by default: every plugin runs untrusted, in a \
 sandboxed worker, with no permissions, whatever its manifest requests. --grant grants what \
-each manifest requests (trust, sandbox mode, permissions); use it only for plugins you trust.
+each manifest requests (trust, sandbox mode, permissions); use it only for plugins you trust. \
+`check` grants everything but trust: it loads every plugin in a worker process.
 
 Exit codes: 0 success, 1 I/O or other error, 2 usage, 3 invalid manifest, 4 plugin failed to \
 load (a sandbox this system cannot enforce included: see `plugin-host doctor`), 5 the call \
@@ -41,9 +42,9 @@ struct Cli {
     #[arg(short = 'L', long = "search-path", global = true)]
     search_paths: Vec<PathBuf>,
 
-    /// Grant what each manifest requests: trust, sandbox mode and permissions. Only for
-    /// plugins you trust. Without it every plugin runs untrusted, sandboxed, with no
-    /// permissions (deny-all).
+    /// Grant what each manifest requests: trust, sandbox mode and permissions (`check`: all
+    /// but trust). Only for plugins you trust. Without it every plugin runs untrusted,
+    /// sandboxed, with no permissions (deny-all).
     #[arg(long, global = true)]
     grant: bool,
 
@@ -72,20 +73,41 @@ enum Command {
         /// The plugin's manifest.
         manifest: PathBuf,
     },
-    /// Call a method with JSON input and print the JSON output.
+    /// Call a method and print its output. Input and output are JSON, converted to and from
+    /// MessagePack; with --raw they are bytes, passed through unchanged.
+    ///
+    /// The input is --json, else the contents of --input FILE, else stdin when stdin is not
+    /// a terminal; with none of these it is `null` (with --raw: no bytes). Empty stdin also
+    /// means `null`.
     Call {
         /// The plugin's manifest.
         manifest: PathBuf,
         /// The method to call.
         method: String,
-        /// The input, as JSON (converted to MessagePack).
-        #[arg(long, default_value = "null")]
-        json: String,
+        /// The input as JSON text (converted to MessagePack).
+        #[arg(long, value_name = "JSON", conflicts_with_all = ["input", "raw"])]
+        json: Option<String>,
+        /// Read the input from FILE (`-`: stdin): JSON text, or with --raw any bytes.
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Write the output to FILE instead of stdout (`-`: stdout): pretty JSON, or with
+        /// --raw the bytes as the plugin returned them. Written only if the call succeeds.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Bytes in, bytes out: no JSON or MessagePack conversion either way. For methods the
+        /// plugin registered with `add_raw` (such as hello's and faulty's `echo`); a typed
+        /// method given raw input must be sent MessagePack.
+        #[arg(long)]
+        raw: bool,
         /// Deadline for the call, e.g. "5s" (default: the manifest's timeouts.call).
         #[arg(long)]
         timeout: Option<String>,
     },
-    /// Validate every manifest under DIR and load each plugin once.
+    /// Validate every manifest under DIR and load each plugin once, in a worker process:
+    /// check never runs plugin code in its own process, so a plugin that crashes on load is
+    /// reported, not fatal. With --grant, trusted plugins get what they request except
+    /// trust. A missing library is reported with the command that builds it, where the
+    /// plugin's directory says how (build.sh, Makefile, Cargo.toml, one C file).
     Check {
         /// Directory to search (three levels deep).
         #[arg(default_value = ".")]
@@ -167,10 +189,29 @@ fn is_crash(err: &CallError) -> bool {
     )
 }
 
-fn host(cli_paths: &[PathBuf], grant: bool) -> Result<Host, Error> {
+/// What the command grants the plugins it loads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// Nothing: the library's default.
+    DenyAll,
+    /// `--grant`: what each manifest requests.
+    Requested,
+    /// `check --grant`: what each manifest requests, except trust. `check` loads every
+    /// plugin in a worker, so that no plugin code runs in its own process.
+    RequestedUntrusted,
+}
+
+fn host(cli_paths: &[PathBuf], policy: Policy) -> Result<Host, Error> {
     let mut builder = Host::builder();
-    if grant {
-        builder = builder.grant_requested();
+    match policy {
+        Policy::DenyAll => {}
+        Policy::Requested => builder = builder.grant_requested(),
+        Policy::RequestedUntrusted => {
+            builder = builder.permissions(|request| Grant {
+                trust: Trust::Untrusted,
+                ..Grant::requested(request)
+            })
+        }
     }
     for path in cli_paths {
         builder = builder.search_path(path);
@@ -189,8 +230,12 @@ fn main() -> ExitCode {
     // The bench starts workers with the sandbox off on purpose (to measure what the sandbox
     // costs) and says so once; the library's warning for each of them would drown the
     // figures. Everywhere else, and whenever RUST_LOG is set, warnings are as they are.
+    // `check` says itself, on stdout, that it runs trusted plugins in a worker; the
+    // library's warning that a plugin asked for trust and did not get it would repeat that
+    // on stderr for each of them.
     let default_filter = match cli.command {
         Command::Bench { .. } => "warn,plugin_host::sandbox=error",
+        Command::Check { .. } => "warn,plugin_host::host=error",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -201,9 +246,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let host = match host(&cli.search_paths, cli.grant) {
+    let policy = match (&cli.command, cli.grant) {
+        (_, false) => Policy::DenyAll,
+        (Command::Check { .. }, true) => Policy::RequestedUntrusted,
+        (_, true) => Policy::Requested,
+    };
+    let host = match host(&cli.search_paths, policy) {
         Ok(h) => h,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e, None),
     };
     match cli.command {
         Command::List { dir } => list(&dir),
@@ -213,8 +263,22 @@ fn main() -> ExitCode {
             manifest,
             method,
             json,
+            input,
+            output,
+            raw,
             timeout,
-        } => call(&host, &manifest, &method, &json, timeout),
+        } => call(
+            &host,
+            &manifest,
+            &method,
+            &CallIo {
+                json,
+                input,
+                output,
+                raw,
+            },
+            timeout,
+        ),
         Command::Check { dir } => check(&host, &dir),
         Command::Demo { plugins } => demo::run(&host, &plugins),
         #[cfg(unix)]
@@ -262,15 +326,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn fail(err: &Error) -> ExitCode {
-    eprintln!("error: {err}");
-    if let Error::Load(LoadError::Sandbox { .. }) = err {
-        eprintln!(
-            "hint: `plugin-host doctor` lists the sandbox layers this system lacks; with \
-             `--grant`, a plugin you trust gets the sandbox mode its manifest requests \
-             (sandbox = \"best-effort\" or \"off\")"
-        );
-    }
+/// Prints `err` in the command's words (see [`report`]) and returns its exit code.
+/// `manifest` is the manifest the failing operation was about, if there is one.
+fn fail(err: &Error, manifest: Option<&Path>) -> ExitCode {
+    report::print(err, manifest);
     ExitCode::from(exit_code(err))
 }
 
@@ -358,9 +417,10 @@ fn list(dir: &Path) -> ExitCode {
 }
 
 fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
-    let manifest = match Manifest::from_file(manifest) {
+    let path = manifest;
+    let manifest = match Manifest::from_file(path) {
         Ok(m) => m,
-        Err(e) => return fail(&e.into()),
+        Err(e) => return fail(&e.into(), Some(path)),
     };
     let request = plugin_host::PermissionRequest::from_manifest(&manifest);
     match futures_lite::future::block_on(host.load_manifest(manifest)) {
@@ -408,25 +468,29 @@ fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
             futures_lite::future::block_on(plugin.shutdown());
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e),
+        Err(e) => fail(&e, Some(path)),
     }
+}
+
+/// Where `call` takes its input from and puts its output, and in which form.
+struct CallIo {
+    /// `--json`: the input as JSON text.
+    json: Option<String>,
+    /// `--input`: a file to read the input from (`-`: stdin).
+    input: Option<PathBuf>,
+    /// `--output`: a file to write the output to (`-`: stdout).
+    output: Option<PathBuf>,
+    /// `--raw`: bytes in, bytes out.
+    raw: bool,
 }
 
 fn call(
     host: &Host,
     manifest: &Path,
     method: &str,
-    input: &str,
+    io: &CallIo,
     timeout: Option<String>,
 ) -> ExitCode {
-    let value: serde_json::Value = match serde_json::from_str(input) {
-        Ok(v) => v,
-        Err(e) => return usage(&format!("--json is not valid JSON: {e}")),
-    };
-    let bytes = match json::to_msgpack(&value) {
-        Ok(b) => b,
-        Err(e) => return usage(&e),
-    };
     let mut options = CallOptions::new();
     if let Some(t) = timeout {
         match manifest::parse_duration(&t) {
@@ -434,28 +498,128 @@ fn call(
             _ => return usage(&format!("--timeout `{t}` is not a duration such as \"5s\"")),
         }
     }
+    let input = match call_input(io) {
+        Ok(bytes) => bytes,
+        Err(code) => return code,
+    };
     let plugin = match host.load_blocking(manifest) {
         Ok(p) => p,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e, Some(manifest)),
     };
-    let result = futures_lite::future::block_on(plugin.call_raw_with(method, bytes, options));
+    let result = futures_lite::future::block_on(plugin.call_raw_with(method, input, options));
     let code = match result {
-        Ok(output) => match json::from_msgpack(&output) {
-            Ok(v) => {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: plugin `{}` method `{method}`: {e}", plugin.name());
-                ExitCode::from(5)
-            }
-        },
-        Err(e) => fail(&e),
+        Ok(output) => write_output(&plugin, method, io, &output),
+        Err(e) => fail(&e, Some(manifest)),
     };
     futures_lite::future::block_on(plugin.shutdown());
     code
 }
 
+/// The bytes to send: with `--raw` the input as it is, else its JSON as MessagePack.
+fn call_input(io: &CallIo) -> Result<Vec<u8>, ExitCode> {
+    use std::io::IsTerminal;
+    let stdin = || -> Result<Vec<u8>, ExitCode> {
+        let mut bytes = Vec::new();
+        match std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes) {
+            Ok(_) => Ok(bytes),
+            Err(e) => {
+                eprintln!("error: cannot read the input from stdin: {e}");
+                Err(ExitCode::from(1))
+            }
+        }
+    };
+    let (bytes, source) = match (&io.json, &io.input) {
+        (Some(json), _) => (json.clone().into_bytes(), "--json".to_string()),
+        (None, Some(path)) if path.as_os_str() == "-" => (stdin()?, "stdin".to_string()),
+        (None, Some(path)) => match std::fs::read(path) {
+            Ok(bytes) => (bytes, format!("input file `{}`", path.display())),
+            Err(e) => {
+                eprintln!("error: cannot read input file `{}`: {e}", path.display());
+                return Err(ExitCode::from(1));
+            }
+        },
+        (None, None) if !std::io::stdin().is_terminal() => {
+            let bytes = stdin()?;
+            // Nothing on stdin (`< /dev/null`, a script's closed stdin) is no input.
+            if !io.raw && bytes.iter().all(u8::is_ascii_whitespace) {
+                (b"null".to_vec(), "stdin".to_string())
+            } else {
+                (bytes, "stdin".to_string())
+            }
+        }
+        (None, None) if io.raw => (Vec::new(), String::new()),
+        (None, None) => (b"null".to_vec(), String::new()),
+    };
+    if io.raw {
+        return Ok(bytes);
+    }
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            return Err(usage(&format!(
+                "{source} is not valid JSON: it is not UTF-8 text ({e}); --raw sends bytes as \
+                 they are"
+            )))
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(usage(&format!(
+            "{source} is empty; expected JSON (`null` for no input)"
+        )));
+    }
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return Err(usage(&format!("{source} is not valid JSON: {e}"))),
+    };
+    json::to_msgpack(&value).map_err(|e| usage(&e))
+}
+
+/// Writes a successful call's output to `--output` or stdout: the bytes as they are with
+/// `--raw`, else as pretty JSON.
+fn write_output(plugin: &Plugin, method: &str, io: &CallIo, output: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let bytes = if io.raw {
+        output.to_vec()
+    } else {
+        match json::from_msgpack(output) {
+            Ok(v) => {
+                let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
+                text.push('\n');
+                text.into_bytes()
+            }
+            Err(e) => {
+                eprintln!("error: plugin `{}` method `{method}`: {e}", plugin.name());
+                eprintln!(
+                    "hint: a method registered with `add_raw` returns bytes of its own; --raw \
+                     passes them through unconverted"
+                );
+                return ExitCode::from(5);
+            }
+        }
+    };
+    let written = match &io.output {
+        Some(path) if path.as_os_str() != "-" => std::fs::write(path, &bytes)
+            .map_err(|e| format!("cannot write output file `{}`: {e}", path.display())),
+        _ => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&bytes)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| format!("cannot write the output to stdout: {e}"))
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Validates and loads every manifest under `dir`. `host`'s policy never grants trust, so
+/// every plugin is loaded in a worker process: a plugin that crashes while it loads takes
+/// its worker down, not `check`.
 fn check(host: &Host, dir: &Path) -> ExitCode {
     let found = match manifest::discover(dir) {
         Ok(f) => f,
@@ -465,19 +629,28 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
         }
     };
     let mut problems = 0;
+    let mut trusted = 0;
     for (path, result) in &found {
+        let mut hints = Vec::new();
+        let mut asks_trust = false;
         let outcome = match result {
             Err(e) => Err(e.to_string()),
-            Ok(m) => match futures_lite::future::block_on(host.load_manifest(m.clone())) {
-                Ok(plugin) => {
-                    let methods = plugin.methods().len();
-                    let place = placement(&plugin);
-                    futures_lite::future::block_on(plugin.shutdown());
-                    Ok(format!("loads, {methods} methods; {place}"))
+            Ok(m) => {
+                asks_trust = m.trust == Trust::Trusted;
+                match futures_lite::future::block_on(host.load_manifest(m.clone())) {
+                    Ok(plugin) => {
+                        let methods = plugin.methods().len();
+                        let place = placement(&plugin);
+                        futures_lite::future::block_on(plugin.shutdown());
+                        Ok(format!("loads, {methods} methods; {place}"))
+                    }
+                    Err(e) => {
+                        let report = report::explain(&e, Some(path));
+                        hints = report.hints;
+                        Err(report.message)
+                    }
                 }
-                Err(Error::Load(LoadError::Unsupported { message, .. })) => Err(message),
-                Err(e) => Err(e.to_string()),
-            },
+            }
         };
         match outcome {
             Ok(text) => println!("ok       {}: {text}", path.display()),
@@ -486,8 +659,22 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
                 println!("FAILED   {}: {text}", path.display());
             }
         }
+        for hint in hints {
+            println!("         hint: {hint}");
+        }
+        if asks_trust {
+            trusted += 1;
+            println!("         note: requests trust; checked in a worker process, not in-process");
+        }
     }
     println!("{} manifests, {problems} with problems", found.len());
+    if trusted > 0 {
+        println!(
+            "trusted plugins were checked in a worker process: check runs no plugin code in its \
+             own process ({trusted} of these manifests request trust; `plugin-host --grant \
+             inspect MANIFEST` loads such a plugin in-process)"
+        );
+    }
     if problems > 0 {
         ExitCode::from(8)
     } else {

@@ -416,7 +416,7 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         match smol::block_on(host.load_manifest(m)) {
             Ok(p) => plugins.push(p),
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::report::print(&e, Some(&manifest_path));
                 return ExitCode::from(4);
             }
         }
