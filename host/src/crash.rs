@@ -43,6 +43,19 @@ impl ExitInfo {
         ExitInfo::Code(status.code().unwrap_or(-1))
     }
 
+    /// Killed by SIGKILL, as the host kills a worker.
+    pub(crate) fn sigkill() -> ExitInfo {
+        #[cfg(unix)]
+        let number = libc::SIGKILL;
+        #[cfg(not(unix))]
+        let number = 9;
+        ExitInfo::Signal {
+            number,
+            name: signal_name(number),
+            core_dumped: false,
+        }
+    }
+
     /// The signal name, if it was killed by one.
     pub fn signal_name(&self) -> Option<&str> {
         match self {
@@ -365,5 +378,10 @@ mod tests {
         assert_eq!(signal_name(libc::SIGSEGV), "SIGSEGV");
         assert_eq!(signal_name(libc::SIGABRT), "SIGABRT");
         assert_eq!(signal_name(1000), "SIG?1000");
+        assert_eq!(ExitInfo::sigkill().signal_name(), Some("SIGKILL"));
+        assert_eq!(
+            ExitInfo::sigkill().to_string(),
+            "killed by SIGKILL (signal 9, killed outright)"
+        );
     }
 }

@@ -116,11 +116,8 @@ impl Worker {
 
     /// Builds a crash report once the process has been reaped.
     async fn report(&self, spec: &Spec, closed: &Closed, restarts: u64) -> CrashReport {
-        let exit = self
-            .process
-            .wait_exit(Duration::from_secs(2))
-            .await
-            .map(ExitInfo::from_status);
+        // SIGKILL if the host's kill reached it running, whatever it did once cut off.
+        let exit = self.process.wait_exit_info(Duration::from_secs(2)).await;
         let stderr_tail = self.process.stderr_tail();
         let outside_signal = exit.as_ref().is_some_and(ExitInfo::is_outside_signal)
             && !self.process.killed_by_host();
@@ -143,7 +140,8 @@ impl Worker {
                 _ => None,
             },
             killed_by_host: match &closed.reason {
-                CloseReason::Killed(why) => Some(why.clone()),
+                // Not when it had ended on its own before the kill: its own cause stands.
+                CloseReason::Killed(why) if self.process.killed_by_host() => Some(why.clone()),
                 _ => None,
             },
             outside_signal,

@@ -19,6 +19,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::crash::ExitInfo;
+
 /// What is kept (and logged) of one stderr line, in bytes (escaped); the rest of the line
 /// is cut with a marker.
 pub(crate) const STDERR_LINE_MAX: usize = 4096;
@@ -42,7 +44,9 @@ struct State {
     exit: Option<ExitStatus>,
     /// The process was reaped by someone else: never signal its pid again.
     reaped_elsewhere: bool,
-    /// The host sent it SIGKILL (so a SIGKILL exit is not someone else's doing).
+    /// The host's SIGKILL reached it while it was still running: however it then ended,
+    /// the kill is why (and a SIGKILL exit is not someone else's doing). Not set when it
+    /// had already exited on its own: the kill then changed nothing.
     killed_by_host: bool,
     on_exit: Option<OnExit>,
 }
@@ -190,18 +194,37 @@ impl WorkerProcess {
         self.exited.is_closed()
     }
 
-    /// Kills the worker and its process group with SIGKILL, unless it was already reaped
-    /// (its pid may then belong to someone else). The waiter thread reaps it.
+    /// Kills the worker and its process group with SIGKILL, unless it has already exited
+    /// (then it ended on its own, and the waiter thread, woken by that exit, kills what is
+    /// left of its group) or was reaped (its pid may then belong to someone else). The
+    /// waiter thread reaps it.
     pub fn kill(&self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        // `exit` is set under this lock in the same step that reaps the pid.
-        if state.exit.is_none() && !state.reaped_elsewhere && !self.exited.is_closed() {
+        // `exit` is set under this lock in the same step that reaps the pid, so the pid is
+        // still ours here, a zombie at worst.
+        if state.exit.is_some() || state.reaped_elsewhere || self.exited.is_closed() {
+            return;
+        }
+        if !has_exited(self.pid) {
             state.killed_by_host = true;
             kill_group(self.pid);
         }
     }
 
-    /// Whether the host killed it (as opposed to a signal from elsewhere).
+    /// How it ended, once reaped (waiting up to `limit`): killed by SIGKILL if the host's
+    /// kill reached it while it was running, else its own exit status. A worker whose
+    /// connection is cut exits with code 0 as soon as it notices; once the host has sent
+    /// the kill, that clean exit is the kill's doing, not a cause of its own.
+    pub async fn wait_exit_info(&self, limit: Duration) -> Option<ExitInfo> {
+        let status = self.wait_exit(limit).await?;
+        Some(match self.killed_by_host() {
+            true => ExitInfo::sigkill(),
+            false => ExitInfo::from_status(status),
+        })
+    }
+
+    /// Whether the host's kill reached it while it was running (as opposed to a signal
+    /// from elsewhere, or an end of its own just before the host's kill).
     pub fn killed_by_host(&self) -> bool {
         self.state
             .lock()
@@ -447,6 +470,34 @@ fn wait_without_reaping(pid: u32) -> bool {
     {
         let _ = pid;
         true
+    }
+}
+
+/// Whether our child `pid` has exited (a zombie, not yet reaped), without reaping it. A
+/// pid that is no longer our child (reaped elsewhere) counts as exited: it must not be
+/// signalled.
+fn has_exited(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        use rustix::process::{waitid, Pid, WaitId, WaitIdOptions};
+        let Some(pid) = Pid::from_raw(pid as i32) else {
+            return true;
+        };
+        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        loop {
+            match waitid(WaitId::Pid(pid), options) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Ok(status) => return status.is_some(),
+                Err(rustix::io::Errno::CHILD) => return true,
+                // Cannot tell: it is still ours (not reaped), so killing it is safe.
+                Err(_) => return false,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        false
     }
 }
 

@@ -122,11 +122,13 @@ async fn handshake(
     let plugin = spec.plugin.to_string();
     protocol::tune_socket(stream.get_ref());
     let on_close_process = process.clone();
+    // A second handle on our end, to see whether the worker's end is already closed.
+    let peer = stream.get_ref().try_clone().ok();
     let conn = Arc::new(Conn::new(
         stream,
         spec.plugin.clone(),
         protocol::HANDSHAKE_MAX_FRAME,
-        Box::new(move |reason| on_close(&on_close_process, reason)),
+        Box::new(move |reason| on_close(&on_close_process, peer.as_ref(), reason)),
     ));
     match conn.recv().await {
         Ok(Frame {
@@ -289,20 +291,37 @@ async fn handshake(
 /// replace the real cause (SIGSEGV, exit 3, ...) with the host's SIGKILL.
 const EOF_GRACE: Duration = Duration::from_millis(500);
 
-/// Ends the worker when its connection is cut.
-fn on_close(process: &Arc<WorkerProcess>, reason: &CloseReason) {
-    match reason {
-        CloseReason::Eof => {
-            let process = process.clone();
-            smol::spawn(async move {
-                if process.wait_exit(EOF_GRACE).await.is_none() {
-                    process.kill();
-                }
-            })
-            .detach();
-        }
-        _ => process.kill(),
+/// Ends the worker when its connection is cut (before the host's end is shut down, so a
+/// worker still running cannot notice the cut and exit on its own first).
+///
+/// At once, unless the worker's end is already closed (`Eof`, or the host closing for a
+/// reason of its own, such as a missed deadline, the moment the plugin process died): then
+/// the worker gets [`EOF_GRACE`] to exit with its own status, and is killed only if it does
+/// not.
+fn on_close(process: &Arc<WorkerProcess>, peer: Option<&UnixStream>, reason: &CloseReason) {
+    if matches!(reason, CloseReason::Eof) || peer.is_some_and(hung_up) {
+        let process = process.clone();
+        smol::spawn(async move {
+            if process.wait_exit(EOF_GRACE).await.is_none() {
+                process.kill();
+            }
+        })
+        .detach();
+    } else {
+        process.kill();
     }
+}
+
+/// Whether the other end of `stream` is closed (every holder of the worker's end closed it:
+/// the plugin process died, or closed it deliberately). Does not block or read.
+fn hung_up(stream: &UnixStream) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stream, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().contains(PollFlags::HUP)
 }
 
 /// Maps the worker's `LoadFailed` to the same error kinds the in-process loader returns.
@@ -340,5 +359,90 @@ fn load_failure(spec: &Spec, reason: &str, message: String, abi: Option<(u16, u1
             path,
             reason: message,
         },
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// A stand-in worker: `sh -c script`, and the host's end of a connection.
+    fn worker(script: &str) -> (Arc<WorkerProcess>, UnixStream, UnixStream) {
+        worker_with_stdin(script, None)
+    }
+
+    fn worker_with_stdin(
+        script: &str,
+        stdin: Option<std::os::fd::OwnedFd>,
+    ) -> (Arc<WorkerProcess>, UnixStream, UnixStream) {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script);
+        let process = WorkerProcess::spawn(command, "test", 10, stdin).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        (Arc::new(process), ours, theirs)
+    }
+
+    fn killed(why: &str) -> CloseReason {
+        CloseReason::Killed(why.into())
+    }
+
+    #[test]
+    fn a_running_worker_is_killed_at_once_and_reported_as_killed() {
+        let (process, ours, theirs) = worker("sleep 30");
+        on_close(&process, Some(&ours), &killed("deadline"));
+        let exit = smol::block_on(process.wait_exit_info(Duration::from_secs(10)));
+        assert_eq!(
+            exit.as_ref().and_then(ExitInfo::signal_name),
+            Some("SIGKILL")
+        );
+        assert!(process.killed_by_host());
+        drop(theirs);
+    }
+
+    #[test]
+    fn a_worker_whose_end_is_closed_keeps_its_own_cause() {
+        // The plugin process is gone (its end of the connection closed); the process the
+        // host spawned is about to exit the same way (here: code 3, once told to).
+        let (go_rx, mut go) = std::io::pipe().unwrap();
+        let script = "echo ready >&2; read line; exit 3";
+        let (process, ours, theirs) = worker_with_stdin(script, Some(go_rx.into()));
+        let started = std::time::Instant::now();
+        while !process.stderr_tail().iter().any(|l| l == "ready") {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "sh did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(theirs);
+        on_close(&process, Some(&ours), &killed("deadline"));
+        std::io::Write::write_all(&mut go, b"go\n").unwrap();
+        let exit = smol::block_on(process.wait_exit_info(Duration::from_secs(10)));
+        assert_eq!(exit, Some(ExitInfo::Code(3)));
+        assert!(!process.killed_by_host());
+    }
+
+    #[test]
+    fn a_worker_that_does_not_exit_within_the_grace_is_killed() {
+        let (process, ours, theirs) = worker("sleep 30");
+        drop(theirs);
+        on_close(&process, Some(&ours), &CloseReason::Eof);
+        let exit = smol::block_on(process.wait_exit_info(Duration::from_secs(10)));
+        assert_eq!(
+            exit.as_ref().and_then(ExitInfo::signal_name),
+            Some("SIGKILL")
+        );
+        assert!(process.killed_by_host());
+    }
+
+    #[test]
+    fn a_worker_that_already_exited_is_not_reported_as_killed() {
+        let (process, _ours, _theirs) = worker("exit 3");
+        let exit = smol::block_on(process.wait_exit(Duration::from_secs(10)));
+        assert!(exit.is_some());
+        process.kill();
+        assert!(!process.killed_by_host());
+        let exit = smol::block_on(process.wait_exit_info(Duration::from_secs(10)));
+        assert_eq!(exit, Some(ExitInfo::Code(3)));
     }
 }
