@@ -361,3 +361,53 @@ fn every_fault_in_every_situation() {
     );
     assert_eq!(socket_files(), 0, "socket files left behind");
 }
+
+/// A crash report's stderr is the crash's context: what the worker wrote while the calls
+/// that died were running, not an earlier call's caught panic.
+#[test]
+fn a_crash_report_leaves_out_stderr_from_before_the_crashing_call() {
+    let plugin = run_with_limit(
+        Duration::from_secs(30),
+        host().load_manifest(manifest("faulty", Trust::Untrusted)),
+    )
+    .unwrap();
+    let panicked = run_with_limit(
+        Duration::from_secs(30),
+        plugin.call::<_, ()>("panic", &json!({"message": "an earlier, caught panic"})),
+    );
+    assert!(matches!(
+        panicked,
+        Err(Error::Call(CallError::Panicked { .. }))
+    ));
+    // Let the worker's stderr about that panic reach the host before the next call.
+    std::thread::sleep(Duration::from_millis(200));
+    let crashed = run_with_limit(
+        Duration::from_secs(30),
+        plugin.call::<_, ()>("segfault", &json!(null)),
+    );
+    let report = match crashed {
+        Err(Error::Call(CallError::Crashed { report, .. })) => report,
+        other => panic!("expected Crashed, got {other:?}"),
+    };
+    assert_eq!(
+        report.exit.as_ref().and_then(|e| e.signal_name()),
+        Some("SIGSEGV")
+    );
+    assert!(
+        !report
+            .stderr_tail
+            .iter()
+            .any(|l| l.contains("an earlier, caught panic")),
+        "the earlier panic is not the segfault's context: {:?}",
+        report.stderr_tail
+    );
+    assert_eq!(report.panic, None);
+    assert_eq!(
+        run_with_limit(
+            Duration::from_secs(30),
+            plugin.call_raw("echo", b"next".to_vec())
+        )
+        .unwrap(),
+        b"next"
+    );
+}

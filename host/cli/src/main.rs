@@ -226,6 +226,8 @@ fn host(cli_paths: &[PathBuf], policy: Policy) -> Result<Host, Error> {
 }
 
 fn main() -> ExitCode {
+    // The CLI is its own worker when no worker-shim is installed beside it.
+    plugin_host::worker::run_if_worker();
     let cli = Cli::parse();
     // The bench starts workers with the sandbox off on purpose (to measure what the sandbox
     // costs) and says so once; the library's warning for each of them would drown the

@@ -71,6 +71,9 @@ pub(crate) struct Worker {
     busy: std::sync::atomic::AtomicUsize,
     /// When it last started or finished a call, in milliseconds since it started.
     last_used_ms: AtomicU64,
+    /// Its stderr line count when its current run of calls began (it went from no call to
+    /// one): crash reports show its stderr from there.
+    call_mark: AtomicU64,
 }
 
 impl Worker {
@@ -86,6 +89,7 @@ impl Worker {
             index: 0,
             busy: std::sync::atomic::AtomicUsize::new(0),
             last_used_ms: AtomicU64::new(0),
+            call_mark: AtomicU64::new(0),
         }
     }
 
@@ -118,7 +122,14 @@ impl Worker {
     async fn report(&self, spec: &Spec, closed: &Closed, restarts: u64) -> CrashReport {
         // SIGKILL if the host's kill reached it running, whatever it did once cut off.
         let exit = self.process.wait_exit_info(Duration::from_secs(2)).await;
-        let stderr_tail = self.process.stderr_tail();
+        // What the worker wrote since the calls in flight began (a caught panic's report
+        // from an earlier call is not this crash's context); everything kept when it died
+        // idle.
+        let since = match closed.in_flight.is_empty() {
+            true => 0,
+            false => self.call_mark.load(Ordering::Acquire),
+        };
+        let stderr_tail = self.process.stderr_tail_since(since);
         let outside_signal = exit.as_ref().is_some_and(ExitInfo::is_outside_signal)
             && !self.process.killed_by_host();
         let (panic, panic_location) = CrashReport::find_panic(&self.process.panic_lines())

@@ -253,6 +253,30 @@ impl WorkerProcess {
         lock(&self.stderr).tail.iter().cloned().collect()
     }
 
+    /// How many stderr lines have been taken in so far: a mark for
+    /// [`stderr_tail_since`](Self::stderr_tail_since).
+    pub fn stderr_mark(&self) -> u64 {
+        lock(&self.stderr).pushed
+    }
+
+    /// The last lines of stderr written from `mark` on and after the last caught panic's
+    /// report (which belongs to a call that already got its answer). When earlier lines
+    /// are left out, the first line says how many.
+    pub fn stderr_tail_since(&self, mark: u64) -> Vec<String> {
+        let stderr = lock(&self.stderr);
+        let first = stderr.pushed - stderr.tail.len() as u64;
+        let start = mark.max(stderr.caught_through).max(first);
+        let skip = (start - first) as usize;
+        let mut lines = Vec::with_capacity(stderr.tail.len() - skip + 1);
+        if skip > 0 {
+            lines.push(format!(
+                "[{skip} earlier line(s), written before the call that crashed began, left out]"
+            ));
+        }
+        lines.extend(stderr.tail.iter().skip(skip).cloned());
+        lines
+    }
+
     /// The lines of the last panic that was not caught (the panic header and message),
     /// kept even when a long backtrace pushed them out of the tail.
     pub fn panic_lines(&self) -> Vec<String> {
@@ -278,6 +302,10 @@ struct Stderr {
     tail_bytes: usize,
     panic: Vec<String>,
     allocation_failed: bool,
+    /// Lines taken in so far (the index the next line gets).
+    pushed: u64,
+    /// The index just past the last caught panic's marker line.
+    caught_through: u64,
 }
 
 impl Stderr {
@@ -289,7 +317,9 @@ impl Stderr {
         }
         if line == crate::crash::CAUGHT_PANIC_MARKER {
             self.panic.clear();
+            self.caught_through = self.pushed + 1;
         }
+        self.pushed += 1;
         if line.contains("memory allocation of") && line.contains("failed") {
             self.allocation_failed = true;
         }

@@ -285,8 +285,13 @@ impl Inner {
                     .busy
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                         (b < limit).then_some(b + 1)
-                    })
-                    .is_ok();
+                    });
+                if leased == Ok(0) {
+                    // A run of calls begins: its crash report starts its stderr here.
+                    w.call_mark
+                        .store(w.process.stderr_mark(), Ordering::Release);
+                }
+                let leased = leased.is_ok();
                 if leased && w.is_alive() {
                     w.touch();
                     return Pick::Leased(Lease {
