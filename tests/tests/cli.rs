@@ -750,30 +750,38 @@ fn load_errors_give_command_line_hints_not_library_calls() {
     );
     no_library_words(&o);
 
-    // plugin-host without a worker-shim next to it (nor one directory up).
+    // plugin-host without a worker-shim next to it (nor one directory up) is its own
+    // worker; a PLUGIN_HOST_WORKER_SHIM naming no file is an error with a CLI hint.
     let alone = dir.path().join("bin");
     std::fs::create_dir_all(&alone).unwrap();
     std::fs::copy(artifacts().join("plugin-host"), alone.join("plugin-host")).unwrap();
-    let mut command = Command::new(alone.join("plugin-host"));
-    command
-        .args([
-            "-L",
-            artifacts().to_str().unwrap(),
-            "call",
-            "plugins/hello/plugin.toml",
-            "echo",
-        ])
-        .current_dir(repo())
-        .env_remove("RUST_LOG")
-        .env_remove("PLUGIN_HOST_WORKER_SHIM");
-    let o = run(command, None);
+    let lone = |shim: Option<&str>| {
+        let mut command = Command::new(alone.join("plugin-host"));
+        command
+            .args([
+                "-L",
+                artifacts().to_str().unwrap(),
+                "call",
+                "plugins/hello/plugin.toml",
+                "greet",
+                "--json",
+                r#"{"name": "lone"}"#,
+            ])
+            .current_dir(repo())
+            .env_remove("RUST_LOG")
+            .env_remove("PLUGIN_HOST_WORKER_SHIM");
+        if let Some(shim) = shim {
+            command.env("PLUGIN_HOST_WORKER_SHIM", shim);
+        }
+        run(command, None)
+    };
+    let o = lone(None);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("Hello, lone!"), "{}", stdout(&o));
+    let o = lone(Some("/no/such/worker-shim"));
     assert_code(&o, 4);
     assert!(
-        stderr(&o).contains(&format!(
-            "no worker-shim executable found (looked in: {}, {})",
-            alone.join("worker-shim").display(),
-            dir.path().join("worker-shim").display()
-        )) && stderr(&o).contains("or set PLUGIN_HOST_WORKER_SHIM=/path/to/worker-shim"),
+        stderr(&o).contains("PLUGIN_HOST_WORKER_SHIM=/no/such/worker-shim names no file"),
         "{}",
         stderr(&o)
     );

@@ -111,7 +111,7 @@ fn worker_missing(plugin: &str) -> Report {
             ),
             hints: vec![format!(
                 "set {WORKER_SHIM_ENV} to the {file} executable built with this plugin-host, or \
-                 unset it to use the one next to plugin-host"
+                 unset it (plugin-host is its own worker)"
             )],
         };
     }
