@@ -17,11 +17,17 @@ use crate::status::InstanceStatus;
 
 /// Sets the call's `is_cancelled` flag when the call's future ends before the plugin
 /// returned (dropped, timed out or cancelled).
-struct CancelOnDrop(Arc<AtomicBool>);
+struct CancelOnDrop {
+    flag: Arc<AtomicBool>,
+    /// Cleared once the plugin returned: nothing left to tell it.
+    armed: bool,
+}
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        if self.armed {
+            self.flag.store(true, Ordering::Release);
+        }
     }
 }
 use crate::loader::{emit_log, HostServices, Instance, Library};
@@ -147,9 +153,12 @@ impl Backend for InProcess {
         let name = self.name.clone();
         // Dropping the call's future (or cancelling it) tells the plugin: the thread
         // cannot be stopped, but `is_cancelled` turns true.
-        let guard = CancelOnDrop(cancelled);
+        let guard = CancelOnDrop {
+            flag: cancelled,
+            armed: true,
+        };
         Box::pin(async move {
-            let guard = guard;
+            let mut guard = guard;
             let cancel = call.cancel.clone();
             let stop = async {
                 futures_lite::future::or(
@@ -168,8 +177,7 @@ impl Backend for InProcess {
                 futures_lite::future::or(async { Err(work.await) }, async { Ok(stop.await) }).await;
             match result {
                 Err(result) => {
-                    guard.0.store(false, Ordering::Relaxed);
-                    std::mem::forget(guard);
+                    guard.armed = false;
                     result
                 }
                 Ok(Some(error)) => Err(error),
