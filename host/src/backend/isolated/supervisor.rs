@@ -350,6 +350,7 @@ impl Inner {
                             instance: index,
                             pid,
                         });
+                        inner.changed.notify(usize::MAX);
                     }
                 }
                 Some(Err(error)) => inner.failed_start(index, error),
@@ -378,7 +379,8 @@ impl Inner {
     }
 
     /// Puts a fresh worker in slot `index` if the slot is still in a state `expected`
-    /// accepts; otherwise drops (kills) it. Watches it and wakes waiting callers.
+    /// accepts; otherwise drops (kills) it. Watches it; the caller wakes waiting callers
+    /// once its counters are up to date (a call served by the fresh worker must see them).
     fn install(
         self: &Arc<Self>,
         index: usize,
@@ -394,7 +396,6 @@ impl Inner {
             *slot = Slot::Ready(worker.clone());
         }
         self.watch(&worker);
-        self.changed.notify(usize::MAX);
         true
     }
 
@@ -504,6 +505,7 @@ impl Inner {
                     let restarts = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
                     tracing::info!(plugin = %self.spec.plugin, pid, instance = index, "restarted");
                     self.events.emit(PluginEvent::Restarted { pid, restarts });
+                    self.changed.notify(usize::MAX);
                 }
             }
             Some(Err(error)) => self.failed_start(index, error),
@@ -539,13 +541,7 @@ impl Inner {
     fn retire(worker: Arc<Worker>, grace: Duration) {
         worker.handled.store(true, Ordering::Release);
         smol::spawn(async move {
-            let deadline = Instant::now() + grace;
-            while (worker.busy.load(Ordering::Acquire) > 0 || worker.conn.in_flight() > 0)
-                && worker.is_alive()
-                && Instant::now() < deadline
-            {
-                smol::Timer::after(Duration::from_millis(5)).await;
-            }
+            drain(&worker, Instant::now() + grace).await;
             worker.conn.close(CloseReason::Host);
             worker.process.wait_exit(Duration::from_secs(2)).await;
         })
@@ -574,6 +570,16 @@ impl Inner {
                 report,
             },
         }
+    }
+}
+
+/// Waits until `worker` holds no call (or died), or `deadline`.
+async fn drain(worker: &Worker, deadline: Instant) {
+    while (worker.busy.load(Ordering::Acquire) > 0 || worker.conn.in_flight() > 0)
+        && worker.is_alive()
+        && Instant::now() < deadline
+    {
+        smol::Timer::after(Duration::from_millis(5)).await;
     }
 }
 
@@ -722,12 +728,7 @@ impl Backend for Isolated {
             inner.events.emit(PluginEvent::Stopped);
             let deadline = Instant::now() + grace;
             for worker in &workers {
-                while (worker.busy.load(Ordering::Acquire) > 0 || worker.conn.in_flight() > 0)
-                    && worker.is_alive()
-                    && Instant::now() < deadline
-                {
-                    smol::Timer::after(Duration::from_millis(5)).await;
-                }
+                drain(worker, deadline).await;
             }
             // Calls still running past the grace period fail with `Stopped`; closing the
             // connection also kills the worker (it would exit on EOF anyway).
