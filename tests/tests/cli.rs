@@ -421,19 +421,10 @@ fn the_bench_command_runs_and_prints_ratios() {
 
 /// Children of `parent` (Linux /proc).
 fn children_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, r)| r.split_whitespace().nth(1) == Some(&parent.to_string()))
-                })
-                .unwrap_or(false)
-        })
+    common::all_processes()
+        .into_iter()
+        .filter(|&(_, ppid)| ppid == parent)
+        .map(|(pid, _)| pid)
         .collect()
 }
 
@@ -671,34 +662,22 @@ fn call_io_errors_name_the_file() {
 
     // Bad or empty input files are usage errors naming the file.
     let bad = dir.path().join("bad.json");
-    std::fs::write(&bad, "{bad").unwrap();
-    let o = cli(&[
-        "call",
-        "plugins/hello/plugin.toml",
-        "greet",
-        "--input",
-        bad.to_str().unwrap(),
-    ]);
-    assert_code(&o, 2);
-    assert!(
-        stderr(&o).contains(&format!("input file `{}` is not valid JSON", bad.display())),
-        "{}",
-        stderr(&o)
-    );
-    std::fs::write(&bad, " \n").unwrap();
-    let o = cli(&[
-        "call",
-        "plugins/hello/plugin.toml",
-        "greet",
-        "--input",
-        bad.to_str().unwrap(),
-    ]);
-    assert_code(&o, 2);
-    assert!(
-        stderr(&o).contains(&format!("input file `{}` is empty", bad.display())),
-        "{}",
-        stderr(&o)
-    );
+    for (content, problem) in [("{bad", "is not valid JSON"), (" \n", "is empty")] {
+        std::fs::write(&bad, content).unwrap();
+        let o = cli(&[
+            "call",
+            "plugins/hello/plugin.toml",
+            "greet",
+            "--input",
+            bad.to_str().unwrap(),
+        ]);
+        assert_code(&o, 2);
+        assert!(
+            stderr(&o).contains(&format!("input file `{}` {problem}", bad.display())),
+            "{}",
+            stderr(&o)
+        );
+    }
 
     // One input at a time.
     let o = cli(&[

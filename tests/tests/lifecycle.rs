@@ -54,6 +54,7 @@ fn a_pool_runs_every_instance_and_spreads_calls_over_them() {
     assert_eq!(status.instances.len(), 3);
     let pids: Vec<u32> = status.instances.iter().map(|i| i.pid.unwrap()).collect();
     let mut unique = pids.clone();
+    unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), 3, "three distinct workers: {pids:?}");
     assert!(status
