@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 #define PLUGIN_API_ABI_MAJOR 1
-#define PLUGIN_API_ABI_MINOR 0
+#define PLUGIN_API_ABI_MINOR 1
 #define PLUGIN_API_ENTRY_SYMBOL "plugin_api_entry"
 
 /* Status codes returned by create() and call(). */
@@ -27,6 +27,25 @@ extern "C" {
 #define PLUGIN_UNKNOWN_METHOD 3 /* no such method; output: message (may be empty) */
 #define PLUGIN_BAD_INPUT 4      /* input could not be decoded; output: message */
 #define PLUGIN_BAD_OUTPUT 5     /* output could not be encoded; output: message */
+
+/* ABI 1.1: status codes returned by PluginHostContext.call_host(). */
+#define PLUGIN_HOST_OK 0           /* output holds the host function's output */
+#define PLUGIN_HOST_ERROR 1        /* the host function failed; output: UTF-8 message */
+#define PLUGIN_HOST_PANIC 2        /* the host function panicked; output: message */
+#define PLUGIN_HOST_NOT_FOUND 3    /* no host function has that name */
+#define PLUGIN_HOST_BAD_INPUT 4    /* the host function could not decode the input */
+#define PLUGIN_HOST_NOT_IMPORTED 6 /* not listed in the manifest's `imports` */
+#define PLUGIN_HOST_NOT_GRANTED 7  /* exists, but the app did not grant it to this plugin */
+#define PLUGIN_HOST_CANCELLED 8    /* this call was cancelled (deadline, caller gone): return */
+#define PLUGIN_HOST_UNSUPPORTED 9  /* not available here (during create, or an older host) */
+#define PLUGIN_HOST_LIMIT 10       /* input larger than a frame, or too many host calls */
+
+/* ABI 1.1: status codes returned by PluginHostContext.emit(). */
+#define PLUGIN_EMIT_OK 0
+#define PLUGIN_EMIT_CLOSED 1       /* the consumer is gone: stop emitting and return */
+#define PLUGIN_EMIT_NOT_STREAM 2   /* the caller used call(), not call_stream() */
+#define PLUGIN_EMIT_UNSUPPORTED 9  /* not available here (during create, or an older host) */
+#define PLUGIN_EMIT_LIMIT 10       /* the item is larger than a frame */
 
 /* Log levels for PluginHostContext.log. */
 #define PLUGIN_LOG_ERROR 1
@@ -49,12 +68,25 @@ typedef struct PluginBuffer {
     size_t cap;
 } PluginBuffer;
 
-/* Services the host offers: valid for the duration of one create() or call(). */
+/* Services the host offers: valid for the duration of one create() or call().
+ * Fields are only ever appended; a host never loads a library whose ABI minor is higher
+ * than its own, so a library built against minor N may use every field of minor N. */
 typedef struct PluginHostContext {
     void *data;
     void (*log)(void *data, uint32_t level, const uint8_t *msg, size_t len);
     void (*progress)(void *data, double fraction, const uint8_t *msg, size_t len);
     int32_t (*is_cancelled)(void *data);
+    /* ABI 1.1. Calls the host function `name` (listed in the manifest's `imports`) and
+     * blocks until it answers; returns a PLUGIN_HOST_* code. On any code `output` may hold
+     * a buffer (the result on PLUGIN_HOST_OK, else a UTF-8 message): give it back with
+     * free_host_buffer(). */
+    int32_t (*call_host)(void *data, const uint8_t *name, size_t name_len,
+                         const uint8_t *input, size_t input_len, PluginBuffer *output);
+    /* ABI 1.1. Emits one stream item (copied before it returns); blocks while the consumer
+     * is behind. Returns a PLUGIN_EMIT_* code. */
+    int32_t (*emit)(void *data, const uint8_t *item, size_t len);
+    /* ABI 1.1. Frees a buffer call_host() wrote; callable any time, even after call(). */
+    void (*free_host_buffer)(PluginBuffer buffer);
 } PluginHostContext;
 
 typedef struct PluginDescriptor {

@@ -14,7 +14,7 @@ use std::ffi::{c_char, c_void};
 /// major differs.
 pub const ABI_MAJOR: u16 = 1;
 /// Minor version of the ABI. A loader accepts libraries whose minor is at most its own.
-pub const ABI_MINOR: u16 = 0;
+pub const ABI_MINOR: u16 = 1;
 
 /// Name of the one symbol every plugin library exports. Its type is [`EntryFn`].
 pub const ENTRY_SYMBOL: &str = "plugin_api_entry";
@@ -38,6 +38,48 @@ pub mod status {
     pub const BAD_INPUT: i32 = 4;
     /// The plugin could not encode its output; the output buffer holds the message.
     pub const BAD_OUTPUT: i32 = 5;
+}
+
+/// Status codes returned by [`HostContext::call_host`] (ABI 1.1).
+pub mod host_status {
+    /// Success; the output buffer holds the host function's output.
+    pub const OK: i32 = 0;
+    /// The host function returned an error; the output buffer holds its UTF-8 message.
+    pub const ERROR: i32 = 1;
+    /// The host function panicked (the host caught it); the output holds the message.
+    pub const PANIC: i32 = 2;
+    /// No host function has that name.
+    pub const NOT_FOUND: i32 = 3;
+    /// The host function could not decode the input.
+    pub const BAD_INPUT: i32 = 4;
+    /// The plugin's manifest does not list the function in `imports`.
+    pub const NOT_IMPORTED: i32 = 6;
+    /// The function exists, but the app did not grant it to this plugin.
+    pub const NOT_GRANTED: i32 = 7;
+    /// The plugin call that made the host call was cancelled (its deadline passed, its
+    /// caller gave up, or the host is going away); stop and return.
+    pub const CANCELLED: i32 = 8;
+    /// Host functions cannot be called here: during `create`, or the host is too old to
+    /// offer them.
+    pub const UNSUPPORTED: i32 = 9;
+    /// A limit was hit: the input is larger than a frame, or too many host calls are
+    /// outstanding at once.
+    pub const LIMIT: i32 = 10;
+}
+
+/// Status codes returned by [`HostContext::emit`] (ABI 1.1).
+pub mod emit_status {
+    /// The item was handed to the host.
+    pub const OK: i32 = 0;
+    /// The consumer is gone (the stream was dropped or the call cancelled): stop emitting
+    /// and return.
+    pub const CLOSED: i32 = 1;
+    /// The caller did not ask for a stream (it used `call`, not `call_stream`).
+    pub const NOT_STREAM: i32 = 2;
+    /// Streams are not available here: during `create`, or the host is too old.
+    pub const UNSUPPORTED: i32 = 9;
+    /// The item is larger than a frame.
+    pub const LIMIT: i32 = 10;
 }
 
 /// Log levels used by [`HostContext::log`].
@@ -86,10 +128,16 @@ impl Buffer {
     };
 }
 
-/// Services the host offers to a plugin: logging, progress and cancellation.
+/// Services the host offers to a plugin: logging, progress, cancellation, and (ABI 1.1)
+/// host functions and output streams.
 ///
-/// During `create` the same structure is passed; progress is ignored there and
-/// `is_cancelled` returns 0. During a call it is valid until `call` returns.
+/// During `create` the same structure is passed; progress is ignored there,
+/// `is_cancelled` returns 0, and `call_host`/`emit` return `UNSUPPORTED`. During a call it
+/// is valid until `call` returns.
+///
+/// Version rule: fields are only ever appended. A host always passes the structure of its
+/// own ABI minor, and never loads a library whose minor is higher than its own, so a
+/// library built against minor `n` may use every field of minor `n`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HostContext {
@@ -103,6 +151,24 @@ pub struct HostContext {
         unsafe extern "C" fn(data: *mut c_void, fraction: f64, msg: *const u8, len: usize),
     /// Returns 1 when the caller has given up on this call (timeout, cancellation), else 0.
     pub is_cancelled: unsafe extern "C" fn(data: *mut c_void) -> i32,
+    /// ABI 1.1: calls the host function `name` (UTF-8) with `input` and blocks until it
+    /// answers. Returns a [`host_status`] code; on any code the host may have written a
+    /// buffer to `output` (the result on `OK`, else a UTF-8 message), which the plugin
+    /// gives back with `free_host_buffer` (an empty buffer needs no freeing).
+    pub call_host: unsafe extern "C" fn(
+        data: *mut c_void,
+        name: *const u8,
+        name_len: usize,
+        input: *const u8,
+        input_len: usize,
+        output: *mut Buffer,
+    ) -> i32,
+    /// ABI 1.1: emits one stream item (the bytes are copied before it returns). Blocks
+    /// while the consumer is behind (backpressure). Returns an [`emit_status`] code.
+    pub emit: unsafe extern "C" fn(data: *mut c_void, item: *const u8, len: usize) -> i32,
+    /// ABI 1.1: frees a buffer `call_host` wrote. Callable at any time, also after the
+    /// call returned; does not take `data`.
+    pub free_host_buffer: unsafe extern "C" fn(buffer: Buffer),
 }
 
 /// What the entry symbol returns. Read `abi_major`/`abi_minor` first; the remaining fields

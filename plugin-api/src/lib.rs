@@ -47,6 +47,11 @@ pub mod abi;
 mod config;
 #[doc(hidden)]
 pub mod export;
+mod host_call;
+mod stream;
+
+pub use host_call::{HostCallError, HostCallErrorKind};
+pub use stream::{EmitError, EmitErrorKind};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -121,7 +126,9 @@ impl Level {
     }
 }
 
-/// What a method can ask of the host while it runs: logging, progress, cancellation.
+/// What a method can ask of the host while it runs: logging, progress, cancellation,
+/// host functions ([`host_call`](Context::host_call)) and output streams
+/// ([`emit`](Context::emit)).
 pub struct Context<'a> {
     host: &'a abi::HostContext,
 }

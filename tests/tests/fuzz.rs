@@ -1237,6 +1237,8 @@ fn every_kind() -> Vec<(&'static str, Message, Vec<u8>)> {
             Message::Call {
                 id: 17,
                 method: "resize".into(),
+                window: 0,
+                window_bytes: 0,
             },
             b"\x82\xa5width\xcd\x01\x00\xa6height\xcc\x80".to_vec(),
         ),
@@ -1349,6 +1351,8 @@ fn capture_session() -> (Vec<u8>, Vec<u8>) {
             &Message::Call {
                 id,
                 method: (*method).into(),
+                window: 0,
+                window_bytes: 0,
             },
             input,
         );

@@ -309,6 +309,10 @@ pub(crate) const KINDS: &[&str] = &[
     "ping",
     "pong",
     "shutdown",
+    "host_call",
+    "host_reply",
+    "item",
+    "credit",
 ];
 
 /// The fields of the maps nested in `load` (`limits` and `sandbox`).
@@ -354,6 +358,10 @@ pub(crate) const FIELDS: &[&str] = &[
     "call",
     "seq",
     "grace_ms",
+    "window",
+    "window_bytes",
+    "items",
+    "bytes",
 ];
 
 /// Where each known field's value is, after the first pass.
@@ -474,6 +482,26 @@ pub(crate) fn message(head: &[u8]) -> Result<Message, String> {
         "call" => Message::Call {
             id: id(&found)?,
             method: found.required(k, "method", |c| c.string(NAME))?,
+            window: found
+                .optional(k, "window", |c| c.num::<u32>("window"))?
+                .unwrap_or(0),
+            window_bytes: found.optional(k, "window_bytes", Cursor::u64)?.unwrap_or(0),
+        },
+        "host_call" => Message::HostCall {
+            id: id(&found)?,
+            seq: found.required(k, "seq", Cursor::u64)?,
+            name: found.required(k, "name", |c| c.string(NAME))?,
+        },
+        "host_reply" => Message::HostReply {
+            id: id(&found)?,
+            seq: found.required(k, "seq", Cursor::u64)?,
+            status: found.required(k, "status", |c| c.num::<i32>("status"))?,
+        },
+        "item" => Message::Item { id: id(&found)? },
+        "credit" => Message::Credit {
+            id: id(&found)?,
+            items: found.required(k, "items", |c| c.num::<u32>("items"))?,
+            bytes: found.required(k, "bytes", Cursor::u64)?,
         },
         "reply" => Message::Reply {
             id: id(&found)?,
@@ -614,6 +642,30 @@ mod tests {
             Message::Call {
                 id: u64::MAX >> 1,
                 method: "resize".into(),
+                window: 0,
+                window_bytes: 0,
+            },
+            Message::Call {
+                id: 5,
+                method: "frames".into(),
+                window: 256,
+                window_bytes: 1 << 20,
+            },
+            Message::HostCall {
+                id: 5,
+                seq: 0,
+                name: "doc.selection".into(),
+            },
+            Message::HostReply {
+                id: 5,
+                seq: u64::MAX,
+                status: 7,
+            },
+            Message::Item { id: 5 },
+            Message::Credit {
+                id: 5,
+                items: 128,
+                bytes: 4096,
             },
             Message::Reply { id: 7, status: -3 },
             Message::Reply {
@@ -752,6 +804,8 @@ mod tests {
         let long = Message::Call {
             id: 1,
             method: "m".repeat(NAME + 1),
+            window: 0,
+            window_bytes: 0,
         };
         let err = message(&rmp_serde::to_vec_named(&long).unwrap()).unwrap_err();
         assert!(err.contains("call.method"), "{err}");

@@ -363,6 +363,8 @@ mod tests {
         let msg = Message::Call {
             id: 9,
             method: "resize".into(),
+            window: 0,
+            window_bytes: 0,
         };
         let bytes = frame(&msg, b"input bytes");
         let got = read_frame(&mut &bytes[..], 1 << 20).unwrap();

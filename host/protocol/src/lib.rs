@@ -14,14 +14,15 @@
 //!
 //! let mut wire = Vec::new();
 //! write_frame(&mut wire, &hello(None, None), &[]).unwrap();
-//! write_frame(&mut wire, &Message::Call { id: 7, method: "greet".into() }, b"input").unwrap();
+//! let call = Message::Call { id: 7, method: "greet".into(), window: 0, window_bytes: 0 };
+//! write_frame(&mut wire, &call, b"input").unwrap();
 //!
 //! let mut reader = &wire[..];
 //! let first = read_frame(&mut reader, 64 * 1024).unwrap();
 //! let Message::Hello { protocol, version, .. } = first.message else { panic!() };
 //! assert!(check_hello(&protocol, &version).is_ok());
 //! let call = read_frame(&mut reader, 64 * 1024).unwrap();
-//! assert_eq!(call.message, Message::Call { id: 7, method: "greet".into() });
+//! assert_eq!(call.message, Message::Call { id: 7, method: "greet".into(), window: 0, window_bytes: 0 });
 //! assert_eq!(call.payload, b"input");
 //! ```
 
@@ -34,10 +35,20 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL: &str = "plugin-host-ipc";
 
 /// The protocol version this build speaks.
-pub const VERSION: &str = "0.2.0";
+///
+/// While the major is 0, the patch position plays the role of the minor: `0.2.1` adds
+/// host calls and output streams (announced as the `host_call` and `stream` features)
+/// to `0.2.0`, and peers of the two versions still talk (each uses a feature only when
+/// both sides announce it).
+pub const VERSION: &str = "0.2.1";
 
 /// Features this build offers. Unknown features from the peer are ignored.
-pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping"];
+pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping", "host_call", "stream"];
+
+/// Feature: `HostCall`/`HostReply` (plugins calling host functions).
+pub const FEATURE_HOST_CALL: &str = "host_call";
+/// Feature: `Item`/`Credit` and streaming calls.
+pub const FEATURE_STREAM: &str = "stream";
 
 /// Room left in a frame for the message header beside a call's input or a reply's output:
 /// a payload larger than `max_frame - FRAME_ROOM` is refused before it is sent.
@@ -127,6 +138,14 @@ pub enum Message {
         id: u64,
         /// The method name.
         method: String,
+        /// For a streaming call (feature `stream`): how many items the worker may send
+        /// before the host grants more with `Credit`. 0 (absent): not a stream.
+        #[serde(default, skip_serializing_if = "is_zero_u32")]
+        window: u32,
+        /// For a streaming call: how many item bytes the worker may send before the host
+        /// grants more (one item may exceed it when no other is outstanding).
+        #[serde(default, skip_serializing_if = "is_zero_u64")]
+        window_bytes: u64,
     },
     /// Worker -> host: a call's outcome. Payload: output bytes, or a UTF-8 message.
     Reply {
@@ -159,6 +178,42 @@ pub enum Message {
         #[serde(default)]
         call: Option<u64>,
     },
+    /// Worker -> host (feature `host_call`): the plugin, running call `id`, calls the
+    /// host function `name`. Payload: the input bytes. Answered by `HostReply` with the
+    /// same `id` and `seq`.
+    HostCall {
+        /// The plugin call that makes it.
+        id: u64,
+        /// Unique among this call's host calls.
+        seq: u64,
+        /// The host function's name.
+        name: String,
+    },
+    /// Host -> worker: a host call's outcome. Payload: output bytes, or a UTF-8 message.
+    HostReply {
+        /// The plugin call.
+        id: u64,
+        /// The host call's `seq`.
+        seq: u64,
+        /// A `plugin_api::abi::host_status` code.
+        status: i32,
+    },
+    /// Worker -> host (feature `stream`): one item of streaming call `id`. Payload: the
+    /// item's bytes.
+    Item {
+        /// The streaming call.
+        id: u64,
+    },
+    /// Host -> worker: the consumer took `items` items of `bytes` bytes from streaming
+    /// call `id`; the worker may send that much more.
+    Credit {
+        /// The streaming call.
+        id: u64,
+        /// Items consumed since the last credit.
+        items: u32,
+        /// Bytes consumed since the last credit.
+        bytes: u64,
+    },
     /// Host -> worker liveness check; the worker answers with `Pong` carrying the same
     /// `seq`. (A `Ping` from a worker is ignored.)
     Ping {
@@ -178,6 +233,14 @@ pub enum Message {
     /// A message kind this build does not know; ignored.
     #[serde(other)]
     Unknown,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Resource limits as sent in `Load`.
