@@ -42,6 +42,8 @@ fn main() {
             "-p",
             "faulty",
             "-p",
+            "callbacks",
+            "-p",
             "plugin-host",
             "-p",
             "plugin-host-cli",

@@ -1,15 +1,19 @@
 //! [`Host`] and [`HostBuilder`]: where plugins are looked for, and loading them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::backend::in_process::InProcess;
 use crate::error::{Error, LoadError, ManifestError, ManifestErrorKind};
+use crate::host_fn::{HostCallContext, HostError, HostFunctions};
 use crate::manifest::{Manifest, Trust};
 use crate::permissions::{Grant, PermissionRequest, Policy};
 use crate::plugin::Plugin;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// Configures a [`Host`].
 #[derive(Clone, Default)]
@@ -21,6 +25,7 @@ pub struct HostBuilder {
     instances: Option<u32>,
     idle_timeout: Option<Duration>,
     watch: Option<Duration>,
+    functions: HostFunctions,
 }
 
 impl std::fmt::Debug for HostBuilder {
@@ -36,6 +41,7 @@ impl std::fmt::Debug for HostBuilder {
             .field("instances", &self.instances)
             .field("idle_timeout", &self.idle_timeout)
             .field("watch", &self.watch)
+            .field("functions", &self.functions.names())
             .finish()
     }
 }
@@ -125,6 +131,83 @@ impl HostBuilder {
     /// [`watch`](Self::watch) with another polling interval.
     pub fn watch_every(mut self, interval: Duration) -> Self {
         self.watch = Some(interval.max(Duration::from_millis(10)));
+        self
+    }
+
+    /// Exports a host function to every plugin that imports it (lists `name` in its
+    /// manifest's `imports`). Input and output are serde types (MessagePack on the wire);
+    /// the plugin calls it with `ctx.host_call::<I, O>(name, &input)`.
+    ///
+    /// The function runs in the host, on its executor; it is tied to the plugin call that
+    /// made it ([`HostCallContext`]): when that call ends (deadline, cancellation, crash),
+    /// [`HostCallContext::cancelled`] fires, and a function still running after the
+    /// plugin's `timeouts.cancel_grace` is dropped. An error it returns, or a panic, reaches
+    /// the plugin as an error; the host goes on. It may call plugins itself (also the one
+    /// calling it). Do not block in it: use `blocking::unblock` for blocking work.
+    ///
+    /// A later function with the same name replaces an earlier one.
+    ///
+    /// ```
+    /// use plugin_host::{Host, HostCallContext, HostError};
+    /// #[derive(serde::Deserialize)]
+    /// struct Query { id: u32 }
+    /// let host = Host::builder()
+    ///     .function("doc.title", |_ctx: HostCallContext, q: Query| async move {
+    ///         match q.id {
+    ///             7 => Ok("Annual report".to_string()),
+    ///             other => Err(HostError::new(format!("no document {other}"))),
+    ///         }
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = host;
+    /// ```
+    pub fn function<I, O, F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(HostCallContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HostError>> + Send + 'static,
+    {
+        let f = crate::host_fn::typed(name, f);
+        self.functions.add(None, name, f);
+        self
+    }
+
+    /// [`function`](Self::function) with raw bytes in and out (no encoding); the plugin
+    /// calls it with `ctx.host_call_raw(name, &bytes)`.
+    pub fn raw_function<F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        F: Fn(HostCallContext, Vec<u8>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<u8>, HostError>> + Send + 'static,
+    {
+        self.functions.add(None, name, crate::host_fn::raw(f));
+        self
+    }
+
+    /// [`function`](Self::function) granted to the plugin named `plugin` only; others
+    /// that import it are refused (`NotGranted`). A function registered for one plugin
+    /// takes precedence over one with the same name registered for all.
+    pub fn function_for<I, O, F, Fut>(mut self, plugin: &str, name: &str, f: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(HostCallContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, HostError>> + Send + 'static,
+    {
+        let f = crate::host_fn::typed(name, f);
+        self.functions.add(Some(plugin), name, f);
+        self
+    }
+
+    /// [`raw_function`](Self::raw_function) granted to the plugin named `plugin` only.
+    pub fn raw_function_for<F, Fut>(mut self, plugin: &str, name: &str, f: F) -> Self
+    where
+        F: Fn(HostCallContext, Vec<u8>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<u8>, HostError>> + Send + 'static,
+    {
+        self.functions
+            .add(Some(plugin), name, crate::host_fn::raw(f));
         self
     }
 
@@ -387,6 +470,12 @@ impl Host {
                 "the manifest asks to run in-process (trusted); the app's policy did not grant it, so it runs in a sandboxed worker"
             );
         }
+        let imports = Arc::new(
+            self.shared
+                .config
+                .functions
+                .imports_for(&manifest.name, &manifest.imports),
+        );
         match grant.trust {
             Trust::Trusted => {
                 if manifest.instances.is_some_and(|n| n > 1) || manifest.idle_timeout.is_some() {
@@ -396,8 +485,9 @@ impl Host {
                     );
                 }
                 let path = library.clone();
+                let for_backend = imports.clone();
                 let (backend, info, manifest) = blocking::unblock(move || {
-                    InProcess::load(&manifest, &path).map(|(b, i)| (b, i, manifest))
+                    InProcess::load(&manifest, &path, for_backend).map(|(b, i)| (b, i, manifest))
                 })
                 .await?;
                 tracing::info!(plugin = %info.name, version = %info.version, "loaded in-process");
@@ -409,7 +499,10 @@ impl Host {
                     Box::new(backend),
                 ))
             }
-            Trust::Untrusted => self.load_isolated(manifest, library, grant).await,
+            Trust::Untrusted => {
+                self.load_isolated(manifest, library, grant, imports.clone())
+                    .await
+            }
         }
     }
 
@@ -419,6 +512,7 @@ impl Host {
         manifest: Manifest,
         library: PathBuf,
         grant: Grant,
+        imports: Arc<crate::host_fn::Imports>,
     ) -> Result<Plugin, Error> {
         use crate::backend::isolated::{Isolated, Spec};
         let config = &self.shared.config;
@@ -438,6 +532,7 @@ impl Host {
             tmp_dir: sandbox.tmp_dir,
             instances: manifest.instances.or(config.instances).unwrap_or(1) as usize,
             idle_timeout: manifest.idle_timeout.or(config.idle_timeout),
+            imports,
         };
         let instances = spec.instances;
         let (backend, info) = Isolated::load(spec).await?;
@@ -457,6 +552,7 @@ impl Host {
         manifest: Manifest,
         _library: PathBuf,
         _grant: Grant,
+        _imports: Arc<crate::host_fn::Imports>,
     ) -> Result<Plugin, Error> {
         Err(LoadError::Unsupported {
             plugin: manifest.name.clone(),

@@ -45,10 +45,12 @@ pub mod worker;
 
 mod backend;
 mod host;
+mod host_fn;
 mod loader;
 mod locate;
 mod plugin;
 mod status;
+mod stream;
 mod watch;
 
 /// The wire protocol between the host and its workers (the `plugin-host-protocol` crate).
@@ -64,11 +66,13 @@ pub use cancel::CancelHandle;
 pub use crash::{CrashReport, ExitInfo, LimitExceeded};
 pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
 pub use host::{DirLoad, Host, HostBuilder};
+pub use host_fn::{HostCallContext, HostError};
 pub use locate::WORKER_SHIM_ENV;
 pub use manifest::{Manifest, Trust};
 pub use permissions::{Grant, GrantStore, PermissionRequest, Permissions, SandboxMode};
 pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
 pub use status::{EventReceiver, InstanceStatus, PluginEvent, PluginState, Status};
+pub use stream::CallStream;
 
 /// The plugin ABI version this host implements, as semver (major.minor.0).
 pub fn abi_version() -> semver::Version {

@@ -22,6 +22,21 @@ pub(crate) trait HostServices: Sync {
     fn progress(&self, fraction: f64, message: &str);
     /// Whether the current call was cancelled.
     fn is_cancelled(&self) -> bool;
+    /// Calls a host function for the current call: a `host_status` code and the output
+    /// (or a UTF-8 message). Blocks until it answers.
+    fn call_host(&self, name: &str, input: &[u8]) -> (i32, Vec<u8>) {
+        let _ = input;
+        let text = format!(
+            "host function `{name}`: host functions can be called from methods, not during create"
+        );
+        (abi::host_status::UNSUPPORTED, text.into_bytes())
+    }
+    /// Emits one stream item of the current call: an `emit_status` code. Blocks while the
+    /// consumer is behind.
+    fn emit(&self, item: &[u8]) -> i32 {
+        let _ = item;
+        abi::emit_status::UNSUPPORTED
+    }
 }
 
 /// An open library and its descriptor. Libraries are never unloaded (thread-local
@@ -423,6 +438,9 @@ fn with_context<R>(services: &dyn HostServices, f: impl FnOnce(*const HostContex
         log: host_log,
         progress: host_progress,
         is_cancelled: host_is_cancelled,
+        call_host: host_call_host,
+        emit: host_emit,
+        free_host_buffer: host_free_buffer,
     };
     f(&ctx)
 }
@@ -458,6 +476,114 @@ unsafe extern "C" fn host_is_cancelled(data: *mut c_void) -> i32 {
         unsafe { services(data).is_cancelled() as i32 }
     }))
     .unwrap_or(0)
+}
+
+/// Reads a plugin-supplied byte range, or says why it cannot be one.
+///
+/// # Safety
+/// When the range is possible (non-null, length within `isize::MAX` and not wrapping), the
+/// plugin guarantees it is readable for the duration of the call.
+unsafe fn plugin_bytes<'a>(ptr: *const u8, len: usize) -> Result<&'a [u8], String> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(format!("a null pointer with length {len}"));
+    }
+    if let Some(why) = impossible_buffer(ptr, len) {
+        return Err(why);
+    }
+    // SAFETY: non-null, a possible length, and readable by the ABI's contract.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// Hands `bytes` to the plugin as a buffer it gives back through `host_free_buffer`.
+///
+/// # Safety
+/// `out` must be null or valid for writes.
+unsafe fn give_buffer(out: *mut Buffer, bytes: Vec<u8>) {
+    if out.is_null() || bytes.is_empty() {
+        if !out.is_null() {
+            // SAFETY: checked non-null; the plugin passes a writable buffer.
+            unsafe { out.write(Buffer::EMPTY) };
+        }
+        return;
+    }
+    let mut bytes = std::mem::ManuallyDrop::new(bytes);
+    let buffer = Buffer {
+        ptr: bytes.as_mut_ptr(),
+        len: bytes.len(),
+        cap: bytes.capacity(),
+    };
+    // SAFETY: checked non-null; the plugin passes a writable buffer.
+    unsafe { out.write(buffer) };
+}
+
+unsafe extern "C" fn host_call_host(
+    data: *mut c_void,
+    name: *const u8,
+    name_len: usize,
+    input: *const u8,
+    input_len: usize,
+    output: *mut Buffer,
+) -> i32 {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the plugin passes back our `data` and ranges it owns during the call.
+        let (name, input) =
+            unsafe { (plugin_bytes(name, name_len), plugin_bytes(input, input_len)) };
+        let name = match name.map(std::str::from_utf8) {
+            Ok(Ok(name)) => name,
+            Ok(Err(_)) => {
+                return (
+                    abi::host_status::NOT_FOUND,
+                    b"the host function's name is not UTF-8".to_vec(),
+                )
+            }
+            Err(why) => {
+                let text = format!("the host function's name is {why}");
+                return (abi::host_status::BAD_INPUT, text.into_bytes());
+            }
+        };
+        let input = match input {
+            Ok(input) => input,
+            Err(why) => {
+                let text = format!("host function `{name}`: the input is {why}");
+                return (abi::host_status::BAD_INPUT, text.into_bytes());
+            }
+        };
+        // SAFETY: as above.
+        unsafe { services(data).call_host(name, input) }
+    }));
+    let (status, bytes) = outcome.unwrap_or_else(|_| {
+        (
+            abi::host_status::PANIC,
+            b"the host panicked while running a host call".to_vec(),
+        )
+    });
+    // SAFETY: the plugin passes a writable output buffer (or null).
+    unsafe { give_buffer(output, bytes) };
+    status
+}
+
+unsafe extern "C" fn host_emit(data: *mut c_void, item: *const u8, len: usize) -> i32 {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: as in `host_call_host`.
+        match unsafe { plugin_bytes(item, len) } {
+            Ok(item) => unsafe { services(data).emit(item) },
+            Err(_) => abi::emit_status::LIMIT,
+        }
+    }))
+    .unwrap_or(abi::emit_status::CLOSED)
+}
+
+unsafe extern "C" fn host_free_buffer(buffer: Buffer) {
+    if buffer.ptr.is_null() {
+        return;
+    }
+    // SAFETY: every non-null buffer the host hands out comes from a `Vec<u8>` taken apart
+    // in `give_buffer` with exactly these pointer, length and capacity; the plugin gives
+    // it back once.
+    drop(unsafe { Vec::from_raw_parts(buffer.ptr, buffer.len, buffer.cap) });
 }
 
 /// Emits a plugin's log record into `tracing` with the plugin's name as a field.

@@ -207,6 +207,12 @@ pub struct Manifest {
     ///
     /// [`HostBuilder::idle_timeout`]: crate::HostBuilder::idle_timeout
     pub idle_timeout: Option<Duration>,
+    /// The host functions the plugin calls (`imports`, e.g. `["doc.selection"]`). A
+    /// plugin may call a host function only when it is listed here and the app registered
+    /// it for this plugin ([`HostBuilder::function`]).
+    ///
+    /// [`HostBuilder::function`]: crate::HostBuilder::function
+    pub imports: Vec<String>,
 }
 
 /// A manifest field reader that knows which file and section it is in.
@@ -252,6 +258,27 @@ impl Reader<'_> {
             }
         }
         Ok(())
+    }
+
+    /// An array of non-empty strings; absent is empty.
+    fn string_list(&self, table: &toml::Table, key: &str) -> Result<Vec<String>, ManifestError> {
+        match table.get(key) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    toml::Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+                    toml::Value::String(_) => Err(self.err(
+                        &format!("{key}[{i}]"),
+                        ManifestErrorKind::InvalidValue,
+                        "must not be empty",
+                    )),
+                    other => Err(self.wrong_type(&format!("{key}[{i}]"), "a string", other)),
+                })
+                .collect(),
+            Some(other) => Err(self.wrong_type(key, "an array of strings", other)),
+        }
     }
 
     fn string<'t>(
@@ -400,25 +427,7 @@ fn parse_permissions(path: &Path, t: &toml::Table) -> Result<Permissions, Manife
             "processes",
         ],
     )?;
-    let strings = |key: &str| -> Result<Vec<String>, ManifestError> {
-        match t.get(key) {
-            None => Ok(Vec::new()),
-            Some(toml::Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    toml::Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
-                    toml::Value::String(_) => Err(r.err(
-                        &format!("{key}[{i}]"),
-                        ManifestErrorKind::InvalidValue,
-                        "must not be empty",
-                    )),
-                    other => Err(r.wrong_type(&format!("{key}[{i}]"), "a string", other)),
-                })
-                .collect(),
-            Some(other) => Err(r.wrong_type(key, "an array of strings", other)),
-        }
-    };
+    let strings = |key: &str| r.string_list(t, key);
     let read = strings("read")?;
     let write = strings("write")?;
     for (key, list) in [("read", &read), ("write", &write)] {
@@ -512,6 +521,7 @@ const TOP_LEVEL: &[&str] = &[
     "restart",
     "instances",
     "idle_timeout",
+    "imports",
 ];
 
 impl Manifest {
@@ -754,6 +764,28 @@ impl Manifest {
             ));
         }
 
+        let imports = top.string_list(&table, "imports")?;
+        for (i, import) in imports.iter().enumerate() {
+            let valid = import.len() <= 128
+                && import
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c));
+            if !valid {
+                return Err(top.err(
+                    &format!("imports[{i}]"),
+                    ManifestErrorKind::InvalidValue,
+                    format!(
+                        "`{}` is not a host function name: use at most 128 letters, digits, \
+                         `.`, `_`, `-`, `:` or `/`",
+                        import.escape_debug()
+                    ),
+                ));
+            }
+        }
+        let mut imports = imports;
+        imports.sort();
+        imports.dedup();
+
         Ok(Manifest {
             path: None,
             name: name.to_string(),
@@ -770,6 +802,7 @@ impl Manifest {
             restart,
             instances,
             idle_timeout,
+            imports,
         })
     }
 

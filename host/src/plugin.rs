@@ -9,13 +9,14 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backend::{Backend, CallRequest, ProgressFn};
+use crate::backend::{Backend, CallRequest, Consumed, ProgressFn, StreamSink, STREAM_WINDOW};
 use crate::cancel::CancelHandle;
 use crate::error::{CallError, Error};
 use crate::loader::Descriptor;
 use crate::manifest::{Manifest, Trust};
 use crate::permissions::{Grant, PermissionRequest};
 use crate::status::{EventReceiver, PluginState, Status};
+use crate::stream::CallStream;
 
 /// What a loaded plugin says about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -269,7 +270,7 @@ impl Plugin {
                 method: method.to_string(),
                 message: e.to_string(),
             })?;
-            let output = self.call_uncounted(method, bytes, options).await?;
+            let output = self.call_uncounted(method, bytes, options, None).await?;
             rmp_serde::from_slice(&output).map_err(|e| CallError::Decode {
                 plugin: self.name().to_string(),
                 method: method.to_string(),
@@ -300,9 +301,101 @@ impl Plugin {
         options: CallOptions,
     ) -> Result<Vec<u8>, Error> {
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
-        let result = self.call_uncounted(method, input.into(), options).await;
+        let result = self
+            .call_uncounted(method, input.into(), options, None)
+            .await;
         self.count_failure(result.is_err());
         result.map_err(Error::from)
+    }
+
+    /// Calls `method` as a stream: the items it emits (`ctx.emit(&item)` in the plugin),
+    /// decoded as `T`, as they come. See [`CallStream`] for backpressure, how it ends, and
+    /// cancellation by dropping it.
+    ///
+    /// ```no_run
+    /// # async fn demo(plugin: plugin_host::Plugin) -> Result<(), plugin_host::Error> {
+    /// use futures_lite::StreamExt;
+    /// let mut frames = plugin.call_stream::<_, u64>("count", &1000u64);
+    /// while let Some(item) = frames.next().await {
+    ///     let n = item?;
+    ///     println!("{n}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn call_stream<I, T>(&self, method: &str, input: &I) -> CallStream<T>
+    where
+        I: Serialize + ?Sized,
+        T: DeserializeOwned,
+    {
+        self.call_stream_with(method, input, CallOptions::default())
+    }
+
+    /// [`call_stream`](Self::call_stream) with per-call options.
+    pub fn call_stream_with<I, T>(
+        &self,
+        method: &str,
+        input: &I,
+        options: CallOptions,
+    ) -> CallStream<T>
+    where
+        I: Serialize + ?Sized,
+        T: DeserializeOwned,
+    {
+        let input = rmp_serde::to_vec_named(input).map_err(|e| CallError::Encode {
+            method: method.to_string(),
+            message: e.to_string(),
+        });
+        self.stream(method, input, options, |bytes| {
+            rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+        })
+    }
+
+    /// [`call_stream_with`](Self::call_stream_with) with raw bytes: the input is sent as
+    /// is and each item is the bytes the plugin emitted.
+    pub fn call_stream_raw(
+        &self,
+        method: &str,
+        input: impl Into<Vec<u8>>,
+        options: CallOptions,
+    ) -> CallStream<Vec<u8>> {
+        self.stream(
+            method,
+            Ok(input.into()),
+            options,
+            |bytes| Ok(bytes.to_vec()),
+        )
+    }
+
+    fn stream<T>(
+        &self,
+        method: &str,
+        input: Result<Vec<u8>, CallError>,
+        options: CallOptions,
+        decode: fn(&[u8]) -> Result<T, String>,
+    ) -> CallStream<T> {
+        self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = async_channel::bounded(STREAM_WINDOW as usize);
+        let consumed = Arc::new(Consumed::default());
+        let sink = StreamSink {
+            items: tx,
+            consumed: consumed.clone(),
+        };
+        let (plugin, name) = (self.clone(), method.to_string());
+        let call = Box::pin(async move {
+            plugin
+                .call_uncounted(&name, input?, options, Some(sink))
+                .await
+        });
+        let counter = self.clone();
+        let on_end = Box::new(move |failed| counter.count_failure(failed));
+        CallStream::new(
+            rx,
+            consumed,
+            call,
+            decode,
+            (self.name().to_string(), method.to_string()),
+            on_end,
+        )
     }
 
     /// Counts a failed call in [`Status::failures`] (every failed call once, whatever
@@ -320,6 +413,7 @@ impl Plugin {
         method: &str,
         input: Vec<u8>,
         options: CallOptions,
+        stream: Option<StreamSink>,
     ) -> Result<Vec<u8>, CallError> {
         let inner = &self.inner;
         if inner.stopped.load(Ordering::Acquire) {
@@ -345,6 +439,7 @@ impl Plugin {
                 progress: options.progress,
                 deadline,
                 cancel: options.cancel,
+                stream,
             })
             .await
     }

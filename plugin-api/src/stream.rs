@@ -90,7 +90,10 @@ impl<'a> Context<'a> {
             ),
             emit_status::LIMIT => (
                 EmitErrorKind::TooLarge,
-                format!("a stream item of {} bytes is larger than the host accepts", item.len()),
+                format!(
+                    "a stream item of {} bytes is larger than the host accepts",
+                    item.len()
+                ),
             ),
             emit_status::UNSUPPORTED => (
                 EmitErrorKind::Unsupported,

@@ -2,23 +2,24 @@
 //! calls run on the `blocking` thread pool, off the caller's executor. Fast, and a crash
 //! here is a crash of the host: use it only for code you trust.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{
     cancelled as cancelled_error, outcome, timeout, Backend, BackendStatus, BoxFuture, CallRequest,
-    ProgressFn,
+    ProgressFn, StreamSink,
 };
 use crate::cancel::CancelHandle;
 use crate::error::{CallError, LoadError};
+use crate::host_fn::{HostCallInfo, Imports};
 use crate::loader::Descriptor;
 use crate::status::InstanceStatus;
+use plugin_api::abi::{emit_status, host_status};
 
-/// Sets the call's `is_cancelled` flag when the call's future ends before the plugin
-/// returned (dropped, timed out or cancelled).
+/// Cancels the call (its `is_cancelled` flag, its host calls, its stream) when the call's
+/// future ends before the plugin returned (dropped, timed out or cancelled).
 struct CancelOnDrop {
-    flag: Arc<AtomicBool>,
+    flag: CancelHandle,
     /// Cleared once the plugin returned: nothing left to tell it.
     armed: bool,
 }
@@ -26,7 +27,7 @@ struct CancelOnDrop {
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            self.flag.store(true, Ordering::Release);
+            self.flag.cancel();
         }
     }
 }
@@ -41,6 +42,9 @@ pub(crate) struct InProcess {
     instance: Arc<Instance>,
     events: EventHub,
     loaded: Instant,
+    imports: Arc<Imports>,
+    /// How long a cancelled call's host functions may run on (`timeouts.cancel_grace`).
+    grace: Duration,
 }
 
 /// Host services during `create`: logs only.
@@ -61,8 +65,13 @@ impl HostServices for CreateServices<'_> {
 /// Host services during a call.
 struct CallServices<'a> {
     plugin: &'a str,
+    method: &'a str,
+    id: u64,
     progress: Option<&'a ProgressFn>,
-    cancelled: &'a AtomicBool,
+    cancelled: &'a CancelHandle,
+    imports: &'a Imports,
+    grace: Duration,
+    stream: Option<&'a StreamSink>,
 }
 
 impl HostServices for CallServices<'_> {
@@ -75,7 +84,60 @@ impl HostServices for CallServices<'_> {
         }
     }
     fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+        self.cancelled.is_cancelled()
+    }
+    fn call_host(&self, name: &str, input: &[u8]) -> (i32, Vec<u8>) {
+        let call = HostCallInfo {
+            function: name.to_string(),
+            method: self.method.to_string(),
+            call_id: self.id,
+            cancel: self.cancelled.clone(),
+        };
+        let work = self
+            .imports
+            .run(call, input.to_vec(), self.grace, usize::MAX);
+        let mut task = match crate::host_fn::start(work) {
+            Ok(done) => return done,
+            Err(task) => task,
+        };
+        // The plugin gets `CANCELLED` as soon as its call is over; the host function
+        // runs on (for the grace period) on the executor.
+        let cancel = self.cancelled.clone();
+        let outcome = futures_lite::future::block_on(futures_lite::future::or(
+            async { Some((&mut task).await) },
+            async {
+                cancel.cancelled().await;
+                None
+            },
+        ));
+        match outcome {
+            Some(done) => done,
+            None => {
+                task.detach();
+                let text = format!(
+                    "host function `{name}`: the call `{}` was cancelled",
+                    self.method
+                );
+                (host_status::CANCELLED, text.into_bytes())
+            }
+        }
+    }
+    fn emit(&self, item: &[u8]) -> i32 {
+        let Some(stream) = self.stream else {
+            return emit_status::NOT_STREAM;
+        };
+        let cancel = self.cancelled.clone();
+        let sent = futures_lite::future::block_on(futures_lite::future::or(
+            async { stream.items.send(item.to_vec()).await.is_ok() },
+            async {
+                cancel.cancelled().await;
+                false
+            },
+        ));
+        match sent && !self.cancelled.is_cancelled() {
+            true => emit_status::OK,
+            false => emit_status::CLOSED,
+        }
     }
 }
 
@@ -84,6 +146,7 @@ impl InProcess {
     pub fn load(
         manifest: &Manifest,
         library: &std::path::Path,
+        imports: Arc<Imports>,
     ) -> Result<(InProcess, PluginInfo), LoadError> {
         let (lib, desc) = Library::open(library, &manifest.name)?;
         if desc.name != manifest.name {
@@ -109,6 +172,8 @@ impl InProcess {
             instance: Arc::new(instance),
             events: EventHub::default(),
             loaded: Instant::now(),
+            imports,
+            grace: manifest.timeouts.cancel_grace,
         };
         Ok((backend, info))
     }
@@ -123,12 +188,14 @@ impl InProcess {
 
 impl Backend for InProcess {
     fn call(&self, call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>> {
-        let (name, methods, instance) = (
+        let (name, methods, instance, imports, grace) = (
             self.name.clone(),
             self.methods.clone(),
             self.instance.clone(),
+            self.imports.clone(),
+            self.grace,
         );
-        let cancelled = Arc::new(AtomicBool::new(false));
+        let cancelled = CancelHandle::new();
         let flag = cancelled.clone();
         if call.cancel.as_ref().is_some_and(CancelHandle::is_cancelled) {
             let error = cancelled_error(&self.name, &call.method);
@@ -138,8 +205,13 @@ impl Backend for InProcess {
         let work = blocking::unblock(move || {
             let services = CallServices {
                 plugin: &name,
+                method: &call.method,
+                id: call.id,
                 progress: call.progress.as_ref(),
                 cancelled: &flag,
+                imports: &imports,
+                grace,
+                stream: call.stream.as_ref(),
             };
             let (code, output) = instance.call(&call.method, &call.input, &services);
             outcome(

@@ -36,6 +36,58 @@ pub(crate) struct CallRequest {
     pub deadline: Duration,
     /// Cancels the call from elsewhere: the caller gets `Cancelled`, the plugin is told.
     pub cancel: Option<CancelHandle>,
+    /// Where a streaming call's items go (`None`: not a stream).
+    pub stream: Option<StreamSink>,
+}
+
+/// How many stream items the host buffers per streaming call before the plugin waits.
+pub(crate) const STREAM_WINDOW: u32 = 256;
+/// How many bytes of stream items the host buffers per streaming call before the plugin
+/// waits (one larger item passes when no other is buffered).
+pub(crate) const STREAM_WINDOW_BYTES: u64 = 1 << 20;
+
+/// The receiving end of a streaming call, as a backend sees it.
+pub(crate) struct StreamSink {
+    /// Items for the consumer; bounded to [`STREAM_WINDOW`].
+    pub items: async_channel::Sender<Vec<u8>>,
+    /// What the consumer has taken (the isolated backend turns it into credit).
+    pub consumed: Arc<Consumed>,
+}
+
+/// Items and bytes the consumer took since the backend last looked.
+#[derive(Default)]
+pub(crate) struct Consumed {
+    counts: std::sync::Mutex<(u32, u64)>,
+    event: event_listener::Event,
+}
+
+impl Consumed {
+    /// The consumer took one item of `bytes` bytes.
+    pub fn add(&self, bytes: usize) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.0 = counts.0.saturating_add(1);
+        counts.1 = counts.1.saturating_add(bytes as u64);
+        let (items, bytes) = *counts;
+        drop(counts);
+        if items >= STREAM_WINDOW / 2 || bytes >= STREAM_WINDOW_BYTES / 2 {
+            self.event.notify(1);
+        }
+    }
+
+    /// Waits until the consumer took half a window (items or bytes), then returns and
+    /// resets the counts.
+    pub async fn take(&self) -> (u32, u64) {
+        loop {
+            let listener = self.event.listen();
+            {
+                let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+                if counts.0 >= STREAM_WINDOW / 2 || counts.1 >= STREAM_WINDOW_BYTES / 2 {
+                    return std::mem::take(&mut *counts);
+                }
+            }
+            listener.await;
+        }
+    }
 }
 
 /// What a backend reports for [`crate::Status`].

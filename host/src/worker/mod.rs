@@ -22,7 +22,7 @@ mod seccomp;
 use std::collections::{HashMap, VecDeque};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use std::io::BufReader;
@@ -189,16 +189,49 @@ fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(),
     let mut reader = BufReader::with_capacity(64 * 1024, SharedStream(stream.clone()));
     let writer = Mutex::new(SharedStream(stream.clone()));
     let mut hello = protocol::hello(None, Some(std::process::id()));
-    if let (Some(v), Message::Hello { version, .. }) = (version, &mut hello) {
-        *version = v;
+    let ours = match &mut hello {
+        Message::Hello {
+            version: v,
+            features,
+            ..
+        } => {
+            if let Some(version) = version {
+                *v = version;
+            }
+            // Tests play an older worker by announcing fewer features.
+            if let Ok(list) = std::env::var(FEATURES_OVERRIDE_ENV) {
+                *features = list
+                    .split(',')
+                    .filter(|f| !f.is_empty())
+                    .map(str::to_string)
+                    .collect();
+            }
+            features.clone()
+        }
+        _ => Vec::new(),
+    };
+    if sandboxed {
+        std::env::remove_var(FEATURES_OVERRIDE_ENV);
     }
     send(&writer, &hello, &[]);
-    match read(&mut reader, protocol::HANDSHAKE_MAX_FRAME)?.message {
+    let theirs = match read(&mut reader, protocol::HANDSHAKE_MAX_FRAME)?.message {
         Message::Hello {
-            protocol, version, ..
-        } => protocol::check_hello(&protocol, &version)?,
+            protocol,
+            version,
+            features,
+            ..
+        } => {
+            protocol::check_hello(&protocol, &version)?;
+            features
+        }
         other => return Err(format!("expected Hello from the host, got {other:?}")),
-    }
+    };
+    // A feature is used only when both sides announce it.
+    let both = |f: &str| ours.iter().any(|o| o == f) && theirs.iter().any(|t| t == f);
+    let (host_calls, streams) = (
+        both(protocol::FEATURE_HOST_CALL),
+        both(protocol::FEATURE_STREAM),
+    );
     let load = read(&mut reader, protocol::HANDSHAKE_MAX_FRAME.max(16 << 20))?;
     let Message::Load {
         name,
@@ -242,20 +275,22 @@ fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(),
         queue: Mutex::new(VecDeque::new()),
         running: AtomicU32::new(0),
         concurrency,
-        cancels: Mutex::new(HashMap::new()),
+        calls: Mutex::new(HashMap::new()),
         instance,
         max_frame,
         shutting_down: AtomicBool::new(false),
+        idle: AtomicU32::new(concurrency + 1),
+        threads: AtomicU32::new(concurrency + 1),
+        host_calls,
+        streams,
     });
-    let mut threads = Vec::new();
-    for i in 0..concurrency {
+    for _ in 0..concurrency {
         let shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .stack_size(4 << 20)
+        std::thread::Builder::new()
+            .name("worker".into())
+            .stack_size(THREAD_STACK)
             .spawn(move || serve_loop(&shared))
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
-        threads.push(thread);
     }
     serve_loop(&shared);
     Ok(())
@@ -443,12 +478,66 @@ struct Shared {
     writer: Writer,
     reader: Mutex<Reader>,
     queue: Mutex<VecDeque<QueuedCall>>,
+    /// Calls running plugin code (a call waiting on a host function gives its slot up).
     running: AtomicU32,
     concurrency: u32,
-    cancels: Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    /// The calls this worker holds (running or queued), by id.
+    calls: Mutex<HashMap<u64, Arc<CallState>>>,
     instance: Instance,
     max_frame: u32,
     shutting_down: AtomicBool,
+    /// Threads not running a call (reading, or waiting to read). At least one stays so,
+    /// so replies to host calls and stream credit are always read.
+    idle: AtomicU32,
+    /// Threads serving calls.
+    threads: AtomicU32,
+    /// Whether the host takes host calls (both sides announced the feature).
+    host_calls: bool,
+    /// Whether the host takes stream items.
+    streams: bool,
+}
+
+/// Stack of every thread that runs plugin code.
+const THREAD_STACK: usize = 4 << 20;
+
+/// Threads the worker may start beyond `concurrency + 1` while calls wait on host
+/// functions (the sandbox's task limit leaves room for them).
+pub(crate) const HOST_WAIT_THREADS: u32 = 64;
+
+/// Test hook: the features this worker announces (comma-separated), to play an older one.
+#[doc(hidden)]
+pub const FEATURES_OVERRIDE_ENV: &str = "PLUGIN_HOST_TEST_PROTOCOL_FEATURES";
+
+/// One call the worker holds: its cancellation, its host calls' replies, its stream's
+/// flow control.
+struct CallState {
+    cancelled: AtomicBool,
+    /// `(window, window_bytes)` for a streaming call.
+    stream: Option<(u32, u64)>,
+    inner: Mutex<CallInner>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct CallInner {
+    next_seq: u64,
+    /// Host call replies not yet taken, by seq.
+    replies: HashMap<u64, (i32, Vec<u8>)>,
+    /// Stream items (and bytes) sent and not yet credited back by the host.
+    out_items: u32,
+    out_bytes: u64,
+}
+
+impl CallState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CallInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        // Taking the lock orders the change before a waiter's check.
+        drop(self.lock());
+        self.changed.notify_all();
+    }
 }
 
 impl Shared {
@@ -464,9 +553,14 @@ impl Shared {
         self.running.fetch_sub(1, Ordering::AcqRel);
     }
 
-    fn take_queued(&self) -> Option<QueuedCall> {
+    /// A queued call, with its slot and (unless `draining`) thread reservation taken.
+    fn take_queued(self: &Arc<Self>, draining: bool) -> Option<QueuedCall> {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if queue.is_empty() || !self.try_acquire_slot() {
+            return None;
+        }
+        if !draining && !self.reserve_thread() {
+            self.release_slot();
             return None;
         }
         queue.pop_front()
@@ -475,13 +569,64 @@ impl Shared {
     fn send(&self, message: &Message, payload: &[u8]) {
         send(&self.writer, message, payload);
     }
+
+    fn call(&self, id: u64) -> Option<Arc<CallState>> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Takes this thread out of the idle ones to run a call, if another thread stays
+    /// idle to read (replies to host calls and stream credit must always be read), or a
+    /// new one can be started for that. Calls waiting on host functions are what make
+    /// more threads than `concurrency + 1` necessary.
+    fn reserve_thread(self: &Arc<Self>) -> bool {
+        let spare = self
+            .idle
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > 1).then(|| n - 1)
+            });
+        if spare.is_ok() {
+            return true;
+        }
+        let cap = self.concurrency + 1 + HOST_WAIT_THREADS;
+        let grown = self
+            .threads
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            });
+        if grown.is_err() {
+            return false;
+        }
+        // The new thread is idle from the start and takes this one's place among the idle.
+        let shared = self.clone();
+        let started = std::thread::Builder::new()
+            .name("worker".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || serve_loop(&shared));
+        if started.is_err() {
+            self.threads.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Runs a call whose slot and thread reservation this thread holds, then gives both
+    /// back.
+    fn run_taken(self: &Arc<Self>, call: QueuedCall) {
+        run_call(self, call);
+        self.release_slot();
+        self.idle.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// Host services during a call: logs and progress become frames tied to the call's id.
 struct CallServices<'a> {
     shared: &'a Shared,
     id: u64,
-    cancelled: &'a AtomicBool,
+    state: &'a CallState,
 }
 
 impl HostServices for CallServices<'_> {
@@ -506,22 +651,125 @@ impl HostServices for CallServices<'_> {
         );
     }
     fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Relaxed)
+        self.state.cancelled.load(Ordering::Relaxed)
+    }
+    fn call_host(&self, name: &str, input: &[u8]) -> (i32, Vec<u8>) {
+        use plugin_api::abi::host_status;
+        let refuse = |status, text: String| (status, text.into_bytes());
+        if !self.shared.host_calls {
+            return refuse(
+                host_status::UNSUPPORTED,
+                format!("host function `{name}`: this host does not offer host functions (its protocol predates them); update the application"),
+            );
+        }
+        let fits = (input.len() as u64).saturating_add(protocol::FRAME_ROOM)
+            <= u64::from(self.shared.max_frame);
+        if !fits {
+            return refuse(
+                host_status::LIMIT,
+                format!(
+                    "host function `{name}`: an input of {} bytes exceeds the frame limit of {} bytes (limits.max_frame)",
+                    input.len(),
+                    self.shared.max_frame
+                ),
+            );
+        }
+        let cancelled = || {
+            refuse(
+                host_status::CANCELLED,
+                format!("host function `{name}`: this call was cancelled"),
+            )
+        };
+        let seq = {
+            let mut inner = self.state.lock();
+            if self.is_cancelled() {
+                return cancelled();
+            }
+            inner.next_seq += 1;
+            inner.next_seq
+        };
+        // While it waits, the call runs no plugin code: its slot can serve another call
+        // (the host function may call this plugin back).
+        self.shared.release_slot();
+        self.shared.send(
+            &Message::HostCall {
+                id: self.id,
+                seq,
+                name: name.to_string(),
+            },
+            input,
+        );
+        let outcome = {
+            let mut inner = self.state.lock();
+            loop {
+                if let Some(reply) = inner.replies.remove(&seq) {
+                    break reply;
+                }
+                if self.is_cancelled() {
+                    break cancelled();
+                }
+                inner = self
+                    .state
+                    .changed
+                    .wait(inner)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        self.shared.running.fetch_add(1, Ordering::AcqRel);
+        outcome
+    }
+    fn emit(&self, item: &[u8]) -> i32 {
+        use plugin_api::abi::emit_status;
+        if !self.shared.streams {
+            return emit_status::UNSUPPORTED;
+        }
+        let Some((window, window_bytes)) = self.state.stream else {
+            return emit_status::NOT_STREAM;
+        };
+        let len = item.len() as u64;
+        if len.saturating_add(protocol::FRAME_ROOM) > u64::from(self.shared.max_frame) {
+            return emit_status::LIMIT;
+        }
+        {
+            let mut inner = self.state.lock();
+            loop {
+                if self.is_cancelled() {
+                    return emit_status::CLOSED;
+                }
+                // The host checks the same rule; items past it are a protocol violation.
+                let fits = inner.out_items < window
+                    && (inner.out_items == 0
+                        || inner.out_bytes.saturating_add(len) <= window_bytes);
+                if fits {
+                    break;
+                }
+                inner = self
+                    .state
+                    .changed
+                    .wait(inner)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            inner.out_items += 1;
+            inner.out_bytes = inner.out_bytes.saturating_add(len);
+        }
+        self.shared.send(&Message::Item { id: self.id }, item);
+        emit_status::OK
     }
 }
 
 fn run_call(shared: &Shared, call: QueuedCall) {
-    let cancelled = shared
-        .cancels
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&call.id)
-        .cloned()
-        .unwrap_or_default();
+    let state = shared.call(call.id).unwrap_or_else(|| {
+        Arc::new(CallState {
+            cancelled: AtomicBool::new(false),
+            stream: None,
+            inner: Mutex::default(),
+            changed: Condvar::new(),
+        })
+    });
     let services = CallServices {
         shared,
         id: call.id,
-        cancelled: &cancelled,
+        state: &state,
     };
     let (status, output) = shared.instance.call(&call.method, &call.input, &services);
     if status == plugin_api::abi::status::PANIC {
@@ -529,7 +777,7 @@ fn run_call(shared: &Shared, call: QueuedCall) {
         eprintln!("{}", crate::crash::CAUGHT_PANIC_MARKER);
     }
     shared
-        .cancels
+        .calls
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&call.id);
@@ -565,11 +813,10 @@ fn run_call(shared: &Shared, call: QueuedCall) {
     );
 }
 
-fn serve_loop(shared: &Shared) {
+fn serve_loop(shared: &Arc<Shared>) {
     loop {
-        if let Some(call) = shared.take_queued() {
-            run_call(shared, call);
-            shared.release_slot();
+        if let Some(call) = shared.take_queued(false) {
+            shared.run_taken(call);
             continue;
         }
         let frame = {
@@ -584,7 +831,12 @@ fn serve_loop(shared: &Shared) {
             }
         };
         match frame.message {
-            Message::Call { id, method } => {
+            Message::Call {
+                id,
+                method,
+                window,
+                window_bytes,
+            } => {
                 if shared.shutting_down.load(Ordering::Acquire) {
                     let text = b"the worker is shutting down";
                     shared.send(
@@ -596,20 +848,29 @@ fn serve_loop(shared: &Shared) {
                     );
                     continue;
                 }
+                let state = CallState {
+                    cancelled: AtomicBool::new(false),
+                    stream: (window > 0 && shared.streams).then_some((window, window_bytes)),
+                    inner: Mutex::default(),
+                    changed: Condvar::new(),
+                };
                 shared
-                    .cancels
+                    .calls
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, Arc::default());
+                    .insert(id, Arc::new(state));
                 let call = QueuedCall {
                     id,
                     method,
                     input: frame.payload,
                 };
-                if shared.try_acquire_slot() {
-                    run_call(shared, call);
-                    shared.release_slot();
+                let slot = shared.try_acquire_slot();
+                if slot && shared.reserve_thread() {
+                    shared.run_taken(call);
                 } else {
+                    if slot {
+                        shared.release_slot();
+                    }
                     shared
                         .queue
                         .lock()
@@ -618,13 +879,25 @@ fn serve_loop(shared: &Shared) {
                 }
             }
             Message::Cancel { id } => {
-                if let Some(flag) = shared
-                    .cancels
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&id)
-                {
-                    flag.store(true, Ordering::Relaxed);
+                if let Some(call) = shared.call(id) {
+                    call.cancelled.store(true, Ordering::Relaxed);
+                    call.wake();
+                }
+            }
+            Message::HostReply { id, seq, status } => {
+                // A reply for a call that ended is dropped.
+                if let Some(call) = shared.call(id) {
+                    call.lock().replies.insert(seq, (status, frame.payload));
+                    call.changed.notify_all();
+                }
+            }
+            Message::Credit { id, items, bytes } => {
+                if let Some(call) = shared.call(id) {
+                    let mut inner = call.lock();
+                    inner.out_items = inner.out_items.saturating_sub(items);
+                    inner.out_bytes = inner.out_bytes.saturating_sub(bytes);
+                    drop(inner);
+                    call.changed.notify_all();
                 }
             }
             Message::Ping { seq } => shared.send(&Message::Pong { seq }, &[]),
@@ -639,7 +912,7 @@ fn serve_loop(shared: &Shared) {
                     {
                         std::process::exit(0);
                     }
-                    if let Some(call) = shared.take_queued() {
+                    if let Some(call) = shared.take_queued(true) {
                         run_call(shared, call);
                         shared.release_slot();
                     } else {

@@ -344,8 +344,10 @@ pub(crate) fn restrict(
     applied: &mut Applied,
 ) -> Result<(), String> {
     let required = spec.mode == "required";
-    // The worker's own threads, init and the relay, plus the plugin's budget.
-    let tasks = u64::from(spec.tasks) + u64::from(concurrency) + 8;
+    // The worker's own threads (`concurrency + 1`, and up to `HOST_WAIT_THREADS` more while
+    // calls wait on host functions), init and the relay, plus the plugin's budget.
+    let tasks =
+        u64::from(spec.tasks) + u64::from(concurrency) + u64::from(super::HOST_WAIT_THREADS) + 8;
     let nproc = rustix::process::setrlimit(
         rustix::process::Resource::Nproc,
         rustix::process::Rlimit {

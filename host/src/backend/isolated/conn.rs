@@ -19,10 +19,13 @@ use std::time::{Duration, Instant};
 use smol::Async;
 
 use crate::backend::ProgressFn;
+use crate::cancel::CancelHandle;
+use crate::host_fn::{HostCallInfo, Imports};
 use crate::loader::emit_log;
 use crate::plugin::Progress;
 use crate::protocol::frame::{encode_head, Frame, FrameBuffer, FrameError};
 use crate::protocol::Message;
+use plugin_api::abi::host_status;
 
 /// Why a connection is no longer usable.
 #[derive(Clone, Debug)]
@@ -72,7 +75,37 @@ struct Pending {
     waker: Option<Waker>,
     reply: Option<(i32, Vec<u8>)>,
     progress: Option<ProgressFn>,
+    /// Fires when the call is over for its caller: its host calls are cancelled.
+    cancel: CancelHandle,
+    /// A streaming call's items and window.
+    stream: Option<StreamState>,
 }
+
+/// The host's side of a streaming call's flow control.
+pub(crate) struct StreamState {
+    items: async_channel::Sender<Vec<u8>>,
+    window: u32,
+    window_bytes: u64,
+    /// Items (and their bytes) received and not yet credited back.
+    out_items: u32,
+    out_bytes: u64,
+}
+
+impl StreamState {
+    pub fn new(items: async_channel::Sender<Vec<u8>>, window: u32, window_bytes: u64) -> Self {
+        StreamState {
+            items,
+            window,
+            window_bytes,
+            out_items: 0,
+            out_bytes: 0,
+        }
+    }
+}
+
+/// Most host calls one worker may have outstanding at once; more are refused with
+/// `LIMIT` (a hostile worker cannot make the host hold unbounded work).
+const HOST_CALLS_MAX: usize = 256;
 
 struct State {
     pending: HashMap<u64, Pending>,
@@ -88,12 +121,26 @@ struct State {
     /// Calls whose callers gave up before the reply came: the one late reply each may still
     /// get is discarded. Any other reply to a call not waiting is a protocol violation.
     abandoned: HashSet<u64>,
+    /// Host calls running, by (call id, seq).
+    host_calls: HashSet<(u64, u64)>,
+    /// Calls with at least one host call running, and how many each has.
+    waiting_on_host: HashMap<u64, u32>,
 }
 
 /// Work to do after the state lock is released (user callbacks never run under it).
 enum Deferred {
     Progress(ProgressFn, Progress),
     Log(u32, String),
+    /// Run a host call (or answer it at once with `refused`).
+    HostCall {
+        id: u64,
+        seq: u64,
+        name: String,
+        input: Vec<u8>,
+        method: String,
+        cancel: CancelHandle,
+        refused: Option<(i32, String)>,
+    },
 }
 
 pub(crate) struct Conn {
@@ -102,6 +149,13 @@ pub(crate) struct Conn {
     state: Mutex<State>,
     plugin: Arc<str>,
     on_close: Box<dyn Fn(&CloseReason) + Send + Sync>,
+    imports: Arc<Imports>,
+    /// How long a host function may run on after its call was cancelled.
+    grace: Duration,
+    /// The frame limit, for host function outputs.
+    max_frame: std::sync::atomic::AtomicU32,
+    /// Calls waiting on a host call (they do not run plugin code meanwhile).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Conn {
@@ -112,6 +166,7 @@ impl Conn {
         plugin: Arc<str>,
         max_frame: u32,
         on_close: Box<dyn Fn(&CloseReason) + Send + Sync>,
+        (imports, grace): (Arc<Imports>, Duration),
     ) -> Conn {
         Conn {
             stream,
@@ -125,9 +180,15 @@ impl Conn {
                 closed: None,
                 max_issued: 0,
                 abandoned: HashSet::new(),
+                host_calls: HashSet::new(),
+                waiting_on_host: HashMap::new(),
             }),
             plugin,
             on_close,
+            imports,
+            grace,
+            max_frame: std::sync::atomic::AtomicU32::new(max_frame),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -137,9 +198,17 @@ impl Conn {
 
     /// Raises the frame limit after the handshake.
     pub fn set_max_frame(&self, max: u32) {
+        self.max_frame
+            .store(max, std::sync::atomic::Ordering::Relaxed);
         if let Some(buf) = self.lock().buf.as_mut() {
             buf.set_max(max);
         }
+    }
+
+    /// Calls that wait on a host call now: they hold no worker thread's plugin code, so
+    /// the pool does not count them as load (a host function may call the plugin back).
+    pub fn waiting_on_host(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Why the connection closed, if it did.
@@ -248,6 +317,7 @@ impl Conn {
         (self.on_close)(&reason);
         state.closed = Some(Closed { reason, in_flight });
         for pending in state.pending.values_mut() {
+            pending.cancel.cancel();
             if let Some(w) = pending.waker.take() {
                 w.wake();
             }
@@ -262,6 +332,7 @@ impl Conn {
         id: u64,
         method: &str,
         progress: Option<ProgressFn>,
+        stream: Option<StreamState>,
     ) -> Result<CallGuard, Closed> {
         let mut state = self.lock();
         if let Some(closed) = &state.closed {
@@ -272,6 +343,8 @@ impl Conn {
             waker: None,
             reply: None,
             progress,
+            cancel: CancelHandle::new(),
+            stream,
         };
         state.pending.insert(id, pending);
         if id & PING_BIT == 0 {
@@ -295,11 +368,17 @@ impl Conn {
         method: &str,
         input: &[u8],
         progress: Option<ProgressFn>,
+        stream: Option<StreamState>,
     ) -> Result<CallGuard, Closed> {
-        let mut guard = self.register(id, method, progress)?;
+        let (window, window_bytes) = stream
+            .as_ref()
+            .map_or((0, 0), |s| (s.window, s.window_bytes));
+        let mut guard = self.register(id, method, progress, stream)?;
         let message = Message::Call {
             id,
             method: method.to_string(),
+            window,
+            window_bytes,
         };
         if let Err(e) = self.send(&message, input).await {
             self.close(CloseReason::from_io("sending a call", &e));
@@ -315,7 +394,7 @@ impl Conn {
 
     /// Pings the worker and waits for its `Pong`.
     pub async fn ping(self: &Arc<Self>, seq: u64) -> Result<(), Closed> {
-        let mut guard = self.register(PING_BIT | seq, "ping", None)?;
+        let mut guard = self.register(PING_BIT | seq, "ping", None, None)?;
         if let Err(e) = self.send(&Message::Ping { seq }, &[]).await {
             self.close(CloseReason::from_io("sending a ping", &e));
         }
@@ -363,7 +442,12 @@ impl Conn {
 
     /// Puts the buffer back, routes the frames (completing calls), closes the connection
     /// if `failure` says so, then runs callbacks outside the lock.
-    fn deliver(&self, buf: FrameBuffer, frames: Vec<Frame>, mut failure: Option<CloseReason>) {
+    fn deliver(
+        self: &Arc<Self>,
+        buf: FrameBuffer,
+        frames: Vec<Frame>,
+        mut failure: Option<CloseReason>,
+    ) {
         let mut state = self.lock();
         state.buf = Some(buf);
         let mut deferred = Vec::new();
@@ -383,7 +467,7 @@ impl Conn {
     /// Called once the worker process is gone: reads what it wrote before dying (replies
     /// that made it out still reach their callers; half a frame is a protocol error), then
     /// closes. If a reader is mid-read it sees the end itself.
-    pub fn finish_after_exit(&self) {
+    pub fn finish_after_exit(self: &Arc<Self>) {
         for _ in 0..2000 {
             let mut state = self.lock();
             if state.closed.is_some() {
@@ -456,6 +540,78 @@ impl Conn {
                 }
             }
             Message::Log { level, message, .. } => deferred.push(Deferred::Log(level, message)),
+            Message::HostCall { id, seq, name } => {
+                if !state.host_calls.insert((id, seq)) {
+                    return Err(format!(
+                        "a second host call with seq {seq} for call id {id} while the first runs"
+                    ));
+                }
+                let refused = match state.pending.get(&id) {
+                    _ if state.host_calls.len() > HOST_CALLS_MAX => Some((
+                        host_status::LIMIT,
+                        format!(
+                            "host function `{name}`: more than {HOST_CALLS_MAX} host calls \
+                             are outstanding in this worker"
+                        ),
+                    )),
+                    Some(p) if id & PING_BIT == 0 && p.reply.is_none() => None,
+                    _ => Some((
+                        host_status::CANCELLED,
+                        format!("host function `{name}`: the call it was made for is over"),
+                    )),
+                };
+                let (method, cancel) = match state.pending.get(&id) {
+                    Some(p) => (p.method.clone(), p.cancel.clone()),
+                    None => (String::new(), CancelHandle::new()),
+                };
+                *state.waiting_on_host.entry(id).or_default() += 1;
+                self.waiting.store(
+                    state.waiting_on_host.len(),
+                    std::sync::atomic::Ordering::Release,
+                );
+                deferred.push(Deferred::HostCall {
+                    id,
+                    seq,
+                    name,
+                    input: frame.payload,
+                    method,
+                    cancel,
+                    refused,
+                });
+            }
+            Message::Item { id } => match state.pending.get_mut(&id) {
+                Some(Pending {
+                    stream: Some(stream),
+                    ..
+                }) => {
+                    let len = frame.payload.len() as u64;
+                    let fits = stream.out_items < stream.window
+                        && (stream.out_items == 0
+                            || stream.out_bytes.saturating_add(len) <= stream.window_bytes);
+                    if !fits {
+                        return Err(format!(
+                            "stream item for call id {id} past the window the host granted \
+                             ({} items, {} bytes outstanding; window {} items, {} bytes)",
+                            stream.out_items, stream.out_bytes, stream.window, stream.window_bytes
+                        ));
+                    }
+                    stream.out_items += 1;
+                    stream.out_bytes = stream.out_bytes.saturating_add(len);
+                    // The consumer may be gone (stream dropped): the item is dropped too.
+                    let _ = stream.items.try_send(frame.payload);
+                }
+                Some(_) => {
+                    return Err(format!(
+                        "stream item for call id {id}, which is not a streaming call"
+                    ))
+                }
+                None if state.abandoned.contains(&id) => {}
+                None => {
+                    return Err(format!(
+                        "stream item for call id {id}, which is not running"
+                    ))
+                }
+            },
             Message::Pong { seq } => {
                 if let Some(p) = state.pending.get_mut(&(PING_BIT | seq)) {
                     p.reply = Some((0, Vec::new()));
@@ -471,9 +627,84 @@ impl Conn {
         Ok(())
     }
 
-    fn run_deferred(&self, deferred: Vec<Deferred>) {
+    /// Grants a streaming call `items` more items and `bytes` more bytes: the consumer
+    /// took that many.
+    pub async fn credit(self: &Arc<Self>, id: u64, items: u32, bytes: u64) {
+        {
+            let mut state = self.lock();
+            let Some(stream) = state.pending.get_mut(&id).and_then(|p| p.stream.as_mut()) else {
+                return;
+            };
+            stream.out_items = stream.out_items.saturating_sub(items);
+            stream.out_bytes = stream.out_bytes.saturating_sub(bytes);
+        }
+        let _ = self.send(&Message::Credit { id, items, bytes }, &[]).await;
+    }
+
+    /// A host call ended (answered, or its answer could not be sent).
+    fn host_call_done(&self, id: u64, seq: u64) {
+        let mut state = self.lock();
+        if !state.host_calls.remove(&(id, seq)) {
+            return;
+        }
+        if let Some(n) = state.waiting_on_host.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                state.waiting_on_host.remove(&id);
+            }
+        }
+        self.waiting.store(
+            state.waiting_on_host.len(),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// Routes a host call: refused at once, or run (on this thread if it answers at once,
+    /// else on the executor), then answered with `HostReply`.
+    fn start_host_call(self: &Arc<Self>, host_call: Deferred) {
+        let Deferred::HostCall {
+            id,
+            seq,
+            name,
+            input,
+            method,
+            cancel,
+            refused,
+        } = host_call
+        else {
+            return;
+        };
+        let max_output = (self.max_frame.load(std::sync::atomic::Ordering::Relaxed) as usize)
+            .saturating_sub(crate::protocol::FRAME_ROOM as usize);
+        let run = match refused {
+            Some((status, text)) => Box::pin(async move { (status, text.into_bytes()) }),
+            None => {
+                let call = HostCallInfo {
+                    function: name,
+                    method,
+                    call_id: id,
+                    cancel,
+                };
+                self.imports.run(call, input, self.grace, max_output)
+            }
+        };
+        let conn = self.clone();
+        let work: crate::backend::BoxFuture<()> = Box::pin(async move {
+            let (status, output) = run.await;
+            let _ = conn
+                .send(&Message::HostReply { id, seq, status }, &output)
+                .await;
+            conn.host_call_done(id, seq);
+        });
+        if let Err(task) = crate::host_fn::start(work) {
+            task.detach();
+        }
+    }
+
+    fn run_deferred(self: &Arc<Self>, deferred: Vec<Deferred>) {
         for d in deferred {
             match d {
+                host_call @ Deferred::HostCall { .. } => self.start_host_call(host_call),
                 Deferred::Progress(f, p) => {
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(p))).is_err() {
                         tracing::warn!(plugin = %self.plugin, "a progress callback panicked");
@@ -538,11 +769,19 @@ impl CallGuard {
         result
     }
 
+    /// The caller gave up on the call but the guard lives on (to see the worker finish
+    /// it): cancel its host calls now.
+    pub fn cancel_host_calls(&self) {
+        if let Some(p) = self.conn.lock().pending.get(&self.id) {
+            p.cancel.cancel();
+        }
+    }
+
     fn poll_reply(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
-        let conn = &*self.conn;
+        let conn = &self.conn;
         loop {
             let mut guard = conn.lock();
             let state = &mut *guard;
@@ -612,10 +851,12 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let mut state = self.conn.lock();
-        let abandoned = state
-            .pending
-            .remove(&self.id)
-            .is_some_and(|p| p.reply.is_none())
+        let removed = state.pending.remove(&self.id);
+        if let Some(p) = &removed {
+            // Whatever host calls it still has are moot now.
+            p.cancel.cancel();
+        }
+        let abandoned = removed.is_some_and(|p| p.reply.is_none())
             && !self.answered
             && state.closed.is_none()
             && self.id & PING_BIT == 0;

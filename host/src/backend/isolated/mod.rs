@@ -41,6 +41,8 @@ pub(crate) struct Spec {
     pub instances: usize,
     /// Stop a worker after this long without a call (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// The host functions the plugin may call.
+    pub imports: Arc<crate::host_fn::Imports>,
 }
 
 impl Drop for Spec {

@@ -129,6 +129,7 @@ async fn handshake(
         spec.plugin.clone(),
         protocol::HANDSHAKE_MAX_FRAME,
         Box::new(move |reason| on_close(&on_close_process, peer.as_ref(), reason)),
+        (spec.imports.clone(), spec.timeouts.cancel_grace),
     ));
     match conn.recv().await {
         Ok(Frame {

@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 
-use super::conn::{CallGuard, CloseReason, Closed};
+use super::conn::{CallGuard, CloseReason, Closed, StreamState};
 use super::{start, Spec, Worker};
 use crate::backend::{
     cancelled, join_all, outcome, timeout, Backend, BackendStatus, BoxFuture, CallRequest,
+    STREAM_WINDOW, STREAM_WINDOW_BYTES,
 };
 use crate::crash::CrashReport;
 use crate::error::{CallError, LoadError};
@@ -253,7 +254,12 @@ impl Inner {
         for (i, slot) in self.slots.iter().enumerate() {
             match &*lock(slot) {
                 Slot::Ready(w) if w.is_alive() => {
-                    let busy = w.busy.load(Ordering::Acquire);
+                    // Calls waiting on a host function run no plugin code: a host
+                    // function may call the plugin back without filling the window.
+                    let busy = w
+                        .busy
+                        .load(Ordering::Acquire)
+                        .saturating_sub(w.conn.waiting_on_host());
                     if busy < limit {
                         if best.is_none_or(|(_, b)| busy < b) {
                             best = Some((i, busy));
@@ -669,7 +675,15 @@ impl Backend for Isolated {
                 // cancel it.
                 let conn = lease.worker.conn.clone();
                 let sent = race(
-                    conn.call(call.id, &call.method, &call.input, call.progress.clone()),
+                    conn.call(
+                        call.id,
+                        &call.method,
+                        &call.input,
+                        call.progress.clone(),
+                        call.stream.as_ref().map(|sink| {
+                            StreamState::new(sink.items.clone(), STREAM_WINDOW, STREAM_WINDOW_BYTES)
+                        }),
+                    ),
                     &mut timer,
                     cancel,
                 )
@@ -684,7 +698,18 @@ impl Backend for Isolated {
                 }
             };
             let worker = lease.worker.clone();
-            let ended = match race(guard.reply(), &mut timer, cancel).await {
+            // A streaming call grants the worker more items as the consumer takes them.
+            let credit = async {
+                match &call.stream {
+                    Some(sink) => loop {
+                        let (items, bytes) = sink.consumed.take().await;
+                        worker.conn.credit(call.id, items, bytes).await;
+                    },
+                    None => std::future::pending().await,
+                }
+            };
+            let reply = futures_lite::future::or(guard.reply(), credit);
+            let ended = match race(reply, &mut timer, cancel).await {
                 Race::Done(Ok((status, bytes))) => {
                     drop(lease);
                     return outcome(plugin, &call.method, &worker.desc.methods, status, bytes);
@@ -914,6 +939,7 @@ fn stop_abandoned_call(
 ) {
     let grace = inner.spec.timeouts.cancel_grace;
     let method = method.to_string();
+    guard.cancel_host_calls();
     smol::spawn(async move {
         let watched = lease.worker.clone();
         let deadline = Instant::now() + grace;
