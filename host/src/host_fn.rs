@@ -264,12 +264,6 @@ pub(crate) struct Imports {
 pub(crate) type HostOutcome = (i32, Vec<u8>);
 
 impl Imports {
-    /// No host functions at all.
-    #[cfg(test)]
-    pub fn none(plugin: &str) -> Imports {
-        HostFunctions::default().imports_for(plugin, &[])
-    }
-
     /// The function, or the status and message that refuse the call.
     fn resolve(&self, name: &str) -> Result<Arc<RawFn>, HostOutcome> {
         let plugin = &self.plugin;
@@ -404,5 +398,83 @@ pub(crate) fn start<T: Send + 'static>(mut work: BoxFuture<T>) -> Result<T, smol
     match futures_lite::future::block_on(futures_lite::future::poll_once(&mut work)) {
         Some(done) => Ok(done),
         None => Err(smol::spawn(work)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn functions() -> HostFunctions {
+        let mut fns = HostFunctions::default();
+        let echo = raw(|_, input: Vec<u8>| async move { Ok(input) });
+        fns.add(None, "echo", echo.clone());
+        fns.add(Some("other"), "secret", echo);
+        fns.add(
+            None,
+            "boom",
+            raw(|_, _| async move {
+                if true {
+                    panic!("kaboom");
+                }
+                Ok(Vec::new())
+            }),
+        );
+        fns
+    }
+
+    fn call(imports: &Imports, name: &str, cancel: &CancelHandle) -> HostOutcome {
+        let info = HostCallInfo {
+            function: name.into(),
+            method: "m".into(),
+            call_id: 1,
+            cancel: cancel.clone(),
+        };
+        futures_lite::future::block_on(imports.run(info, b"hi".to_vec(), Duration::ZERO, 1024))
+    }
+
+    #[test]
+    fn refusals_name_the_reason() {
+        let names: Vec<String> = ["echo", "secret", "missing", "boom"]
+            .map(String::from)
+            .into();
+        let imports = functions().imports_for("p", &names);
+        let live = CancelHandle::new();
+        assert_eq!(
+            call(&imports, "echo", &live),
+            (host_status::OK, b"hi".to_vec())
+        );
+        let (status, text) = call(&imports, "notlisted", &live);
+        assert_eq!(status, host_status::NOT_IMPORTED);
+        assert!(String::from_utf8_lossy(&text).contains("imports"));
+        assert_eq!(call(&imports, "secret", &live).0, host_status::NOT_GRANTED);
+        let (status, text) = call(&imports, "missing", &live);
+        assert_eq!(status, host_status::NOT_FOUND);
+        assert!(
+            String::from_utf8_lossy(&text).contains("echo"),
+            "offers the others"
+        );
+        let (status, text) = call(&imports, "boom", &live);
+        assert_eq!(status, host_status::PANIC);
+        assert!(String::from_utf8_lossy(&text).contains("kaboom"));
+        // Granted to `other` only, where it resolves.
+        let other = functions().imports_for("other", &["secret".to_string()]);
+        assert_eq!(call(&other, "secret", &live).0, host_status::OK);
+    }
+
+    #[test]
+    fn cancelled_calls_and_large_outputs_are_refused() {
+        let imports = functions().imports_for("p", &["echo".to_string()]);
+        let cancelled = CancelHandle::new();
+        cancelled.cancel();
+        assert_eq!(call(&imports, "echo", &cancelled).0, host_status::CANCELLED);
+        let info = HostCallInfo {
+            function: "echo".into(),
+            method: "m".into(),
+            call_id: 1,
+            cancel: CancelHandle::new(),
+        };
+        let run = imports.run(info, vec![0; 10], Duration::ZERO, 4);
+        assert_eq!(futures_lite::future::block_on(run).0, host_status::LIMIT);
     }
 }

@@ -569,6 +569,7 @@ unsafe extern "C" fn host_emit(data: *mut c_void, item: *const u8, len: usize) -
     catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: as in `host_call_host`.
         match unsafe { plugin_bytes(item, len) } {
+            // SAFETY: the plugin passes back our `data`, alive during the call.
             Ok(item) => unsafe { services(data).emit(item) },
             Err(_) => abi::emit_status::LIMIT,
         }

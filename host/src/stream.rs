@@ -89,8 +89,17 @@ impl<T> CallStream<T> {
         }
     }
 
-    fn item(&mut self, bytes: Vec<u8>) -> Poll<Option<Result<T, Error>>> {
-        self.consumed.add(bytes.len());
+    fn item(&mut self, bytes: Vec<u8>, cx: &mut Context<'_>) -> Poll<Option<Result<T, Error>>> {
+        if self.consumed.add(bytes.len()) {
+            // Half the window was taken: let the call's future send the credit now, so the
+            // plugin keeps producing while the consumer works through the rest.
+            if let Some(call) = self.call.as_mut() {
+                if let Poll::Ready(result) = call.as_mut().poll(cx) {
+                    self.call = None;
+                    self.ended = Some(result);
+                }
+            }
+        }
         match (self.decode)(&bytes) {
             Ok(item) => Poll::Ready(Some(Ok(item))),
             Err(message) => {
@@ -118,7 +127,7 @@ impl<T> Stream for CallStream<T> {
                 return Poll::Ready(None);
             }
             if let Ok(bytes) = this.items.try_recv() {
-                return this.item(bytes);
+                return this.item(bytes, cx);
             }
             if let Some(call) = this.call.as_mut() {
                 if let Poll::Ready(result) = call.as_mut().poll(cx) {
@@ -142,7 +151,7 @@ impl<T> Stream for CallStream<T> {
                 };
             }
             match this.items.as_mut().poll_next(cx) {
-                Poll::Ready(Some(bytes)) => return this.item(bytes),
+                Poll::Ready(Some(bytes)) => return this.item(bytes, cx),
                 // The call future owns the sender; it ends with the call, which is polled
                 // above.
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,

@@ -62,16 +62,19 @@ pub(crate) struct Consumed {
 }
 
 impl Consumed {
-    /// The consumer took one item of `bytes` bytes.
-    pub fn add(&self, bytes: usize) {
+    /// The consumer took one item of `bytes` bytes. Returns whether credit is due (the
+    /// call's future should be polled to send it).
+    pub fn add(&self, bytes: usize) -> bool {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.0 = counts.0.saturating_add(1);
         counts.1 = counts.1.saturating_add(bytes as u64);
         let (items, bytes) = *counts;
         drop(counts);
-        if items >= STREAM_WINDOW / 2 || bytes >= STREAM_WINDOW_BYTES / 2 {
+        let due = items >= STREAM_WINDOW / 2 || bytes >= STREAM_WINDOW_BYTES / 2;
+        if due {
             self.event.notify(1);
         }
+        due
     }
 
     /// Waits until the consumer took half a window (items or bytes), then returns and
