@@ -143,7 +143,8 @@ impl HostBuilder {
     /// [`HostCallContext::cancelled`] fires, and a function still running after the
     /// plugin's `timeouts.cancel_grace` is dropped. An error it returns, or a panic, reaches
     /// the plugin as an error; the host goes on. It may call plugins itself (also the one
-    /// calling it). Do not block in it: use `blocking::unblock` for blocking work.
+    /// calling it: [`HostCallContext::host`]). Do not block in it: use `blocking::unblock`
+    /// for blocking work.
     ///
     /// A later function with the same name replaces an earlier one.
     ///
@@ -294,6 +295,11 @@ impl std::fmt::Debug for Host {
 }
 
 impl Host {
+    /// The handle for a host's shared state (host functions hold it weakly).
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Host {
+        Host { shared }
+    }
+
     /// Starts configuring a host.
     pub fn builder() -> HostBuilder {
         HostBuilder::default()
@@ -474,7 +480,11 @@ impl Host {
             self.shared
                 .config
                 .functions
-                .imports_for(&manifest.name, &manifest.imports),
+                .imports_for(
+                    &manifest.name,
+                    &manifest.imports,
+                    Arc::downgrade(&self.shared),
+                ),
         );
         match grant.trust {
             Trust::Trusted => {

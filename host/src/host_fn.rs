@@ -30,6 +30,7 @@ pub struct HostCallContext {
 }
 
 struct ContextInner {
+    host: std::sync::Weak<crate::host::Shared>,
     plugin: Arc<str>,
     method: String,
     function: String,
@@ -38,6 +39,14 @@ struct ContextInner {
 }
 
 impl HostCallContext {
+    /// The host the function was registered on (`None` once it is gone). Use it to call
+    /// plugins from the host function, also the one calling it
+    /// (`ctx.host()?.get(ctx.plugin())`): unlike a `Host` captured in the function, it
+    /// does not keep the host alive.
+    pub fn host(&self) -> Option<crate::Host> {
+        self.inner.host.upgrade().map(crate::Host::from_shared)
+    }
+
     /// The plugin that made the host call.
     pub fn plugin(&self) -> &str {
         &self.inner.plugin
@@ -207,8 +216,13 @@ impl HostFunctions {
         names.into_iter().cloned().collect()
     }
 
-    /// What `plugin`, importing `imports`, may call.
-    pub fn imports_for(&self, plugin: &str, imports: &[String]) -> Imports {
+    /// What `plugin`, importing `imports`, may call, on the host `host`.
+    pub fn imports_for(
+        &self,
+        plugin: &str,
+        imports: &[String],
+        host: std::sync::Weak<crate::host::Shared>,
+    ) -> Imports {
         let mut granted = HashMap::new();
         for name in imports {
             let f = self
@@ -240,6 +254,7 @@ impl HostFunctions {
             );
         }
         Imports {
+            host,
             plugin: plugin.into(),
             imported: imports.iter().cloned().collect(),
             granted,
@@ -251,6 +266,7 @@ impl HostFunctions {
 
 /// The host functions one plugin may call, and why it may not call the others.
 pub(crate) struct Imports {
+    host: std::sync::Weak<crate::host::Shared>,
     plugin: Arc<str>,
     imported: BTreeSet<String>,
     granted: HashMap<String, Arc<RawFn>>,
@@ -328,6 +344,7 @@ impl Imports {
         }
         let ctx = HostCallContext {
             inner: Arc::new(ContextInner {
+                host: self.host.clone(),
                 plugin: self.plugin.clone(),
                 method: method.clone(),
                 function: function.clone(),
@@ -438,7 +455,7 @@ mod tests {
         let names: Vec<String> = ["echo", "secret", "missing", "boom"]
             .map(String::from)
             .into();
-        let imports = functions().imports_for("p", &names);
+        let imports = functions().imports_for("p", &names, std::sync::Weak::new());
         let live = CancelHandle::new();
         assert_eq!(
             call(&imports, "echo", &live),
@@ -458,13 +475,13 @@ mod tests {
         assert_eq!(status, host_status::PANIC);
         assert!(String::from_utf8_lossy(&text).contains("kaboom"));
         // Granted to `other` only, where it resolves.
-        let other = functions().imports_for("other", &["secret".to_string()]);
+        let other = functions().imports_for("other", &["secret".to_string()], std::sync::Weak::new());
         assert_eq!(call(&other, "secret", &live).0, host_status::OK);
     }
 
     #[test]
     fn cancelled_calls_and_large_outputs_are_refused() {
-        let imports = functions().imports_for("p", &["echo".to_string()]);
+        let imports = functions().imports_for("p", &["echo".to_string()], std::sync::Weak::new());
         let cancelled = CancelHandle::new();
         cancelled.cancel();
         assert_eq!(call(&imports, "echo", &cancelled).0, host_status::CANCELLED);
