@@ -4,9 +4,12 @@
 //!   `cargo build` into `target/e2e` (a separate target directory, so it never waits on
 //!   the lock the outer build holds);
 //! - the C plugins `plugins/c-echo/echo.c` and `plugins/attack/attack.c` (the sandbox
-//!   tests' malicious plugin), with the C compiler the `cc` crate finds.
+//!   tests' malicious plugin), with the C compiler the `cc` crate finds;
+//! - the frozen ABI 1.0 C plugin `tests/abi-1.0/echo.c`, against the frozen ABI 1.0 header
+//!   next to it (not `plugin-api/include`), to prove hosts still load 1.0 libraries.
 //!
-//! The tests read the resulting paths from `PLUGIN_HOST_E2E_DIR`, `C_ECHO_LIBRARY` and
+//! The tests read the resulting paths from `PLUGIN_HOST_E2E_DIR`, `C_ECHO_LIBRARY` (and its
+//! variants `C_ECHO_ABI99_LIBRARY`, `C_ECHO_NO_ENTRY_LIBRARY`), `C_ECHO_ABI10_LIBRARY` and
 //! `ATTACK_LIBRARY`.
 
 use std::env;
@@ -25,6 +28,7 @@ fn main() {
         "host/cli",
         "Cargo.toml",
         "Cargo.lock",
+        "tests/abi-1.0",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
@@ -83,19 +87,38 @@ fn main() {
         target_dir.join("debug").display()
     );
 
-    // The C plugin, compiled as a shared library; and two broken variants for the tests.
+    // The C plugin, compiled as a shared library; two broken variants for the tests; and
+    // the frozen ABI 1.0 plugin against the frozen ABI 1.0 header.
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    for (name, defines, var) in [
-        ("c_echo", &[][..], "C_ECHO_LIBRARY"),
+    const CURRENT: &str = "plugin-api/include";
+    for (name, source, include, defines, var) in [
+        (
+            "c_echo",
+            "plugins/c-echo/echo.c",
+            CURRENT,
+            &[][..],
+            "C_ECHO_LIBRARY",
+        ),
         (
             "c_echo_abi99",
+            "plugins/c-echo/echo.c",
+            CURRENT,
             &["C_ECHO_ABI_MAJOR=99"][..],
             "C_ECHO_ABI99_LIBRARY",
         ),
         (
             "c_echo_no_entry",
+            "plugins/c-echo/echo.c",
+            CURRENT,
             &["C_ECHO_NO_ENTRY"][..],
             "C_ECHO_NO_ENTRY_LIBRARY",
+        ),
+        (
+            "c_echo_abi10",
+            "tests/abi-1.0/echo.c",
+            "tests/abi-1.0",
+            &[][..],
+            "C_ECHO_ABI10_LIBRARY",
         ),
     ] {
         let library = out_dir.join(format!(
@@ -103,7 +126,7 @@ fn main() {
             env::consts::DLL_PREFIX,
             env::consts::DLL_SUFFIX
         ));
-        compile_c_plugin(&root, "plugins/c-echo/echo.c", &library, defines);
+        compile_c_plugin(&root, source, include, &library, defines);
         println!("cargo:rustc-env={var}={}", library.display());
     }
 
@@ -114,14 +137,17 @@ fn main() {
             env::consts::DLL_PREFIX,
             env::consts::DLL_SUFFIX
         ));
-        compile_c_plugin(&root, "plugins/attack/attack.c", &library, &[]);
+        compile_c_plugin(&root, "plugins/attack/attack.c", CURRENT, &library, &[]);
         println!("cargo:rustc-env=ATTACK_LIBRARY={}", library.display());
     }
 }
 
+/// Compiles `source` (relative to `root`) into the shared library `library`, with the
+/// headers in `include` (relative to `root`; the only include directory) and `defines`.
 fn compile_c_plugin(
     root: &std::path::Path,
     source: &str,
+    include: &str,
     library: &std::path::Path,
     defines: &[&str],
 ) {
@@ -137,7 +163,7 @@ fn compile_c_plugin(
         cmd.arg(format!("-D{define}"));
     }
     cmd.arg(root.join(source))
-        .arg(format!("-I{}", root.join("plugin-api/include").display()));
+        .arg(format!("-I{}", root.join(include).display()));
     let status = cmd
         .status()
         .unwrap_or_else(|e| panic!("run the C compiler for {source}: {e}"));

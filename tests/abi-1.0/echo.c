@@ -1,4 +1,11 @@
 /*
+ * FROZEN: this file is a copy of plugins/c-echo/echo.c as it was for plugin ABI 1.0
+ * (before ABI 1.1 appended call_host, emit and free_host_buffer to PluginHostContext). Do not
+ * edit it: tests/build.rs compiles tests/abi-1.0/echo.c against tests/abi-1.0/plugin_api.h
+ * only (C_ECHO_ABI10_LIBRARY), and tests/tests/abi_compat.rs loads the result to prove that
+ * hosts built for newer minors still load and run a library built for ABI 1.0.
+ */
+/*
  * c-echo: a plugin written in C against plugin_api.h, with no Rust involved.
  *
  * Methods:

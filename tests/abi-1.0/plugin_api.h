@@ -1,4 +1,11 @@
 /*
+ * FROZEN: this file is a copy of plugin-api/include/plugin_api.h as it was for plugin ABI 1.0
+ * (before ABI 1.1 appended call_host, emit and free_host_buffer to PluginHostContext). Do not
+ * edit it: tests/build.rs compiles tests/abi-1.0/echo.c against tests/abi-1.0/plugin_api.h
+ * only (C_ECHO_ABI10_LIBRARY), and tests/tests/abi_compat.rs loads the result to prove that
+ * hosts built for newer minors still load and run a library built for ABI 1.0.
+ */
+/*
  * plugin_api.h: the plugin-host plugin ABI for C, C++ and Zig authors.
  *
  * Mirrors plugin-api/src/abi.rs field for field; docs/abi.md explains the contract.

@@ -411,3 +411,84 @@ fn a_crash_report_leaves_out_stderr_from_before_the_crashing_call() {
         b"next"
     );
 }
+
+/// "Call a host function, then crash": the host function runs (once), the call gets the
+/// crash with its report, and the restarted worker serves the next call.
+#[test]
+fn a_crash_right_after_a_host_call_is_reported_and_the_plugin_restarts() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let pings = Arc::new(AtomicUsize::new(0));
+    let seen = pings.clone();
+    let host = plugin_host::Host::builder()
+        .search_path(common::artifacts())
+        .worker_shim(common::worker_shim())
+        .grant_requested()
+        .raw_function("fault.ping", move |ctx, input| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let from = format!("{}.{}", ctx.plugin(), ctx.method());
+            async move {
+                assert_eq!(from, "faulty.host_call_then_crash");
+                assert_eq!(input, b"fault.ping");
+                Ok(b"pong".to_vec())
+            }
+        })
+        .build()
+        .unwrap();
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.restart.backoff = Duration::from_millis(10);
+    m.restart.backoff_max = Duration::from_millis(50);
+    let plugin = run_with_limit(Duration::from_secs(30), host.load_manifest(m)).unwrap();
+    let events = plugin.subscribe();
+
+    let crashed = run_with_limit(
+        Duration::from_secs(30),
+        plugin.call::<_, ()>("host_call_then_crash", "fault.ping"),
+    );
+    let err = crashed.expect_err("the worker aborted");
+    assert_eq!(signal(&err), Some("SIGABRT"), "{err}");
+    let report = report(&err);
+    assert_eq!(report.plugin, "faulty");
+    assert_eq!(report.in_flight, ["host_call_then_crash"], "{report}");
+    assert!(
+        report
+            .stderr_tail
+            .iter()
+            .any(|l| l.contains("aborting after host function `fault.ping` answered 4 bytes")),
+        "{report}"
+    );
+    assert_eq!(
+        pings.load(Ordering::SeqCst),
+        1,
+        "the host function ran once"
+    );
+
+    // Restarted: the next call works, and so does the host function.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = plugin.status();
+            s.crashes == 1 && s.restarts == 1 && s.state == plugin_host::PluginState::Ready
+        }),
+        "{:?}",
+        plugin.status()
+    );
+    assert_serves(&plugin, "host_call_then_crash");
+    assert!(
+        std::iter::from_fn(|| events.try_recv().ok())
+            .any(|e| matches!(e, plugin_host::PluginEvent::Crashed(_))),
+        "a Crashed event"
+    );
+    let again = run_with_limit(
+        Duration::from_secs(30),
+        plugin.call::<_, ()>("host_call_then_crash", "fault.ping"),
+    );
+    assert_eq!(signal(&again.expect_err("aborted again")), Some("SIGABRT"));
+    assert_eq!(pings.load(Ordering::SeqCst), 2);
+    assert!(wait_until(Duration::from_secs(10), || {
+        plugin.status().state == plugin_host::PluginState::Ready
+    }));
+    assert_serves(&plugin, "the second crash");
+
+    run_with_limit(Duration::from_secs(10), plugin.shutdown());
+}

@@ -20,6 +20,7 @@
 //! | `stderr_flood` | `{bytes, newline, abort}` | writes `bytes` bytes to stderr (one line without a newline unless `newline`: then lines of 100 bytes); then aborts if `abort` |
 //! | `huge_log` | `{bytes, progress}` | logs one message of `bytes` bytes (and, if `progress`, reports progress with one), returns `bytes` |
 //! | `bogus_output` | `{len}` | returns a 16-byte buffer that claims to hold `len` bytes (the ABI's `len` lies; see [`plugin_api_entry`]) |
+//! | `host_call_then_crash` | a string: a host function's name | calls that host function (`ctx.host_call_raw`, with the name's bytes as input; it must be in the manifest's `imports`), then `std::process::abort()` (SIGABRT) whatever it answered |
 //!
 //! Configuration (`[config]`): `create_sleep_ms`, `create_fail`, `create_panic`,
 //! `create_abort`, to misbehave in `create()`; `create_abort_if_exists = "PATH"` aborts
@@ -348,6 +349,20 @@ impl Plugin for Faulty {
                 BOGUS_LEN.with(|len| len.set(Some(b.len as usize)));
                 Ok(())
             })
+            .add(
+                "host_call_then_crash",
+                |_: &Faulty, ctx: &Context<'_>, function: String| -> Result<(), PluginError> {
+                    let outcome = ctx.host_call_raw(&function, function.as_bytes());
+                    eprintln!(
+                        "faulty: aborting after host function `{function}` answered {}, as asked",
+                        match &outcome {
+                            Ok(output) => format!("{} bytes", output.len()),
+                            Err(e) => format!("{:?}: {e}", e.kind()),
+                        }
+                    );
+                    std::process::abort()
+                },
+            )
             .add("progress", |_: &Faulty, ctx: &Context<'_>, s: Steps| {
                 for i in 1..=s.steps {
                     ctx.progress(i as f64 / s.steps as f64, format!("step {i}"));
