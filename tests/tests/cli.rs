@@ -937,7 +937,7 @@ fn a_missing_library_comes_with_the_command_that_builds_it() {
     assert_code(&o, 0);
     let o = cli(&["check", plugins.to_str().unwrap()]);
     assert_code(&o, 0);
-    assert!(stdout(&o).contains("loads, 3 methods"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("loads, 5 methods"), "{}", stdout(&o));
     let o = run(
         plugin_host(&["call", manifest.to_str().unwrap(), "echo", "--raw"]),
         Some(b"\x00raw\xff".to_vec()),

@@ -225,7 +225,7 @@ fn c_plugin_round_trip() {
         m.library = env!("C_ECHO_LIBRARY").into();
         let plugin = host().load_manifest(m).await.unwrap();
         assert_eq!(plugin.info().library_name, "c-echo");
-        assert_eq!(plugin.methods(), ["echo", "length", "fail"]);
+        assert_eq!(plugin.methods(), ["echo", "length", "fail", "ask", "count"]);
         let value = serde_json::json!({"list": [1, 2, 3], "text": "héllo"});
         let back: serde_json::Value = plugin.call("echo", &value).await.unwrap();
         assert_eq!(back, value);
