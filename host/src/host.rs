@@ -476,16 +476,11 @@ impl Host {
                 "the manifest asks to run in-process (trusted); the app's policy did not grant it, so it runs in a sandboxed worker"
             );
         }
-        let imports = Arc::new(
-            self.shared
-                .config
-                .functions
-                .imports_for(
-                    &manifest.name,
-                    &manifest.imports,
-                    Arc::downgrade(&self.shared),
-                ),
-        );
+        let imports = Arc::new(self.shared.config.functions.imports_for(
+            &manifest.name,
+            &manifest.imports,
+            Arc::downgrade(&self.shared),
+        ));
         match grant.trust {
             Trust::Trusted => {
                 if manifest.instances.is_some_and(|n| n > 1) || manifest.idle_timeout.is_some() {

@@ -475,7 +475,8 @@ mod tests {
         assert_eq!(status, host_status::PANIC);
         assert!(String::from_utf8_lossy(&text).contains("kaboom"));
         // Granted to `other` only, where it resolves.
-        let other = functions().imports_for("other", &["secret".to_string()], std::sync::Weak::new());
+        let other =
+            functions().imports_for("other", &["secret".to_string()], std::sync::Weak::new());
         assert_eq!(call(&other, "secret", &live).0, host_status::OK);
     }
 

@@ -274,6 +274,7 @@ fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(),
         reader: Mutex::new(reader),
         queue: Mutex::new(VecDeque::new()),
         running: AtomicU32::new(0),
+        waiting: AtomicU32::new(0),
         concurrency,
         calls: Mutex::new(HashMap::new()),
         instance,
@@ -480,6 +481,8 @@ struct Shared {
     queue: Mutex<VecDeque<QueuedCall>>,
     /// Calls running plugin code (a call waiting on a host function gives its slot up).
     running: AtomicU32,
+    /// Calls waiting on a host function.
+    waiting: AtomicU32,
     concurrency: u32,
     /// The calls this worker holds (running or queued), by id.
     calls: Mutex<HashMap<u64, Arc<CallState>>>,
@@ -690,6 +693,7 @@ impl HostServices for CallServices<'_> {
         };
         // While it waits, the call runs no plugin code: its slot can serve another call
         // (the host function may call this plugin back).
+        self.shared.waiting.fetch_add(1, Ordering::AcqRel);
         self.shared.release_slot();
         self.shared.send(
             &Message::HostCall {
@@ -716,6 +720,7 @@ impl HostServices for CallServices<'_> {
             }
         };
         self.shared.running.fetch_add(1, Ordering::AcqRel);
+        self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
         outcome
     }
     fn emit(&self, item: &[u8]) -> i32 {
@@ -907,9 +912,9 @@ fn serve_loop(shared: &Arc<Shared>) {
                 // Drain: wait for running and queued calls, at most the grace period.
                 loop {
                     let queued = shared.queue.lock().unwrap_or_else(|e| e.into_inner()).len();
-                    if (shared.running.load(Ordering::Acquire) == 0 && queued == 0)
-                        || Instant::now() >= deadline
-                    {
+                    let busy = shared.running.load(Ordering::Acquire)
+                        + shared.waiting.load(Ordering::Acquire);
+                    if (busy == 0 && queued == 0) || Instant::now() >= deadline {
                         std::process::exit(0);
                     }
                     if let Some(call) = shared.take_queued(true) {
