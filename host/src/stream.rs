@@ -129,6 +129,8 @@ impl<T> Stream for CallStream<T> {
             if let Ok(bytes) = this.items.try_recv() {
                 return this.item(bytes, cx);
             }
+            // Nothing buffered: credit what was taken, then poll the call (which sends it).
+            this.consumed.drained();
             if let Some(call) = this.call.as_mut() {
                 if let Poll::Ready(result) = call.as_mut().poll(cx) {
                     this.call = None;

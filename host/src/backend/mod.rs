@@ -57,7 +57,8 @@ pub(crate) struct StreamSink {
 /// Items and bytes the consumer took since the backend last looked.
 #[derive(Default)]
 pub(crate) struct Consumed {
-    counts: std::sync::Mutex<(u32, u64)>,
+    /// Items and bytes taken since the last credit, and whether the buffer was drained.
+    counts: std::sync::Mutex<(u32, u64, bool)>,
     event: event_listener::Event,
 }
 
@@ -68,7 +69,7 @@ impl Consumed {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.0 = counts.0.saturating_add(1);
         counts.1 = counts.1.saturating_add(bytes as u64);
-        let (items, bytes) = *counts;
+        let (items, bytes, _) = *counts;
         drop(counts);
         let due = items >= STREAM_WINDOW / 2 || bytes >= STREAM_WINDOW_BYTES / 2;
         if due {
@@ -77,15 +78,31 @@ impl Consumed {
         due
     }
 
-    /// Waits until the consumer took half a window (items or bytes), then returns and
-    /// resets the counts.
+    /// The consumer took everything buffered: credit whatever it took, even less than
+    /// half a window (the plugin may be waiting to send an item larger than what is
+    /// left of the window). Returns whether credit is due.
+    pub fn drained(&self) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.0 == 0 || counts.2 {
+            return false;
+        }
+        counts.2 = true;
+        drop(counts);
+        self.event.notify(1);
+        true
+    }
+
+    /// Waits until the consumer took half a window (items or bytes) or drained the
+    /// buffer, then returns the counts and resets them.
     pub async fn take(&self) -> (u32, u64) {
         loop {
             let listener = self.event.listen();
             {
                 let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-                if counts.0 >= STREAM_WINDOW / 2 || counts.1 >= STREAM_WINDOW_BYTES / 2 {
-                    return std::mem::take(&mut *counts);
+                let half = counts.0 >= STREAM_WINDOW / 2 || counts.1 >= STREAM_WINDOW_BYTES / 2;
+                if half || (counts.2 && counts.0 > 0) {
+                    let (items, bytes, _) = std::mem::take(&mut *counts);
+                    return (items, bytes);
                 }
             }
             listener.await;

@@ -8,8 +8,8 @@
 //! - `reenter n`: host call to `reenter` (whose host function calls `double` back).
 //! - `double n`: `2 * n`, a plain method for re-entrant calls.
 //! - `ask_many {function, n}`: `n` host calls in a row; returns the nanoseconds they took.
-//! - `count {n, size}`: emits `n` items (the index as `u64`, or `size` bytes when
-//!   `size > 0`); returns `n`.
+//! - `count {n, size, sizes}`: emits one item of each size in `sizes`, then `n` items
+//!   (the index as `u64`, or `size` bytes when `size > 0`); returns `n`.
 //! - `count_then_crash {n}`: emits `n` items, then aborts the process.
 //! - `ask_then_crash {function}`: one host call, then aborts.
 //! - `emit_plain`: emits in a call that is not a stream; returns the error kind.
@@ -54,6 +54,9 @@ struct Count {
     n: u64,
     #[serde(default)]
     size: usize,
+    /// When given: emit one item of each of these sizes instead.
+    #[serde(default)]
+    sizes: Vec<usize>,
 }
 
 fn ask(ctx: &Context<'_>, function: &str, input: &[u8]) -> Outcome {
@@ -97,6 +100,9 @@ impl Plugin for Callbacks {
                 Ok(start.elapsed().as_nanos() as u64)
             })
             .add("count", |_: &Callbacks, ctx: &Context<'_>, c: Count| {
+                for size in &c.sizes {
+                    ctx.emit_raw(&vec![0x5au8; *size])?;
+                }
                 let blob = vec![0xa5u8; c.size];
                 for i in 0..c.n {
                     if c.size == 0 {
