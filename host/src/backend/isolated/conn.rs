@@ -156,6 +156,8 @@ pub(crate) struct Conn {
     max_frame: std::sync::atomic::AtomicU32,
     /// Calls waiting on a host call (they do not run plugin code meanwhile).
     waiting: std::sync::atomic::AtomicUsize,
+    /// Told when a call starts waiting on a host call (the pool has room for another).
+    on_waiting: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Conn {
@@ -189,6 +191,7 @@ impl Conn {
             grace,
             max_frame: std::sync::atomic::AtomicU32::new(max_frame),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            on_waiting: std::sync::OnceLock::new(),
         }
     }
 
@@ -203,6 +206,11 @@ impl Conn {
         if let Some(buf) = self.lock().buf.as_mut() {
             buf.set_max(max);
         }
+    }
+
+    /// Sets what to tell when a call starts waiting on a host call (once).
+    pub fn on_waiting(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_waiting.set(f);
     }
 
     /// Calls that wait on a host call now: they hold no worker thread's plugin code, so
@@ -704,7 +712,12 @@ impl Conn {
     fn run_deferred(self: &Arc<Self>, deferred: Vec<Deferred>) {
         for d in deferred {
             match d {
-                host_call @ Deferred::HostCall { .. } => self.start_host_call(host_call),
+                host_call @ Deferred::HostCall { .. } => {
+                    if let Some(f) = self.on_waiting.get() {
+                        f();
+                    }
+                    self.start_host_call(host_call)
+                }
                 Deferred::Progress(f, p) => {
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(p))).is_err() {
                         tracing::warn!(plugin = %self.plugin, "a progress callback panicked");

@@ -201,6 +201,13 @@ impl Inner {
                 inner.begin_crash(&worker);
             }
         });
+        // A call starting to wait on a host function frees room for another call.
+        let inner = Arc::downgrade(self);
+        worker.conn.on_waiting(Box::new(move || {
+            if let Some(inner) = inner.upgrade() {
+                inner.changed.notify(1);
+            }
+        }));
         let interval = self.spec.timeouts.ping_interval;
         let patience = self.spec.timeouts.ping_timeout;
         smol::spawn(ping_loop(Arc::downgrade(worker), interval, patience)).detach();
@@ -287,10 +294,11 @@ impl Inner {
         if let Some((i, _)) = best {
             let slot = lock(&self.slots[i]);
             if let Slot::Ready(w) = &*slot {
+                let waiting = w.conn.waiting_on_host();
                 let leased = w
                     .busy
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
-                        (b < limit).then_some(b + 1)
+                        (b.saturating_sub(waiting) < limit).then_some(b + 1)
                     });
                 if leased == Ok(0) {
                     // A run of calls begins: its crash report starts its stderr here.
