@@ -317,3 +317,36 @@ fn a_stream_whose_consumer_outlasts_the_deadline_ends_with_timeout() {
         });
     }
 }
+
+#[test]
+fn a_large_item_after_small_ones_is_not_held_back_by_the_window() {
+    // 100 KiB is buffered when the plugin emits 1000 KiB, which does not fit beside it in
+    // the 1 MiB window: the consumer taking the small item must credit it, though it is
+    // far less than half a window, or the large one waits for the deadline.
+    #[derive(serde::Serialize)]
+    struct Sizes {
+        n: u64,
+        sizes: Vec<usize>,
+    }
+    for trust in BOTH {
+        let host = host();
+        run_with_limit(QUICK, async {
+            let plugin = load(&host, trust).await;
+            let sizes = vec![100 << 10, 1000 << 10, 10, 1000 << 10];
+            let input = Sizes {
+                n: 0,
+                sizes: sizes.clone(),
+            };
+            let options = CallOptions::new().timeout(Duration::from_secs(5));
+            let bytes = rmp_serde::to_vec_named(&input).unwrap();
+            let mut stream = plugin.call_stream_raw("count", bytes, options);
+            let mut got = Vec::new();
+            while let Some(item) = stream.next().await {
+                got.push(item.unwrap_or_else(|e| panic!("{trust:?}: {e}")).len());
+            }
+            assert_eq!(got, sizes, "{trust:?}");
+            assert_serves(&plugin).await;
+            host.shutdown().await;
+        });
+    }
+}
