@@ -387,6 +387,24 @@ fn the_demo_crashes_a_plugin_and_recovers() {
     let o = cli(&["demo"]);
     assert_code(&o, 0);
     let out = stdout(&o);
+    // The plugin fetches the image through the app's host function, and an unknown id
+    // fails with the app's own error.
+    assert!(
+        out.contains("[app] image.get(1) for thumbnail.thumbnail_by_id -> 640x480"),
+        "{out}"
+    );
+    assert!(
+        out.contains("thumbnail.thumbnail_by_id {id: 1} -> 128x96"),
+        "{out}"
+    );
+    assert!(
+        out.contains("thumbnail_by_id` failed: the app has no image with id 42"),
+        "{out}"
+    );
+    assert!(
+        out.contains("items 0, 1, 2, 3, 4 as they came, then the method's output: 5"),
+        "{out}"
+    );
     assert!(out.contains("killed by SIGSEGV"), "{out}");
     assert!(out.contains("restarted in a fresh worker"), "{out}");
     assert!(out.contains("timed out after 500ms"), "{out}");
@@ -413,10 +431,13 @@ fn the_bench_command_runs_and_prints_ratios() {
         "64 in flight",
         "cold start",
         "in-process call",
+        "host call from isolated plugin",
+        "host call from in-process plugin",
+        "stream of 16 B items, isolated",
     ] {
         assert!(out.contains(line), "missing {line:?} in\n{out}");
     }
-    assert!(out.matches("ratio").count() >= 5, "{out}");
+    assert!(out.matches("ratio").count() >= 8, "{out}");
 }
 
 /// Children of `parent` (Linux /proc).

@@ -3,6 +3,9 @@
 //!
 //! Baselines: a raw Unix-socket echo in a child process (length-prefixed frames of the same
 //! sizes, one in flight and 64 in flight), and a bare spawn-and-connect for cold start.
+//! Host functions and streams (the `callbacks` plugin) are measured against the plugin's
+//! own calls: a host call made by the plugin against a plain call to the same plugin, and
+//! stream items/s against calls/s with 64 in flight.
 //!
 //! The bench sets its own policies, whatever `--grant` says: the isolated figures are for
 //! the default, an untrusted worker with the sandbox required (deny-all); cold start is
@@ -15,10 +18,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_lite::StreamExt;
 use interprocess::local_socket::{
     prelude::*, GenericNamespaced, Listener, ListenerOptions, Stream,
 };
-use plugin_host::{Grant, Host, HostBuilder, Manifest, Plugin, PluginEvent, SandboxMode, Trust};
+use plugin_host::{
+    CallOptions, Grant, Host, HostBuilder, HostCallContext, HostError, Manifest, Plugin,
+    PluginEvent, SandboxMode, Trust,
+};
+use serde::Serialize;
 
 /// Settings for one run.
 pub struct Settings {
@@ -243,6 +251,76 @@ fn plugin_pipelined(plugin: &Plugin, depth: usize, total: usize) -> f64 {
     (per_task * depth) as f64 / started.elapsed().as_secs_f64()
 }
 
+#[derive(Serialize)]
+struct AskMany<'a> {
+    function: &'a str,
+    n: u64,
+}
+
+#[derive(Serialize)]
+struct Count {
+    n: u64,
+    size: usize,
+}
+
+/// Host calls against plain calls, in alternating batches (so a drift in the machine's
+/// speed affects both alike); one sample per batch: the mean per call. Host calls are made
+/// by the plugin: `callbacks`' `ask_many` calls the host function `echo` (16 bytes in and
+/// out) `per_batch` times in a row and returns the nanoseconds that took, timed in the
+/// plugin. Plain calls are `per_batch` calls of the plugin's `echo` with 16 bytes, timed
+/// in the host. Returns (plain, host call).
+fn host_call_latency(
+    plugin: &Plugin,
+    batches: usize,
+    per_batch: u64,
+) -> Result<(Stats, Stats), plugin_host::Error> {
+    let input = AskMany {
+        function: "echo",
+        n: per_batch,
+    };
+    smol::block_on(async {
+        let mut plain = Vec::with_capacity(batches);
+        let mut hosted = Vec::with_capacity(batches);
+        for i in 0..batches + batches / 10 + 1 {
+            let t = Instant::now();
+            for _ in 0..per_batch {
+                plugin.call_raw("echo", vec![7u8; 16]).await?;
+            }
+            let plain_ns = t.elapsed().as_nanos() as u64;
+            let hosted_ns: u64 = plugin.call("ask_many", &input).await?;
+            // The first tenth warms up.
+            if i > batches / 10 {
+                plain.push(Duration::from_nanos(plain_ns / per_batch));
+                hosted.push(Duration::from_nanos(hosted_ns / per_batch));
+            }
+        }
+        Ok((stats(plain), stats(hosted)))
+    })
+}
+
+/// Items per second of one stream: `callbacks`' `count` emitting `n` items of `size` bytes
+/// (`call_stream_raw`), from the call to the stream's end.
+fn stream_rate(plugin: &Plugin, n: u64, size: usize) -> Result<f64, plugin_host::Error> {
+    let run = |n: u64| async move {
+        let input = rmp_serde::to_vec_named(&Count { n, size }).expect("encode the input");
+        let started = Instant::now();
+        let mut stream = plugin.call_stream_raw("count", input, CallOptions::default());
+        let mut items = 0u64;
+        while let Some(item) = stream.next().await {
+            let item = item?;
+            debug_assert_eq!(item.len(), size);
+            items += 1;
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(items, n, "the stream ended early");
+        Ok::<f64, plugin_host::Error>(items as f64 / elapsed.as_secs_f64())
+    };
+    smol::block_on(async {
+        run(n / 10 + 1).await?;
+        run(n).await
+    })
+}
+
 /// The latency of a call that wakes an idle-reclaimed worker, `samples` times.
 fn wake_latency(host: &Host, manifest: &Path, samples: usize) -> Result<Stats, String> {
     let mut m = Manifest::from_file(manifest).map_err(|e| e.to_string())?;
@@ -335,12 +413,17 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     );
 
     let manifest_path = settings.plugins.join("hello/plugin.toml");
-    // The CLI's search paths, with a policy of the bench's own.
+    let callbacks_path = settings.plugins.join("callbacks/plugin.toml");
+    // The CLI's search paths, with a policy of the bench's own, and the trivial host
+    // function `echo` the host-call figures use.
     let with_policy = |policy: fn(HostBuilder) -> HostBuilder| -> Host {
         let builder = host
             .search_paths()
             .iter()
-            .fold(Host::builder(), |b, dir| b.search_path(dir));
+            .fold(Host::builder(), |b, dir| b.search_path(dir))
+            .raw_function("echo", |_: HostCallContext, input: Vec<u8>| async move {
+                Ok::<_, HostError>(input)
+            });
         policy(builder).build().expect("build a host")
     };
     // Deny-all: untrusted, sandbox required (the library's default policy).
@@ -426,6 +509,49 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     smol::block_on(isolated_off.shutdown());
     smol::block_on(in_process.shutdown());
 
+    // Host functions and streams: `callbacks`, isolated (sandboxed) and in-process. Of its
+    // imports only `echo` is provided (the others would each be warned about).
+    let load_callbacks = |host: &Host, trust: Trust| -> Result<Plugin, plugin_host::Error> {
+        let mut m = Manifest::from_file(&callbacks_path)?;
+        m.trust = trust;
+        m.imports = vec!["echo".into()];
+        smol::block_on(host.load_manifest(m))
+    };
+    let callbacks = [
+        load_callbacks(&sandboxed, Trust::Untrusted),
+        load_callbacks(&trusting, Trust::Trusted),
+    ];
+    let (per_batch, batches) = if settings.quick { (20, 20) } else { (100, 200) };
+    println!();
+    for (plugin, place) in callbacks.iter().zip(["isolated", "in-process"]) {
+        let plugin = match plugin {
+            Ok(p) => p,
+            Err(e) => {
+                crate::report::print(e, Some(&callbacks_path));
+                return ExitCode::from(4);
+            }
+        };
+        match host_call_latency(plugin, batches, per_batch) {
+            Ok((plain, hosted)) => {
+                baseline(&format!("{place} call 16 B (callbacks)"), &plain);
+                line(
+                    &format!("host call from {place} plugin"),
+                    &hosted,
+                    &plain,
+                    match place {
+                        "isolated" => "target <= 1.2x",
+                        _ => "",
+                    },
+                );
+            }
+            Err(e) => eprintln!("error: host calls from the {place} plugin: {e}"),
+        }
+    }
+    println!(
+        "  (per call: the mean of a batch of {per_batch} calls; median and p99 over {batches} \
+         batches of each, alternating; host calls timed in the plugin)\n"
+    );
+
     let depth = 64;
     let raw_rate = raw_pipelined(depth, total);
     let our_rate = plugin_pipelined(&isolated, depth, total);
@@ -461,6 +587,24 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             smol::block_on(pool.shutdown());
         }
         Err(e) => eprintln!("error: pool of 2: {e}"),
+    }
+    // Stream throughput, against the 64-in-flight rate above: both move small messages
+    // one way as fast as the plugin makes them.
+    let items = total as u64;
+    for (plugin, place) in callbacks.iter().zip(["isolated", "in-process"]) {
+        let Ok(plugin) = plugin else { continue };
+        match stream_rate(plugin, items, 16) {
+            Ok(rate) => println!(
+                "{:<34} {:>10.0} items/s  ratio {:>5.2}x  (vs isolated calls, {depth} in flight; {items} items)",
+                format!("stream of 16 B items, {place}"),
+                rate,
+                rate / our_rate
+            ),
+            Err(e) => eprintln!("error: stream from the {place} plugin: {e}"),
+        }
+    }
+    for plugin in callbacks.into_iter().flatten() {
+        smol::block_on(plugin.shutdown());
     }
     smol::block_on(isolated.shutdown());
 

@@ -1,21 +1,28 @@
 //! `plugin-host demo`: the main job in one command. Loads the example plugins, calls them,
+//! shows a plugin calling back into the app (a host function) and streaming its output,
 //! crashes one on purpose and shows the host surviving and the plugin recovering; then a
 //! call that never returns (timeout, then the worker is killed and restarted) and a plugin
 //! that keeps crashing (quarantined, then re-enabled).
 //!
-//! Policy: the demo uses the CLI's host, deny-all unless `--grant` is given. Its bundled
-//! plugins (hello, thumbnail, faulty) request nothing beyond the default (untrusted, sandbox
-//! required, no permissions), so both policies give the same result: every plugin runs in
-//! a sandboxed worker, and the demo prints each one's sandbox layers once. A bundled plugin
-//! that requested trust or permissions would need the app to grant it, e.g. a host built
-//! with `HostBuilder::grant_requested()`, which is acceptable only for plugins the app ships.
+//! Host: the demo plays the app, so it builds its own host: the CLI's search paths, the
+//! library's default policy (deny-all), and one host function, `image.get` (an image by
+//! id, from the app's "library" of one generated picture), which `thumbnail`'s
+//! `thumbnail_by_id` calls. Host functions are registered when a host is built, hence a
+//! host of its own. Its bundled plugins (hello, thumbnail, faulty, callbacks) request
+//! nothing beyond the default (untrusted, sandbox required, no permissions), so `--grant`
+//! would change nothing: every plugin runs in a sandboxed worker, and the demo prints each
+//! one's sandbox layers once. A bundled plugin that requested trust or permissions would
+//! need the app to grant it, e.g. a host built with `HostBuilder::grant_requested()`,
+//! which is acceptable only for plugins the app ships.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use futures_lite::StreamExt;
 use plugin_host::{
-    CallError, CallOptions, Error, Host, Manifest, Plugin, PluginEvent, PluginState, Trust,
+    CallError, CallOptions, Error, Host, HostCallContext, HostError, Manifest, Plugin, PluginEvent,
+    PluginState, Trust,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -44,6 +51,40 @@ struct Thumb<'a> {
     max_size: u32,
 }
 
+#[derive(Serialize)]
+struct ThumbById {
+    id: u64,
+    max_size: u32,
+}
+
+#[derive(Serialize)]
+struct Count {
+    n: u64,
+}
+
+/// The one image the demo app holds, under this id.
+const PHOTO_ID: u64 = 1;
+
+/// The host function `image.get`: the app's image by id, or an error for an unknown id.
+async fn image_get(ctx: HostCallContext, id: u64) -> Result<Image, HostError> {
+    let found = (id == PHOTO_ID).then(|| gradient(640, 480));
+    println!(
+        "  [app] image.get({id}) for {}.{} -> {}",
+        ctx.plugin(),
+        ctx.method(),
+        match &found {
+            Some(image) => format!(
+                "{}x{} RGBA ({} KiB)",
+                image.width,
+                image.height,
+                image.pixels.len() / 1024
+            ),
+            None => "no such image".to_string(),
+        }
+    );
+    found.ok_or_else(|| HostError::new(format!("the app has no image with id {id}")))
+}
+
 fn gradient(width: u32, height: u32) -> Image {
     let mut pixels = Vec::with_capacity((width * height * 4) as usize);
     for y in 0..height {
@@ -65,6 +106,10 @@ fn gradient(width: u32, height: u32) -> Image {
 
 async fn load(host: &Host, dir: &Path, name: &str) -> Result<Plugin, Error> {
     let manifest = Manifest::from_file(dir.join(name).join("plugin.toml"))?;
+    load_manifest(host, manifest).await
+}
+
+async fn load_manifest(host: &Host, manifest: Manifest) -> Result<Plugin, Error> {
     let plugin = host.load_manifest(manifest).await?;
     let place = match plugin.worker_pid() {
         Some(pid) => format!("worker process {pid}"),
@@ -80,9 +125,20 @@ async fn load(host: &Host, dir: &Path, name: &str) -> Result<Plugin, Error> {
     Ok(plugin)
 }
 
-/// Runs the demo; exit code 0 when every step behaved as expected.
-pub fn run(host: &Host, dir: &Path) -> ExitCode {
-    match smol::block_on(demo(host, dir)) {
+/// Runs the demo; exit code 0 when every step behaved as expected. `cli` lends its search
+/// paths to the demo's own host.
+pub fn run(cli: &Host, dir: &Path) -> ExitCode {
+    let host = cli
+        .search_paths()
+        .iter()
+        .fold(Host::builder(), |b, path| b.search_path(path))
+        .function("image.get", image_get)
+        .build();
+    let result = match host {
+        Ok(host) => smol::block_on(demo(&host, dir)),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed:");
@@ -125,7 +181,50 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
         started.elapsed()
     );
 
-    println!("\n-- 2. a plugin misbehaves");
+    println!("\n-- 2. a plugin calls the app (host function) and streams its output");
+    let started = Instant::now();
+    let request = ThumbById {
+        id: PHOTO_ID,
+        max_size: 128,
+    };
+    let thumb: Image = thumbnail.call("thumbnail_by_id", &request).await?;
+    println!(
+        "thumbnail.thumbnail_by_id {{id: {PHOTO_ID}}} -> {}x{} in {:.1?}: the plugin fetched the \
+         image from the app",
+        thumb.width,
+        thumb.height,
+        started.elapsed()
+    );
+    let request = ThumbById {
+        id: 42,
+        max_size: 128,
+    };
+    match thumbnail
+        .call::<_, Image>("thumbnail_by_id", &request)
+        .await
+    {
+        Err(e) => println!("thumbnail.thumbnail_by_id {{id: 42}} -> the app's error: {e}"),
+        Ok(_) => return Err(unexpected("thumbnail_by_id with an unknown id succeeded")),
+    }
+    let mut manifest = Manifest::from_file(dir.join("callbacks/plugin.toml"))?;
+    // The demo uses only its stream method: no host functions for it.
+    manifest.imports.clear();
+    let callbacks = load_manifest(host, manifest).await?;
+    let mut items = callbacks.call_stream::<_, u64>("count", &Count { n: 5 });
+    let mut received = Vec::new();
+    while let Some(item) = items.next().await {
+        received.push(item?.to_string());
+    }
+    let returned: u64 = items
+        .output()
+        .ok_or_else(|| unexpected("callbacks.count ended without its output"))??;
+    println!(
+        "callbacks.count {{n: 5}} (a stream) -> items {} as they came, then the method's \
+         output: {returned}",
+        received.join(", ")
+    );
+
+    println!("\n-- 3. a plugin misbehaves");
     let faulty = load(host, dir, "faulty").await?;
     match faulty
         .call::<_, ()>("panic", &json!({"message": "boom"}))
@@ -143,7 +242,7 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
         Ok(()) => return Err(unexpected("faulty.segfault succeeded")),
     }
 
-    println!("\n-- 3. the host survives and the plugin recovers");
+    println!("\n-- 4. the host survives and the plugin recovers");
     let greeting: Greeting = hello.call("greet", &Greet { name: "again" }).await?;
     println!(
         "hello.greet (another plugin, untouched) -> {:?}",
@@ -157,7 +256,7 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
         faulty.worker_pid()
     );
 
-    println!("\n-- 4. a call that never returns");
+    println!("\n-- 5. a call that never returns");
     let mut manifest = Manifest::from_file(dir.join("faulty/plugin.toml"))?;
     manifest.timeouts.cancel_grace = Duration::from_millis(300);
     // A second instance of the plugin in this host: names are unique, so it gets its own.
@@ -184,7 +283,7 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
     let echoed = stuck.call_raw("echo", b"ok".to_vec()).await?;
     println!("faulty.echo -> {:?}", String::from_utf8_lossy(&echoed));
 
-    println!("\n-- 5. a plugin that keeps crashing is quarantined");
+    println!("\n-- 6. a plugin that keeps crashing is quarantined");
     let mut manifest = Manifest::from_file(dir.join("faulty/plugin.toml"))?;
     manifest.restart.max_crashes = 2;
     manifest.name = "faulty-flaky".into();
@@ -238,7 +337,7 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
         String::from_utf8_lossy(&echoed)
     );
 
-    for plugin in [hello, thumbnail, faulty, stuck, flaky] {
+    for plugin in [hello, thumbnail, callbacks, faulty, stuck, flaky] {
         plugin.shutdown().await;
     }
     println!(

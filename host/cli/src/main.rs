@@ -123,7 +123,7 @@ enum Command {
     /// policies (ignores --grant): isolated figures are for the default sandboxed worker;
     /// cold start is measured with the sandbox off and on.
     Bench {
-        /// Directory holding the example plugins' manifests (uses hello).
+        /// Directory holding the example plugins' manifests (uses hello and callbacks).
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
         /// A short run (seconds) to check the command works; figures are noisy.

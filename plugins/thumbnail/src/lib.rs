@@ -6,10 +6,21 @@
 //! - `thumbnail` `{image, max_size}` -> image that fits in `max_size` x `max_size`,
 //!   keeping the aspect ratio;
 //! - `grayscale` `image` -> image;
-//! - `info` `image` -> `{width, height, mean: [r, g, b, a]}`.
+//! - `info` `image` -> `{width, height, mean: [r, g, b, a]}`;
+//! - `thumbnail_by_id` `{id, max_size}` -> what `thumbnail` returns, for an image the
+//!   plugin asks the app for by id (see below).
 //!
 //! An image is `{width, height, pixels}` with `pixels` as MessagePack binary of
 //! `width * height * 4` bytes (RGBA, row-major).
+//!
+//! `thumbnail_by_id` shows a host function in use. The app holds the images (a document's
+//! pictures, a photo library) and the caller only names one: instead of the caller
+//! sending several MiB of pixels with the call, the plugin calls the app's `image.get`
+//! host function (`ctx.host_call`; input: the id as a `u64`, output: an image as above,
+//! pixels as MessagePack binary) and makes the thumbnail from what it gets back. The
+//! manifest lists `image.get` in `imports`, and the app must register it
+//! (`HostBuilder::function("image.get", ..)`); `plugin-host demo` does. The app's error
+//! (an unknown id, say) reaches the caller as this method's error, in the app's words.
 
 use plugin_api::{export_plugin, Context, CreateContext, Methods, Plugin, PluginError};
 use serde::{Deserialize, Serialize};
@@ -50,6 +61,12 @@ struct Thumb {
     max_size: u32,
 }
 
+#[derive(Deserialize)]
+struct ThumbById {
+    id: u64,
+    max_size: u32,
+}
+
 #[derive(Serialize)]
 struct Info {
     width: u32,
@@ -74,6 +91,30 @@ impl Thumbnail {
             )));
         }
         Ok(())
+    }
+
+    /// The image scaled down to fit in `max_size` x `max_size`, keeping its aspect ratio
+    /// (an image that fits already is returned at its size).
+    fn thumbnail(
+        &self,
+        ctx: &Context<'_>,
+        image: &Image,
+        max_size: u32,
+    ) -> Result<Image, PluginError> {
+        self.check(image)?;
+        if max_size == 0 {
+            return Err(PluginError::new("max_size must be at least 1"));
+        }
+        let (w, h) = (image.width as u64, image.height as u64);
+        let m = max_size as u64;
+        let (tw, th) = if w <= m && h <= m {
+            (w, h)
+        } else if w >= h {
+            (m, (h * m / w).max(1))
+        } else {
+            ((w * m / h).max(1), m)
+        };
+        resize(ctx, image, tw as u32, th as u32)
     }
 
     fn check_size(&self, width: u32, height: u32) -> Result<(), PluginError> {
@@ -200,20 +241,7 @@ impl Plugin for Thumbnail {
             .add(
                 "thumbnail",
                 |this: &Thumbnail, ctx: &Context<'_>, req: Thumb| {
-                    this.check(&req.image)?;
-                    if req.max_size == 0 {
-                        return Err(PluginError::new("max_size must be at least 1"));
-                    }
-                    let (w, h) = (req.image.width as u64, req.image.height as u64);
-                    let m = req.max_size as u64;
-                    let (tw, th) = if w <= m && h <= m {
-                        (w, h)
-                    } else if w >= h {
-                        (m, (h * m / w).max(1))
-                    } else {
-                        ((w * m / h).max(1), m)
-                    };
-                    resize(ctx, &req.image, tw as u32, th as u32)
+                    this.thumbnail(ctx, &req.image, req.max_size)
                 },
             )
             .add(
@@ -246,7 +274,16 @@ impl Plugin for Thumbnail {
                     height: image.height,
                     mean,
                 })
-            });
+            })
+            .add(
+                "thumbnail_by_id",
+                |this: &Thumbnail, ctx: &Context<'_>, req: ThumbById| {
+                    // The app's image, or its error (no such image, or no `image.get` at
+                    // all) as this call's error, in the app's words.
+                    let image: Image = ctx.host_call("image.get", &req.id)?;
+                    this.thumbnail(ctx, &image, req.max_size)
+                },
+            );
     }
 }
 
