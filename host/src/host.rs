@@ -138,8 +138,11 @@ impl HostBuilder {
     /// manifest's `imports`). Input and output are serde types (MessagePack on the wire);
     /// the plugin calls it with `ctx.host_call::<I, O>(name, &input)`.
     ///
-    /// The function runs in the host, on its executor; it is tied to the plugin call that
-    /// made it ([`HostCallContext`]): when that call ends (deadline, cancellation, crash),
+    /// The function runs in the host: it is polled first on the thread that received the
+    /// host call (for a trusted plugin, the plugin's own thread), so one that answers at
+    /// once costs no thread hop, and it finishes on the `smol` executor if it does not.
+    /// It is tied to the plugin call that made it ([`HostCallContext`]): when that call
+    /// ends (deadline, cancellation, crash),
     /// [`HostCallContext::cancelled`] fires, and a function still running after the
     /// plugin's `timeouts.cancel_grace` is dropped. An error it returns, or a panic, reaches
     /// the plugin as an error; the host goes on. It may call plugins itself (also the one

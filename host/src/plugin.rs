@@ -315,7 +315,9 @@ impl Plugin {
     /// ```no_run
     /// # async fn demo(plugin: plugin_host::Plugin) -> Result<(), plugin_host::Error> {
     /// use futures_lite::StreamExt;
-    /// let mut frames = plugin.call_stream::<_, u64>("count", &1000u64);
+    /// #[derive(serde::Serialize)]
+    /// struct Count { n: u64 }
+    /// let mut frames = plugin.call_stream::<_, u64>("count", &Count { n: 1000 });
     /// while let Some(item) = frames.next().await {
     ///     let n = item?;
     ///     println!("{n}");
