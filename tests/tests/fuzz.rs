@@ -1274,70 +1274,170 @@ fn every_kind() -> Vec<(&'static str, Message, Vec<u8>)> {
         ("ping", Message::Ping { seq: 1 }, vec![]),
         ("pong", Message::Pong { seq: 1 }, vec![]),
         ("shutdown", Message::Shutdown { grace_ms: 0 }, vec![]),
+        // Protocol 0.2.1: host calls and output streams.
+        (
+            "call_stream",
+            Message::Call {
+                id: 21,
+                method: "frames".into(),
+                window: 256,
+                window_bytes: 1 << 20,
+            },
+            b"\x81\xa5count\xcd\x01\x2c".to_vec(),
+        ),
+        (
+            "host_call",
+            Message::HostCall {
+                id: 21,
+                seq: 1,
+                name: "doc.selection".into(),
+            },
+            b"\x81\xa5range\x92\x00\x0a".to_vec(),
+        ),
+        (
+            "host_reply",
+            Message::HostReply {
+                id: 21,
+                seq: 1,
+                status: 0,
+            },
+            b"\xa5hello".to_vec(),
+        ),
+        (
+            "host_reply_error",
+            Message::HostReply {
+                id: 21,
+                seq: 2,
+                status: 10,
+            },
+            b"host function `doc.selection`: more than 256 host calls are outstanding".to_vec(),
+        ),
+        ("item", Message::Item { id: 21 }, (0..64u8).collect()),
+        (
+            "credit",
+            Message::Credit {
+                id: 21,
+                items: 128,
+                bytes: 8192,
+            },
+            vec![],
+        ),
     ]
 }
 
-/// Frames of a real session: the real worker-shim running the `faulty` plugin, driven
-/// through a socket pair as the host drives it (handshake, calls, progress, a log, a ping,
-/// shutdown), both directions recorded.
+/// One side of a real session: the real worker-shim running `plugin`, driven through a
+/// socket pair as the host drives it, both directions recorded.
 #[cfg(target_os = "linux")]
-fn capture_session() -> (Vec<u8>, Vec<u8>) {
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
-    use std::process::{Command, Stdio};
-    let (mut host, worker) = UnixStream::pair().unwrap();
-    let mut child = Command::new(common::worker_shim())
-        .args(["--fd", "0", "--plugin", "faulty", "--sandbox", "off"])
-        .env("PLUGIN_HOST_PARENT_PID", std::process::id().to_string())
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(worker)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut sent = Vec::new();
-    let mut received = Vec::new();
-    let read_one = |host: &mut UnixStream, received: &mut Vec<u8>| -> Message {
+struct Session {
+    host: std::os::unix::net::UnixStream,
+    child: std::process::Child,
+    sent: Vec<u8>,
+    received: Vec<u8>,
+}
+
+#[cfg(target_os = "linux")]
+impl Session {
+    /// Starts the worker-shim on `plugin` and completes the handshake.
+    fn start(plugin: &str) -> Session {
+        use std::os::unix::net::UnixStream;
+        use std::process::{Command, Stdio};
+        let (host, worker) = UnixStream::pair().unwrap();
+        let child = Command::new(common::worker_shim())
+            .args(["--fd", "0", "--plugin", plugin, "--sandbox", "off"])
+            .env("PLUGIN_HOST_PARENT_PID", std::process::id().to_string())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(worker)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut session = Session {
+            host,
+            child,
+            sent: Vec::new(),
+            received: Vec::new(),
+        };
+        assert!(matches!(session.read(), (Message::Hello { .. }, _)));
+        session.send(&protocol::hello(None, None), &[]);
+        let library = common::artifacts().join(plugin_host::Manifest::library_file_name(plugin));
+        session.send(
+            &Message::Load {
+                name: plugin.into(),
+                library: library.to_string_lossy().into_owned(),
+                max_frame: 1 << 20,
+                concurrency: 2,
+                limits: WireLimits::default(),
+                sandbox: None,
+            },
+            b"\x80",
+        );
+        loop {
+            match session.read().0 {
+                Message::Loaded { .. } => break,
+                Message::Log { .. } | Message::Unknown => {}
+                other => panic!("expected Loaded, got {other:?}"),
+            }
+        }
+        session
+    }
+
+    fn read(&mut self) -> (Message, Vec<u8>) {
+        use std::io::Read;
         let mut len = [0u8; 4];
-        host.read_exact(&mut len).unwrap();
+        self.host.read_exact(&mut len).unwrap();
         let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-        host.read_exact(&mut body).unwrap();
-        received.extend_from_slice(&len);
-        received.extend_from_slice(&body);
+        self.host.read_exact(&mut body).unwrap();
+        self.received.extend_from_slice(&len);
+        self.received.extend_from_slice(&body);
         let head = u32::from_le_bytes(body[0..4].try_into().unwrap()) as usize;
-        rmp_serde::from_slice(&body[4..4 + head]).unwrap()
-    };
-    let mut send = |host: &mut UnixStream, m: &Message, p: &[u8]| {
+        let message = rmp_serde::from_slice(&body[4..4 + head]).unwrap();
+        (message, body[4 + head..].to_vec())
+    }
+
+    fn send(&mut self, m: &Message, p: &[u8]) {
+        use std::io::Write;
         let f = fuzzing::encode(m, p);
-        host.write_all(&f).unwrap();
-        sent.extend_from_slice(&f);
-    };
-    assert!(matches!(
-        read_one(&mut host, &mut received),
-        Message::Hello { .. }
-    ));
-    send(&mut host, &protocol::hello(None, None), &[]);
-    let library = common::artifacts().join(plugin_host::Manifest::library_file_name("faulty"));
-    send(
-        &mut host,
-        &Message::Load {
-            name: "faulty".into(),
-            library: library.to_string_lossy().into_owned(),
-            max_frame: 1 << 20,
-            concurrency: 2,
-            limits: WireLimits::default(),
-            sandbox: None,
-        },
-        b"\x80",
-    );
-    loop {
-        match read_one(&mut host, &mut received) {
-            Message::Loaded { .. } => break,
-            Message::Log { .. } | Message::Unknown => {}
-            other => panic!("expected Loaded, got {other:?}"),
+        self.host.write_all(&f).unwrap();
+        self.sent.extend_from_slice(&f);
+    }
+
+    fn call(&mut self, id: u64, method: &str, input: &[u8]) {
+        let call = Message::Call {
+            id,
+            method: method.into(),
+            window: 0,
+            window_bytes: 0,
+        };
+        self.send(&call, input);
+    }
+
+    /// Reads until the reply to call `id`.
+    fn reply(&mut self, id: u64) {
+        loop {
+            if let Message::Reply { id: got, .. } = self.read().0 {
+                assert_eq!(got, id);
+                return;
+            }
         }
     }
+
+    /// A ping, a cancel of a call long over, shutdown. Returns (sent, received).
+    fn finish(mut self) -> (Vec<u8>, Vec<u8>) {
+        self.send(&Message::Ping { seq: 7 }, &[]);
+        while !matches!(self.read().0, Message::Pong { .. }) {}
+        self.send(&Message::Cancel { id: 99 }, &[]);
+        self.send(&Message::Shutdown { grace_ms: 0 }, &[]);
+        let _ = self.child.wait();
+        (self.sent, self.received)
+    }
+}
+
+/// Frames of a real session with the `faulty` plugin: calls, progress, a panic, an
+/// unknown method.
+#[cfg(target_os = "linux")]
+fn capture_session() -> (Vec<u8>, Vec<u8>) {
+    let mut session = Session::start("faulty");
     let calls: &[(&str, &[u8])] = &[
         ("echo", b"hello, fuzzer"),
         ("progress", b"\x81\xa5steps\x03"),
@@ -1346,29 +1446,93 @@ fn capture_session() -> (Vec<u8>, Vec<u8>) {
     ];
     for (i, (method, input)) in calls.iter().enumerate() {
         let id = i as u64 + 1;
-        send(
-            &mut host,
-            &Message::Call {
-                id,
-                method: (*method).into(),
-                window: 0,
-                window_bytes: 0,
-            },
-            input,
-        );
+        session.call(id, method, input);
+        session.reply(id);
+    }
+    session.finish()
+}
+
+/// MessagePack of a map of string keys.
+fn msgpack_map(entries: Vec<(&str, Value)>) -> Vec<u8> {
+    let map = Value::Map(
+        entries
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect(),
+    );
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &map).unwrap();
+    out
+}
+
+/// Frames of a real session with the `callbacks` plugin (protocol 0.2.1): host calls
+/// answered and refused, and a streaming call whose small window makes the worker wait
+/// for `credit`.
+#[cfg(target_os = "linux")]
+fn capture_callbacks_session() -> (Vec<u8>, Vec<u8>) {
+    let mut session = Session::start("callbacks");
+    // A host call answered, then one refused (NOT_FOUND, with a message).
+    let asks: [(&str, i32, &[u8]); 2] = [
+        ("echo", 0, b"hi"),
+        (
+            "missing",
+            plugin_api::abi::host_status::NOT_FOUND,
+            b"host function `missing`: no such function",
+        ),
+    ];
+    for (i, (function, status, answer)) in asks.into_iter().enumerate() {
+        let id = i as u64 + 1;
+        let input = msgpack_map(vec![
+            ("function", Value::from(function)),
+            ("input", Value::Binary(b"hi".to_vec())),
+        ]);
+        session.call(id, "ask", &input);
         loop {
-            if let Message::Reply { id: got, .. } = read_one(&mut host, &mut received) {
-                assert_eq!(got, id);
-                break;
+            match session.read().0 {
+                Message::HostCall { id: got, seq, name } => {
+                    assert_eq!((got, name.as_str()), (id, function));
+                    session.send(&Message::HostReply { id, seq, status }, answer);
+                }
+                Message::Reply { id: got, .. } => {
+                    assert_eq!(got, id);
+                    break;
+                }
+                Message::Log { .. } => {}
+                other => panic!("unexpected {other:?}"),
             }
         }
     }
-    send(&mut host, &Message::Ping { seq: 7 }, &[]);
-    while !matches!(read_one(&mut host, &mut received), Message::Pong { .. }) {}
-    send(&mut host, &Message::Cancel { id: 99 }, &[]);
-    send(&mut host, &Message::Shutdown { grace_ms: 0 }, &[]);
-    let _ = child.wait();
-    (sent, received)
+    // A stream of 5 items through a window of 2: credit after every 2.
+    let id = 3;
+    let call = Message::Call {
+        id,
+        method: "count".into(),
+        window: 2,
+        window_bytes: 1 << 20,
+    };
+    session.send(&call, &msgpack_map(vec![("n", Value::from(5))]));
+    let (mut items, mut bytes, mut total) = (0u32, 0u64, 0);
+    loop {
+        match session.read() {
+            (Message::Item { id: got }, payload) => {
+                assert_eq!(got, id);
+                items += 1;
+                total += 1;
+                bytes += payload.len() as u64;
+                if items == 2 {
+                    session.send(&Message::Credit { id, items, bytes }, &[]);
+                    (items, bytes) = (0, 0);
+                }
+            }
+            (Message::Reply { id: got, status }, _) => {
+                assert_eq!((got, status, total), (id, 0, 5));
+                break;
+            }
+            (Message::Log { .. }, _) => {}
+            (other, _) => panic!("unexpected {other:?}"),
+        }
+    }
+    session.finish()
 }
 
 /// The seeds for single messages are golden frames: each message kind's encoding, checked
@@ -1390,6 +1554,69 @@ fn golden_frames_match_the_encoder() {
              then PLUGIN_HOST_WRITE_CORPUS=1 to regenerate the corpus"
         );
         assert!(fuzzing::message(&golden).is_ok(), "{name} decodes");
+    }
+}
+
+/// The kind of a message header (and its map), for the coverage check.
+fn kind_of(head: &[u8]) -> (String, Vec<(Value, Value)>) {
+    let value = rmpv::decode::read_value(&mut &head[..]).unwrap();
+    let map = value.as_map().unwrap().clone();
+    let kind = map
+        .iter()
+        .find(|(k, _)| k.as_str() == Some("kind"))
+        .and_then(|(_, v)| v.as_str())
+        .unwrap()
+        .to_string();
+    (kind, map)
+}
+
+/// The checked-in corpus covers every kind the decoder knows, a streaming `call` (with a
+/// window) among them, and the recorded sessions carry the host-call and stream kinds in
+/// the direction each travels.
+#[test]
+fn the_corpus_covers_every_kind() {
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut windowed_call = false;
+    for seed in load_corpus("message") {
+        let (kind, map) = kind_of(&seed);
+        windowed_call |= kind == "call"
+            && map
+                .iter()
+                .any(|(k, v)| k.as_str() == Some("window") && v.as_u64() > Some(0));
+        kinds.insert(kind);
+    }
+    for kind in fuzzing::KINDS {
+        assert!(
+            kinds.contains(*kind),
+            "no `{kind}` seed in the message corpus"
+        );
+    }
+    assert!(windowed_call, "no `call` seed with a window");
+    for target in ["host_stream", "worker_stream"] {
+        let seeds = load_corpus(target);
+        for kind in fuzzing::KINDS {
+            let covered = seeds.iter().any(|s| {
+                split_frames(s)
+                    .is_some_and(|frames| frames.iter().any(|(h, _)| kind_of(h).0 == *kind))
+            });
+            assert!(covered, "no `{kind}` frame in the {target} corpus");
+        }
+    }
+    let session_kinds = |target: &str, name: &str| -> std::collections::BTreeSet<String> {
+        let bytes = std::fs::read(corpus_dir(target).join(format!("{name}.bin"))).unwrap();
+        split_frames(&bytes)
+            .unwrap()
+            .iter()
+            .map(|(h, _)| kind_of(h).0)
+            .collect()
+    };
+    let from_worker = session_kinds("host_stream", "session_callbacks_worker_to_host");
+    for kind in ["host_call", "item", "reply"] {
+        assert!(from_worker.contains(kind), "{kind}: {from_worker:?}");
+    }
+    let from_host = session_kinds("worker_stream", "session_callbacks_host_to_worker");
+    for kind in ["host_reply", "credit", "call"] {
+        assert!(from_host.contains(kind), "{kind}: {from_host:?}");
     }
 }
 
@@ -1421,6 +1648,17 @@ fn write_corpus() {
     let (sent, received) = capture_session();
     write("host_stream", "session_worker_to_host", &received);
     write("worker_stream", "session_host_to_worker", &sent);
+    let (callbacks_sent, callbacks_received) = capture_callbacks_session();
+    write(
+        "host_stream",
+        "session_callbacks_worker_to_host",
+        &callbacks_received,
+    );
+    write(
+        "worker_stream",
+        "session_callbacks_host_to_worker",
+        &callbacks_sent,
+    );
     // Handshakes as a worker sends them.
     let hello = protocol::hello(None, Some(4242));
     let loaded = kinds.iter().find(|k| k.0 == "loaded").unwrap().1.clone();
@@ -1459,12 +1697,18 @@ fn write_corpus() {
             .unwrap();
         write("handshake", "session", &join_frames(&frames[..=upto]));
     }
-    for plugin in ["hello", "thumbnail", "faulty", "c-echo", "attack"] {
-        let path = common::repo()
-            .join("plugins")
-            .join(plugin)
-            .join("plugin.toml");
-        write("manifest", plugin, &std::fs::read(path).unwrap());
+    // (`attack`'s manifest is named so that discovery does not find it.)
+    for (plugin, file) in [
+        ("hello", "plugin.toml"),
+        ("thumbnail", "plugin.toml"),
+        ("faulty", "plugin.toml"),
+        ("c-echo", "plugin.toml"),
+        ("callbacks", "plugin.toml"),
+        ("attack", "attack.toml"),
+    ] {
+        let path = common::repo().join("plugins").join(plugin).join(file);
+        let text = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        write("manifest", plugin, &text);
     }
     let docs = std::fs::read_to_string(common::repo().join("docs/manifest.md")).unwrap();
     // The reference manifest in docs/manifest.md (its longest ```toml block).

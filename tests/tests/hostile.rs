@@ -11,13 +11,26 @@
 //! nothing leaks (no child process, descriptors back to their count), and the host's peak
 //! memory (VmHWM, reset through `/proc/self/clear_refs` before each case) grows by less
 //! than [`MEMORY_BUDGET`]. The cases run one at a time: they measure the whole process.
+//!
+//! Host calls and output streams (protocol 0.2.1): the worker sends `item`s past the window
+//! the host granted (by count and by bytes), for a call that is not a stream, for an id
+//! never sent; floods `host_call`s (300 at once; for 5 s; 200,000 without reading the
+//! answers); repeats an outstanding (id, seq); calls the host for a call that is not
+//! running or already over; sends a 5,000-byte function name; sends the host -> worker
+//! kinds `credit` and `host_reply`. Each asserts the exact outcome (a protocol violation
+//! that names the broken rule, or the answer the host must give), that the same plugin
+//! then serves a call (from a restarted worker when this one was cut off), and that
+//! nothing panicked in the process (a panic hook counts). A flood of unknown frames for
+//! 5 s checks the deadline on its own.
 #![cfg(target_os = "linux")]
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures_lite::StreamExt;
 use plugin_host::{CallError, CallOptions, Error, Host, LoadError, Manifest, Plugin};
 
 /// Host peak-memory growth allowed for any case (the largest frame sent is 16 MiB).
@@ -36,6 +49,7 @@ fn hostile_worker() -> &'static str {
 fn manifest(mode: &str) -> Manifest {
     let text = format!(
         "name = \"hostile-{mode}\"\nversion = \"0.1.0\"\nlibrary = \"hello\"\napi = \"^1\"\n\
+         imports = [\"echo\", \"hold\"]\n\
          [timeouts]\ncall = \"1s\"\nconnect = \"10s\"\ncancel_grace = \"200ms\"\n\
          [restart]\nbackoff = \"10ms\"\nbackoff_max = \"20ms\"\nmax_crashes = 100\n"
     );
@@ -58,6 +72,30 @@ fn status_field(name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /proc/self/status"))
 }
 
+/// CPU time this process used so far, in clock ticks (`utime + stime`).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Waits (at most 20 s) until the process is idle: under 20 ms of CPU in 100 ms. Returns
+/// how long that took.
+fn wait_quiet() -> Duration {
+    let started = Instant::now();
+    let mut last = cpu_ticks();
+    while started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = cpu_ticks();
+        if now - last <= 2 {
+            break;
+        }
+        last = now;
+    }
+    started.elapsed()
+}
+
 /// What a call got, for the assertions.
 #[derive(Debug)]
 enum Outcome {
@@ -69,12 +107,8 @@ enum Outcome {
     Other(String),
 }
 
-async fn call(plugin: &Plugin, input: &[u8]) -> (Outcome, Duration) {
-    let started = Instant::now();
-    let result = plugin
-        .call_raw_with("echo", input.to_vec(), CallOptions::new().timeout(DEADLINE))
-        .await;
-    let outcome = match result {
+fn outcome(result: Result<Vec<u8>, Error>) -> Outcome {
+    match result {
         Ok(out) => Outcome::Ok(out),
         Err(Error::Call(CallError::Crashed { report, .. })) => match &report.protocol_error {
             Some(p) => Outcome::ProtocolError(p.clone()),
@@ -82,8 +116,80 @@ async fn call(plugin: &Plugin, input: &[u8]) -> (Outcome, Duration) {
         },
         Err(Error::Call(CallError::Timeout { .. })) => Outcome::Timeout,
         Err(e) => Outcome::Other(e.to_string()),
+    }
+}
+
+async fn call_method(plugin: &Plugin, method: &str, input: &[u8]) -> (Outcome, Duration) {
+    let started = Instant::now();
+    let result = plugin
+        .call_raw_with(method, input.to_vec(), CallOptions::new().timeout(DEADLINE))
+        .await;
+    (outcome(result), started.elapsed())
+}
+
+async fn call(plugin: &Plugin, input: &[u8]) -> (Outcome, Duration) {
+    call_method(plugin, "echo", input).await
+}
+
+/// A plain call of the hostile worker's `attack` method.
+async fn attack(plugin: &Plugin) -> (Outcome, Duration) {
+    call_method(plugin, "attack", b"input").await
+}
+
+/// A streaming call of `attack`: the items that arrived, then how the stream ended (its
+/// output, or the error it ended with).
+async fn attack_stream(plugin: &Plugin) -> (Vec<Vec<u8>>, Outcome, Duration) {
+    let started = Instant::now();
+    let mut stream = plugin.call_stream_raw(
+        "attack",
+        b"input".to_vec(),
+        CallOptions::new().timeout(DEADLINE),
+    );
+    let mut items = Vec::new();
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(item)) => items.push(item),
+            Some(Err(e)) => {
+                assert!(
+                    stream.next().await.is_none(),
+                    "items after the stream's error"
+                );
+                break outcome(Err(e));
+            }
+            None => break Outcome::Ok(stream.output_raw().unwrap_or_default().to_vec()),
+        }
     };
-    (outcome, started.elapsed())
+    (items, end, started.elapsed())
+}
+
+/// Panics anywhere in this process (the host's threads included), counted by a hook.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
+/// A host whose worker-shim is the hostile worker, with two host functions for the
+/// plugins' `imports`: `echo` (returns its input) and `hold` (runs until its call ends).
+fn hostile_host() -> Host {
+    Host::builder()
+        .search_path(common::artifacts())
+        .worker_shim(hostile_worker())
+        .grant_requested()
+        .raw_function("echo", |_, input| async move { Ok(input) })
+        .raw_function("hold", |ctx, _| async move {
+            ctx.cancelled().await;
+            Ok(Vec::new())
+        })
+        .build()
+        .unwrap()
 }
 
 /// Runs one case: `body` gets a host (a clone) whose worker-shim is the hostile worker and returns a
@@ -95,7 +201,7 @@ fn case<F: std::future::Future<Output = String>>(name: &str, body: impl FnOnce(H
     static WARM: std::sync::Once = std::sync::Once::new();
     WARM.call_once(|| {
         common::run(async {
-            let host = common::host_with_shim(hostile_worker().as_ref());
+            let host = hostile_host();
             let plugin = host.load_manifest(manifest("echo")).await.unwrap();
             let _ = call(&plugin, b"warm").await;
             plugin.shutdown().await;
@@ -104,11 +210,23 @@ fn case<F: std::future::Future<Output = String>>(name: &str, body: impl FnOnce(H
     assert!(common::wait_until(Duration::from_secs(5), || {
         common::children().is_empty()
     }));
+    // Work an earlier case left running in the background (the host's tasks) must not be
+    // counted against this one.
+    let quiet = wait_quiet();
+    // Heap an earlier case freed but the allocator kept would hide this case's growth:
+    // give it back first.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the system; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let fds_before = common::open_fds();
     std::fs::write("/proc/self/clear_refs", "5").expect("reset VmHWM");
     let rss_before = status_field("VmRSS:");
+    count_panics();
+    let panics_before = PANICS.load(Ordering::SeqCst);
     let report = common::run_with_limit(Duration::from_secs(60), async {
-        let host = common::host_with_shim(hostile_worker().as_ref());
+        let host = hostile_host();
         let report = body(host.clone()).await;
         // The host lives: a well-behaved worker on the same host serves a call.
         let good = host
@@ -128,8 +246,13 @@ fn case<F: std::future::Future<Output = String>>(name: &str, body: impl FnOnce(H
     let reaped = common::wait_until(Duration::from_secs(5), || common::children().is_empty());
     let fds_back = common::wait_until(Duration::from_secs(5), || common::open_fds() <= fds_before);
     println!(
-        "hostile {name}: {report}; host peak memory +{:.1} MiB",
+        "hostile {name}: {report}; host peak memory +{:.1} MiB (quiet after {quiet:?})",
         growth as f64 / (1 << 20) as f64
+    );
+    assert_eq!(
+        PANICS.load(Ordering::SeqCst),
+        panics_before,
+        "{name}: something panicked in the host (see the output above)"
     );
     assert!(reaped, "{name}: children left: {:?}", common::children());
     assert!(
@@ -351,5 +474,354 @@ fn a_good_worker_is_cheap() {
         );
         plugin.shutdown().await;
         format!("{outcome:?} after {took:?}")
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Host calls and output streams. The hostile worker misbehaves on `attack` and answers
+// `echo` correctly, so the same plugin must serve `echo` afterwards.
+
+/// The worker was cut off for a protocol violation mentioning every one of `needles`: the
+/// crash is recorded with that violation, and the plugin (a restarted worker) serves the
+/// next call.
+async fn cut_off(plugin: &Plugin, mode: &str, outcome: &Outcome, needles: &[&str]) -> String {
+    let Outcome::ProtocolError(violation) = outcome else {
+        panic!("{mode}: expected a protocol violation, got {outcome:?}");
+    };
+    for needle in needles {
+        assert!(
+            violation.contains(needle),
+            "{mode}: the violation does not mention `{needle}`: {violation}"
+        );
+    }
+    // The supervisor records the crash as it reaps the worker, a moment after the call
+    // failed.
+    let recorded = common::wait_until(Duration::from_secs(3), || {
+        plugin.status().last_crash.is_some()
+    });
+    let status = plugin.status();
+    assert!(recorded, "{mode}: no crash recorded: {status:?}");
+    let crash = status.last_crash.as_ref().unwrap();
+    assert_eq!(
+        crash.protocol_error.as_deref(),
+        Some(violation.as_str()),
+        "{mode}: the crash report"
+    );
+    assert_eq!(status.crashes, 1, "{mode}: {status:?}");
+    let (next, took) = call(plugin, b"next").await;
+    assert!(
+        matches!(&next, Outcome::Ok(out) if out == b"next"),
+        "{mode}: the call after the restart: {next:?} after {took:?}"
+    );
+    assert_eq!(plugin.status().restarts, 1, "{mode}: {:?}", plugin.status());
+    violation.clone()
+}
+
+/// The worker was not cut off: no crash, and the same worker serves the next call.
+async fn still_up(plugin: &Plugin, mode: &str) {
+    let pid = plugin.status().pid;
+    let (next, took) = call(plugin, b"next").await;
+    assert!(
+        matches!(&next, Outcome::Ok(out) if out == b"next"),
+        "{mode}: the next call: {next:?} after {took:?}"
+    );
+    let status = plugin.status();
+    assert_eq!(status.crashes, 0, "{mode}: {status:?}");
+    assert_eq!(
+        status.pid, pid,
+        "{mode}: the worker was replaced: {status:?}"
+    );
+}
+
+fn text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Ok(out) => String::from_utf8_lossy(out).into_owned(),
+        other => panic!("expected the call to succeed, got {other:?}"),
+    }
+}
+
+#[test]
+fn stream_items_past_the_item_window() {
+    let mode = "items_past_window";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (items, end, took) = attack_stream(&plugin).await;
+        // 300 items in one write: the 256 the window allows reach the consumer, the 257th
+        // is the violation.
+        assert_eq!(
+            items.len(),
+            256,
+            "{mode}: items delivered before the error: {end:?}"
+        );
+        for (i, item) in items.iter().enumerate() {
+            assert_eq!(item, &(i as u64).to_le_bytes(), "{mode}: item {i}");
+        }
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let violation = cut_off(
+            &plugin,
+            mode,
+            &end,
+            &[
+                "past the window",
+                "256 items, 2048 bytes outstanding",
+                "window 256 items, 1048576 bytes",
+            ],
+        )
+        .await;
+        plugin.shutdown().await;
+        format!("{} items, then {violation} after {took:?}", items.len())
+    });
+}
+
+#[test]
+fn stream_item_bytes_past_the_byte_window() {
+    let mode = "item_bytes_past_window";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (items, end, took) = attack_stream(&plugin).await;
+        // 500 KiB fits (and earns no credit: the host grants after half a window); 500 KiB
+        // + 600 KiB is past the 1 MiB window.
+        assert_eq!(items.len(), 1, "{mode}: {end:?}");
+        assert_eq!(items[0], vec![0xaa; 500 << 10], "{mode}: the first item");
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let violation = cut_off(
+            &plugin,
+            mode,
+            &end,
+            &[
+                "past the window",
+                "1 items, 512000 bytes outstanding",
+                "window 256 items, 1048576 bytes",
+            ],
+        )
+        .await;
+        plugin.shutdown().await;
+        format!("1 item, then {violation} after {took:?}")
+    });
+}
+
+#[test]
+fn stream_item_for_a_call_that_is_not_a_stream() {
+    let mode = "item_not_stream";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let violation = cut_off(&plugin, mode, &outcome, &["not a streaming call"]).await;
+        plugin.shutdown().await;
+        format!("{violation} after {took:?}")
+    });
+}
+
+#[test]
+fn stream_item_for_a_call_never_sent() {
+    let mode = "item_never_sent";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let violation = cut_off(&plugin, mode, &outcome, &["stream item", "not running"]).await;
+        plugin.shutdown().await;
+        format!("{violation} after {took:?}")
+    });
+}
+
+#[test]
+fn host_call_flood_is_answered_with_limit() {
+    let mode = "host_call_flood";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        // 300 calls of `hold` (which runs until its call ends): 256 run, the other 44
+        // are refused with LIMIT at once, none answered otherwise while the call runs.
+        let summary = text(&outcome);
+        assert!(
+            summary.starts_with("limit=44 other=0: "),
+            "{mode}: the worker saw: {summary}"
+        );
+        assert!(
+            summary.contains("more than 256 host calls"),
+            "{mode}: the LIMIT message: {summary}"
+        );
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        still_up(&plugin, mode).await;
+        plugin.shutdown().await;
+        format!("{summary} after {took:?}")
+    });
+}
+
+/// A call of `attack` that the worker never answers while it floods the host with frames:
+/// the call must time out at its deadline, the worker be killed, and the plugin (a
+/// restarted worker) serve the next call. The checks run after the case, so that its memory check
+/// runs (and reports) first.
+fn flood_then_timeout(mode: &'static str) {
+    let seen = std::sync::Arc::new(Mutex::new(None));
+    let record = seen.clone();
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        // The host kills the worker `cancel_grace` after the deadline; a call sent before
+        // that could reach it and die with it: wait for the kill.
+        let killed = common::wait_until(Duration::from_secs(5), || plugin.status().crashes > 0);
+        let (next, took2) = call(&plugin, b"next").await;
+        let line = format!(
+            "{outcome:?} after {took:?}; worker killed: {killed}; next call: {next:?} after {took2:?}"
+        );
+        println!("hostile {mode}: {line}");
+        *record.lock().unwrap() = Some((outcome, took, killed, next));
+        plugin.shutdown().await;
+        line
+    });
+    let (outcome, took, killed, next) = seen.lock().unwrap().take().unwrap();
+    assert!(
+        matches!(outcome, Outcome::Timeout),
+        "{mode}: expected a timeout, got {outcome:?}"
+    );
+    assert!(
+        took < DEADLINE + SLACK,
+        "{mode}: the 1 s deadline fired after {took:?}"
+    );
+    assert!(
+        killed,
+        "{mode}: the worker was not killed after the deadline"
+    );
+    assert!(
+        matches!(&next, Outcome::Ok(out) if out == b"next"),
+        "{mode}: the call after: {next:?}"
+    );
+}
+
+#[test]
+fn host_call_flood_for_5_s_does_not_outlast_the_deadline() {
+    // Host calls for 5 s as fast as the worker can write them (it reads the answers): at
+    // most 256 run at once and the rest are refused with LIMIT, the host's memory stays
+    // bounded, and the call still ends at its 1 s deadline.
+    flood_then_timeout("host_call_flood_5s");
+}
+
+#[test]
+fn host_call_flood_without_reading_the_answers() {
+    // 200,000 host calls, and the worker never reads the answers: the host must not hold
+    // an answer per refused call.
+    flood_then_timeout("host_call_flood_unread");
+}
+
+#[test]
+fn a_flood_of_unknown_frames_does_not_outlast_the_deadline() {
+    flood_then_timeout("unknown_flood_5s");
+}
+
+#[test]
+fn host_call_with_a_duplicate_outstanding_seq() {
+    let mode = "host_call_duplicate";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let violation = cut_off(
+            &plugin,
+            mode,
+            &outcome,
+            &["a second host call with seq 7", "while the first runs"],
+        )
+        .await;
+        plugin.shutdown().await;
+        format!("{violation} after {took:?}")
+    });
+}
+
+#[test]
+fn host_call_for_a_call_never_sent_is_cancelled() {
+    let mode = "host_call_unknown_id";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        let got = text(&outcome);
+        assert_eq!(
+            got, "status=8 host function `echo`: the call it was made for is over",
+            "{mode}"
+        );
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        still_up(&plugin, mode).await;
+        plugin.shutdown().await;
+        format!("{got} after {took:?}")
+    });
+}
+
+#[test]
+fn host_call_for_a_call_already_answered_is_cancelled() {
+    let mode = "host_call_after_reply";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (first, _) = attack(&plugin).await;
+        assert_eq!(text(&first), "first", "{mode}");
+        // The second `attack` reports the `host_reply` the first one's late host call got.
+        let (second, took) = attack(&plugin).await;
+        let got = text(&second);
+        assert_eq!(
+            got, "status=8 host function `echo`: the call it was made for is over",
+            "{mode}"
+        );
+        still_up(&plugin, mode).await;
+        plugin.shutdown().await;
+        format!("{got} after {took:?}")
+    });
+}
+
+#[test]
+fn host_call_with_a_huge_name() {
+    let mode = "host_call_huge_name";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let violation = cut_off(
+            &plugin,
+            mode,
+            &outcome,
+            &["host_call.name", "5000 bytes", "at most 4096"],
+        )
+        .await;
+        plugin.shutdown().await;
+        format!("{violation} after {took:?}")
+    });
+}
+
+#[test]
+fn credit_sent_by_the_worker() {
+    let mode = "credit_from_worker";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        // A host -> worker kind from the worker is a violation, not ignored.
+        let violation = cut_off(
+            &plugin,
+            mode,
+            &outcome,
+            &["unexpected message from the worker", "Credit"],
+        )
+        .await;
+        plugin.shutdown().await;
+        format!("{violation} after {took:?}")
+    });
+}
+
+#[test]
+fn host_reply_sent_by_the_worker() {
+    let mode = "host_reply_from_worker";
+    case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let (outcome, took) = attack(&plugin).await;
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let violation = cut_off(
+            &plugin,
+            mode,
+            &outcome,
+            &["unexpected message from the worker", "HostReply"],
+        )
+        .await;
+        plugin.shutdown().await;
+        format!("{violation} after {took:?}")
     });
 }

@@ -21,12 +21,37 @@
 //! | `header16m` | a correct reply whose header carries 16 Mi `nil`s in an unknown field |
 //! | `huge_methods` | (handshake) a `loaded` listing 8,000,000 empty method names |
 //!
+//! The modes below (host calls and output streams, protocol 0.2.1) misbehave on every call
+//! of the method `attack` and answer any other method correctly, so the same plugin serves
+//! an `echo` call afterwards (from the restarted worker when the host cut this one off):
+//!
+//! | mode | what `attack` does |
+//! |---|---|
+//! | `items_past_window` | 300 `item`s (8 bytes each) and a reply in one write, never waiting for `credit` |
+//! | `item_bytes_past_window` | an `item` of 500 KiB, one of 600 KiB, then a reply (1.1 MiB > the 1 MiB window) |
+//! | `item_not_stream` | an `item` for the call (a plain call, not a stream), then a reply |
+//! | `item_never_sent` | an `item` for an id the host never sent, then a reply |
+//! | `host_call_flood` | 300 `host_call`s to `hold` (seq 1..=300) in one write; collects the `host_reply`s, replies `limit=N other=M: <first LIMIT message>` |
+//! | `host_call_flood_5s` | `host_call`s to `echo` as fast as it can for 5 s (reading the answers); never replies |
+//! | `host_call_flood_unread` | 200,000 `host_call`s to `echo`, and it stops reading: the host's answers fill the socket; never replies |
+//! | `unknown_flood_5s` | frames of an unknown kind for 5 s (from another thread); never replies |
+//! | `host_call_duplicate` | two `host_call`s to `hold` with the same (id, seq) in one write |
+//! | `host_call_unknown_id` | a `host_call` for an id never sent; replies `status=S <message>` from the `host_reply` |
+//! | `host_call_after_reply` | 1st `attack`: replies `first`, then a `host_call` for that call, and remembers the `host_reply`; 2nd `attack`: replies `status=S <message>` |
+//! | `host_call_huge_name` | a `host_call` whose name is 5,000 bytes |
+//! | `credit_from_worker` | a `credit` (a host -> worker kind), then a reply |
+//! | `host_reply_from_worker` | a `host_reply` (a host -> worker kind), then a reply |
+//!
 //! Frames: `[u32 LE body length][u32 LE header length][MessagePack header][payload]`.
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use plugin_host::protocol::{self, Message};
 use plugin_host_tests::Rng;
@@ -69,7 +94,11 @@ fn read_frame(stream: &mut UnixStream) -> (Message, Vec<u8>) {
     (message, body[4 + head_len..].to_vec())
 }
 
+/// Held for each write: frames from different threads must not interleave.
+static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn write(stream: &mut UnixStream, bytes: &[u8]) {
+    let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
     if stream.write_all(bytes).is_err() {
         std::process::exit(0);
     }
@@ -105,13 +134,275 @@ struct ReplyWithExtra {
     added_later: Vec<()>,
 }
 
-/// Waits for the host to close the connection (or kill us), ignoring what it sends.
-fn drain(stream: &mut UnixStream) -> ! {
-    let mut buf = [0u8; 4096];
+/// Waits for the host to close the connection (or kill us), ignoring what it sends: the
+/// reader thread exits the process at end of file.
+fn drain(_stream: &mut UnixStream) -> ! {
     loop {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => std::process::exit(0),
-            Ok(_) => {}
+        std::thread::park();
+    }
+}
+
+/// Set by `host_call_flood_unread`: the reader thread stops reading (the host's replies
+/// pile up in the socket).
+static STOP_READING: AtomicBool = AtomicBool::new(false);
+
+/// The status `host_reply` carries when the host refuses a host call over its limit.
+const LIMIT: i32 = plugin_api::abi::host_status::LIMIT;
+
+/// How many host calls the host runs at once per worker; more are refused with `LIMIT`.
+const HOST_CALLS_MAX: u64 = 256;
+
+/// What the attack modes keep between frames.
+struct Attacker {
+    frames: Receiver<(Message, Vec<u8>)>,
+    /// Frames read while an attack waited for something else (calls), handled next.
+    backlog: VecDeque<(Message, Vec<u8>)>,
+    /// `host_call_after_reply`: what the first attack learnt, the second one's reply.
+    learnt: Option<Vec<u8>>,
+}
+
+impl Attacker {
+    /// The next frame from the host: the backlog first.
+    fn next(&mut self) -> (Message, Vec<u8>) {
+        if let Some(f) = self.backlog.pop_front() {
+            return f;
+        }
+        self.frames.recv().unwrap_or_else(|_| std::process::exit(0))
+    }
+
+    /// Reads frames until `want` takes one, answering pings and keeping calls for later.
+    /// `None` after `limit`.
+    fn wait_for<T>(
+        &mut self,
+        stream: &mut UnixStream,
+        limit: Duration,
+        mut want: impl FnMut(&Message, &[u8]) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (message, payload) = match self.frames.recv_timeout(left) {
+                Ok(f) => f,
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => std::process::exit(0),
+            };
+            if let Some(t) = want(&message, &payload) {
+                return Some(t);
+            }
+            match message {
+                Message::Ping { seq } => write(stream, &frame(&Message::Pong { seq }, b"")),
+                Message::Call { .. } => self.backlog.push_back((message, payload)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Misbehaves on a call of `attack` according to `mode`.
+    fn attack(&mut self, stream: &mut UnixStream, mode: &str, id: u64, input: &[u8]) {
+        let reply = |id: u64, out: &[u8]| frame(&Message::Reply { id, status: 0 }, out);
+        let item = |id: u64, bytes: &[u8]| frame(&Message::Item { id }, bytes);
+        let host_call = |id: u64, seq: u64, name: &str, input: &[u8]| {
+            frame(
+                &Message::HostCall {
+                    id,
+                    seq,
+                    name: name.to_string(),
+                },
+                input,
+            )
+        };
+        let host_reply_to = |want_id: u64, want_seq: u64| {
+            move |m: &Message, payload: &[u8]| match m {
+                Message::HostReply { id, seq, status } if *id == want_id && *seq == want_seq => {
+                    Some(format!(
+                        "status={status} {}",
+                        String::from_utf8_lossy(payload)
+                    ))
+                }
+                _ => None,
+            }
+        };
+        match mode {
+            "items_past_window" => {
+                // One write (about 10 KB: one socket buffer), so the host reads all of it
+                // before its consumer takes an item and it grants any credit.
+                let mut bytes = Vec::new();
+                for i in 0..300u64 {
+                    bytes.extend_from_slice(&item(id, &i.to_le_bytes()));
+                }
+                bytes.extend_from_slice(&reply(id, b"done"));
+                write(stream, &bytes);
+            }
+            "item_bytes_past_window" => {
+                // The host credits only after its consumer took half a window (512 KiB):
+                // the first item (500 KiB) cannot earn any, so the second (600 KiB) is past
+                // the 1 MiB window however the reads and the consumer interleave.
+                let mut bytes = item(id, &vec![0xaa; 500 << 10]);
+                bytes.extend_from_slice(&item(id, &vec![0xbb; 600 << 10]));
+                bytes.extend_from_slice(&reply(id, b"done"));
+                write(stream, &bytes);
+            }
+            "item_not_stream" => {
+                let mut bytes = item(id, b"not a stream");
+                bytes.extend_from_slice(&reply(id, b"done"));
+                write(stream, &bytes);
+            }
+            "item_never_sent" => {
+                let mut bytes = item(id + 1_000_000, b"nobody asked");
+                bytes.extend_from_slice(&reply(id, b"done"));
+                write(stream, &bytes);
+            }
+            "host_call_flood" => {
+                const FLOOD: u64 = 300;
+                let mut bytes = Vec::new();
+                for seq in 1..=FLOOD {
+                    bytes.extend_from_slice(&host_call(id, seq, "hold", &seq.to_le_bytes()));
+                }
+                write(stream, &bytes);
+                // `hold` runs until the call ends: 256 stay outstanding, the rest must be
+                // refused with LIMIT. Count what comes back; then a little longer, to see
+                // anything that should not.
+                let (limited, other) = (Cell::new(0u64), Cell::new(0u64));
+                let first = RefCell::new(None::<String>);
+                let mut count = |m: &Message, payload: &[u8]| {
+                    if let Message::HostReply {
+                        id: got, status, ..
+                    } = m
+                    {
+                        if *got == id && *status == LIMIT {
+                            limited.set(limited.get() + 1);
+                            first.borrow_mut().get_or_insert_with(|| {
+                                String::from_utf8_lossy(payload).into_owned()
+                            });
+                        } else if *got == id {
+                            other.set(other.get() + 1);
+                        }
+                    }
+                    None::<()>
+                };
+                let expected = FLOOD - HOST_CALLS_MAX;
+                let started = Instant::now();
+                while limited.get() < expected && started.elapsed() < Duration::from_secs(3) {
+                    self.wait_for(stream, Duration::from_millis(50), &mut count);
+                }
+                self.wait_for(stream, Duration::from_millis(100), &mut count);
+                let summary = format!(
+                    "limit={} other={}: {}",
+                    limited.get(),
+                    other.get(),
+                    first.take().unwrap_or_default()
+                );
+                write(stream, &reply(id, summary.as_bytes()));
+            }
+            "host_call_flood_unread" | "host_call_flood_5s" => {
+                if mode == "host_call_flood_unread" {
+                    STOP_READING.store(true, Ordering::SeqCst);
+                }
+                // Host calls as fast as it can, from another thread so that this one goes
+                // on answering pings (and reading the answers): 200,000 of them (11 MB of
+                // frames) for `host_call_flood_unread`, for 5 s for `host_call_flood_5s`.
+                // Frames are a template with the seq patched in, so that writing them costs
+                // the worker far less than answering them costs the host. Never replies.
+                let template = host_call(id, u64::MAX, "echo", b"");
+                let at = template
+                    .windows(9)
+                    .position(|w| w == [0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+                    .expect("seq u64::MAX is 0xcf and 8 bytes")
+                    + 1;
+                let mut writer = stream.try_clone().unwrap();
+                let started = Instant::now();
+                let batches = if mode == "host_call_flood_unread" {
+                    200
+                } else {
+                    u64::MAX
+                };
+                std::thread::spawn(move || {
+                    let mut bytes = template.repeat(1000);
+                    for batch in 0..batches {
+                        if started.elapsed() > Duration::from_secs(5) {
+                            break;
+                        }
+                        for (i, frame) in bytes.chunks_mut(template.len()).enumerate() {
+                            let seq = batch * 1000 + i as u64 + 1;
+                            frame[at..at + 8].copy_from_slice(&seq.to_be_bytes());
+                        }
+                        write(&mut writer, &bytes);
+                    }
+                });
+            }
+            "unknown_flood_5s" => {
+                // Frames of an unknown kind (which the host ignores) for 5 s, from another
+                // thread; never replies.
+                let mut writer = stream.try_clone().unwrap();
+                let teleport = Teleport {
+                    kind: "teleport",
+                    id,
+                    destination: "mars",
+                    nested: vec![],
+                };
+                let one = raw_frame(&rmp_serde::to_vec_named(&teleport).unwrap(), b"");
+                let bytes = one.repeat(1000);
+                let started = Instant::now();
+                std::thread::spawn(move || {
+                    while started.elapsed() < Duration::from_secs(5) {
+                        write(&mut writer, &bytes);
+                    }
+                });
+            }
+            "host_call_duplicate" => {
+                let mut bytes = host_call(id, 7, "hold", b"first");
+                bytes.extend_from_slice(&host_call(id, 7, "hold", b"second"));
+                write(stream, &bytes);
+            }
+            "host_call_unknown_id" => {
+                let bogus = id + 1_000_000;
+                write(stream, &host_call(bogus, 1, "echo", b"for nobody"));
+                let got = self
+                    .wait_for(stream, Duration::from_secs(3), host_reply_to(bogus, 1))
+                    .unwrap_or_else(|| "no host_reply".into());
+                write(stream, &reply(id, got.as_bytes()));
+            }
+            "host_call_after_reply" => {
+                if let Some(learnt) = self.learnt.take() {
+                    write(stream, &reply(id, &learnt));
+                    return;
+                }
+                let mut bytes = reply(id, b"first");
+                bytes.extend_from_slice(&host_call(id, 1, "echo", b"too late"));
+                write(stream, &bytes);
+                let got = self
+                    .wait_for(stream, Duration::from_secs(3), host_reply_to(id, 1))
+                    .unwrap_or_else(|| "no host_reply".into());
+                self.learnt = Some(got.into_bytes());
+            }
+            "host_call_huge_name" => {
+                write(stream, &host_call(id, 1, &"n".repeat(5000), b""));
+            }
+            "credit_from_worker" => {
+                let mut bytes = frame(
+                    &Message::Credit {
+                        id,
+                        items: 1,
+                        bytes: 1,
+                    },
+                    b"",
+                );
+                bytes.extend_from_slice(&reply(id, b"done"));
+                write(stream, &bytes);
+            }
+            "host_reply_from_worker" => {
+                let mut bytes = frame(
+                    &Message::HostReply {
+                        id,
+                        seq: 1,
+                        status: 0,
+                    },
+                    b"unasked",
+                );
+                bytes.extend_from_slice(&reply(id, b"done"));
+                write(stream, &bytes);
+            }
+            _ => write(stream, &reply(id, input)),
         }
     }
 }
@@ -269,16 +560,37 @@ fn main() {
         head.extend_from_slice(&count.to_be_bytes());
         head.resize(head.len() + count as usize, 0xa0);
     } else {
-        head.push(0x92);
-        head.extend_from_slice(b"\xa4echo\xa4ping");
+        head.push(0x93);
+        head.extend_from_slice(b"\xa4echo\xa4ping\xa6attack");
     }
     write(&mut stream, &raw_frame(&head, b""));
 
+    // A reader thread hands the host's frames over, so attacks can wait with a timeout;
+    // it exits the process at end of file.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = stream.try_clone().unwrap();
+    std::thread::spawn(move || loop {
+        if STOP_READING.load(Ordering::SeqCst) {
+            std::thread::park();
+            continue;
+        }
+        if tx.send(read_frame(&mut reader)).is_err() {
+            return;
+        }
+    });
+    let mut attacker = Attacker {
+        frames: rx,
+        backlog: VecDeque::new(),
+        learnt: None,
+    };
     let mut misbehaved = false;
     loop {
-        let (message, payload) = read_frame(&mut stream);
+        let (message, payload) = attacker.next();
         match message {
             Message::Ping { seq } => write(&mut stream, &frame(&Message::Pong { seq }, b"")),
+            Message::Call { id, method, .. } if method == "attack" => {
+                attacker.attack(&mut stream, &mode, id, &payload);
+            }
             Message::Call { id, .. } if !misbehaved => {
                 misbehaved = true;
                 misbehave(&mut stream, &mode, id, &payload);
