@@ -655,6 +655,15 @@ fn host_call_flood_is_answered_with_limit() {
 /// restarted worker) serve the next call. The checks run after the case, so that its memory check
 /// runs (and reports) first.
 fn flood_then_timeout(mode: &'static str) {
+    flood_then_timeout_or("", mode)
+}
+
+/// The host's message when a worker has too many host calls outstanding.
+const HOST_CALL_CUTOFF: &str = "more than 512 host calls outstanding";
+
+/// [`flood_then_timeout`], where the host may also cut the worker off earlier with a
+/// protocol violation containing `violation` (when not empty).
+fn flood_then_timeout_or(violation: &'static str, mode: &'static str) {
     let seen = std::sync::Arc::new(Mutex::new(None));
     let record = seen.clone();
     case(mode, |host| async move {
@@ -673,8 +682,10 @@ fn flood_then_timeout(mode: &'static str) {
         line
     });
     let (outcome, took, killed, next) = seen.lock().unwrap().take().unwrap();
+    let cut_off = !violation.is_empty()
+        && matches!(&outcome, Outcome::ProtocolError(m) if m.contains(violation));
     assert!(
-        matches!(outcome, Outcome::Timeout),
+        matches!(outcome, Outcome::Timeout) || cut_off,
         "{mode}: expected a timeout, got {outcome:?}"
     );
     assert!(
@@ -694,16 +705,17 @@ fn flood_then_timeout(mode: &'static str) {
 #[test]
 fn host_call_flood_for_5_s_does_not_outlast_the_deadline() {
     // Host calls for 5 s as fast as the worker can write them (it reads the answers): at
-    // most 256 run at once and the rest are refused with LIMIT, the host's memory stays
-    // bounded, and the call still ends at its 1 s deadline.
-    flood_then_timeout("host_call_flood_5s");
+    // most 256 run at once and the rest are refused with LIMIT; a worker with more than
+    // 512 outstanding is cut off. The host's memory stays bounded, and the call ends by
+    // its 1 s deadline.
+    flood_then_timeout_or(HOST_CALL_CUTOFF, "host_call_flood_5s");
 }
 
 #[test]
 fn host_call_flood_without_reading_the_answers() {
     // 200,000 host calls, and the worker never reads the answers: the host must not hold
-    // an answer per refused call.
-    flood_then_timeout("host_call_flood_unread");
+    // an answer per refused call (it cuts the worker off past 512 outstanding).
+    flood_then_timeout_or(HOST_CALL_CUTOFF, "host_call_flood_unread");
 }
 
 #[test]

@@ -67,6 +67,10 @@ pub(crate) struct Closed {
 /// waiting call (or the ping) takes it over.
 const STALE_READER: Duration = Duration::from_millis(20);
 
+/// How many reads one poll of a waiting call makes before it yields (the worker may write
+/// without pause; the caller's deadline must still fire).
+const READS_PER_POLL: u32 = 64;
+
 /// Pending-table keys for pings carry this bit, so they never collide with call ids.
 const PING_BIT: u64 = 1 << 63;
 
@@ -103,9 +107,14 @@ impl StreamState {
     }
 }
 
-/// Most host calls one worker may have outstanding at once; more are refused with
-/// `LIMIT` (a hostile worker cannot make the host hold unbounded work).
+/// Most host calls one worker may have running at once; more are refused with `LIMIT`.
 const HOST_CALLS_MAX: usize = 256;
+/// Most host calls (running, or refused and not yet answered) one worker may have
+/// outstanding: past this the worker is cut off. An honest worker has one per thread.
+const HOST_CALLS_CUTOFF: usize = 2 * HOST_CALLS_MAX;
+/// Most input bytes the host holds for one worker's running host calls; a host call past
+/// it is refused with `LIMIT`.
+const HOST_CALL_BYTES_MAX: u64 = 64 << 20;
 
 struct State {
     pending: HashMap<u64, Pending>,
@@ -121,8 +130,11 @@ struct State {
     /// Calls whose callers gave up before the reply came: the one late reply each may still
     /// get is discarded. Any other reply to a call not waiting is a protocol violation.
     abandoned: HashSet<u64>,
-    /// Host calls running, by (call id, seq).
-    host_calls: HashSet<(u64, u64)>,
+    /// Host calls outstanding (running, or refused and not yet answered), by (call id,
+    /// seq), with the input bytes each holds.
+    host_calls: HashMap<(u64, u64), u64>,
+    /// The input bytes of the host calls outstanding.
+    host_call_bytes: u64,
     /// Calls with at least one host call running, and how many each has.
     waiting_on_host: HashMap<u64, u32>,
 }
@@ -182,7 +194,8 @@ impl Conn {
                 closed: None,
                 max_issued: 0,
                 abandoned: HashSet::new(),
-                host_calls: HashSet::new(),
+                host_calls: HashMap::new(),
+                host_call_bytes: 0,
                 waiting_on_host: HashMap::new(),
             }),
             plugin,
@@ -549,19 +562,35 @@ impl Conn {
             }
             Message::Log { level, message, .. } => deferred.push(Deferred::Log(level, message)),
             Message::HostCall { id, seq, name } => {
-                if !state.host_calls.insert((id, seq)) {
+                if state.host_calls.contains_key(&(id, seq)) {
                     return Err(format!(
                         "a second host call with seq {seq} for call id {id} while the first runs"
                     ));
                 }
+                if state.host_calls.len() >= HOST_CALLS_CUTOFF {
+                    return Err(format!(
+                        "more than {HOST_CALLS_CUTOFF} host calls outstanding (at most \
+                         {HOST_CALLS_MAX} run; the rest were refused and not waited for)"
+                    ));
+                }
+                let bytes = frame.payload.len() as u64;
                 let refused = match state.pending.get(&id) {
-                    _ if state.host_calls.len() > HOST_CALLS_MAX => Some((
+                    _ if state.host_calls.len() >= HOST_CALLS_MAX => Some((
                         host_status::LIMIT,
                         format!(
                             "host function `{name}`: more than {HOST_CALLS_MAX} host calls \
                              are outstanding in this worker"
                         ),
                     )),
+                    _ if state.host_call_bytes.saturating_add(bytes) > HOST_CALL_BYTES_MAX => {
+                        Some((
+                            host_status::LIMIT,
+                            format!(
+                                "host function `{name}`: the host calls outstanding in this \
+                                 worker hold more than {HOST_CALL_BYTES_MAX} bytes of input"
+                            ),
+                        ))
+                    }
                     Some(p) if id & PING_BIT == 0 && p.reply.is_none() => None,
                     _ => Some((
                         host_status::CANCELLED,
@@ -572,6 +601,15 @@ impl Conn {
                     Some(p) => (p.method.clone(), p.cancel.clone()),
                     None => (String::new(), CancelHandle::new()),
                 };
+                // A refused call's input is not kept.
+                let held = if refused.is_none() { bytes } else { 0 };
+                state.host_calls.insert((id, seq), held);
+                state.host_call_bytes += held;
+                let input = if refused.is_none() {
+                    frame.payload
+                } else {
+                    Vec::new()
+                };
                 *state.waiting_on_host.entry(id).or_default() += 1;
                 self.waiting.store(
                     state.waiting_on_host.len(),
@@ -581,7 +619,7 @@ impl Conn {
                     id,
                     seq,
                     name,
-                    input: frame.payload,
+                    input,
                     method,
                     cancel,
                     refused,
@@ -652,9 +690,10 @@ impl Conn {
     /// A host call ended (answered, or its answer could not be sent).
     fn host_call_done(&self, id: u64, seq: u64) {
         let mut state = self.lock();
-        if !state.host_calls.remove(&(id, seq)) {
+        let Some(bytes) = state.host_calls.remove(&(id, seq)) else {
             return;
-        }
+        };
+        state.host_call_bytes -= bytes;
         if let Some(n) = state.waiting_on_host.get_mut(&id) {
             *n -= 1;
             if *n == 0 {
@@ -795,6 +834,7 @@ impl CallGuard {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
         let conn = &self.conn;
+        let mut rounds = 0;
         loop {
             let mut guard = conn.lock();
             let state = &mut *guard;
@@ -850,6 +890,13 @@ impl CallGuard {
             let (frames, failure, would_block) = conn.read_available(&mut buf, true);
             conn.deliver(buf, frames, failure);
             if !would_block {
+                // A worker that writes without pause must not keep this poll from ending:
+                // let the caller's deadline and other tasks run, then read on.
+                rounds += 1;
+                if rounds >= READS_PER_POLL {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 continue;
             }
             match conn.stream.poll_readable(cx) {
