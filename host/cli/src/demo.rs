@@ -133,6 +133,9 @@ pub fn run(cli: &Host, dir: &Path) -> ExitCode {
         .iter()
         .fold(Host::builder(), |b, path| b.search_path(path))
         .function("image.get", image_get)
+        // The fault-injection plugin imports it (for its host-call fault); the demo does
+        // not use that fault, but grants what the manifest imports.
+        .raw_function("fault.ping", |_, input: Vec<u8>| async move { Ok(input) })
         .build();
     let result = match host {
         Ok(host) => smol::block_on(demo(&host, dir)),
