@@ -718,9 +718,9 @@ impl HostServices for CallServices<'_> {
             && !self.is_cancelled()
             && spin.elapsed() < HOST_REPLY_SPIN
         {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
+            // Yield rather than spin hard: on a busy machine the host that must answer
+            // may need this CPU.
+            std::thread::yield_now();
         }
         let outcome = {
             let mut inner = self.state.lock();
