@@ -725,21 +725,10 @@ fn a_flood_of_unknown_frames_does_not_outlast_the_deadline() {
 
 #[test]
 fn host_call_with_a_duplicate_outstanding_seq() {
-    let mode = "host_call_duplicate";
-    case(mode, |host| async move {
-        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
-        let (outcome, took) = attack(&plugin).await;
-        assert!(took < DEADLINE, "{mode}: {took:?}");
-        let violation = cut_off(
-            &plugin,
-            mode,
-            &outcome,
-            &["a second host call with seq 7", "while the first runs"],
-        )
-        .await;
-        plugin.shutdown().await;
-        format!("{violation} after {took:?}")
-    });
+    attack_is_cut_off(
+        "host_call_duplicate",
+        &["a second host call with seq 7", "while the first runs"],
+    );
 }
 
 #[test]
@@ -782,57 +771,38 @@ fn host_call_for_a_call_already_answered_is_cancelled() {
 
 #[test]
 fn host_call_with_a_huge_name() {
-    let mode = "host_call_huge_name";
-    case(mode, |host| async move {
-        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
-        let (outcome, took) = attack(&plugin).await;
-        assert!(took < DEADLINE, "{mode}: {took:?}");
-        let violation = cut_off(
-            &plugin,
-            mode,
-            &outcome,
-            &["host_call.name", "5000 bytes", "at most 4096"],
-        )
-        .await;
-        plugin.shutdown().await;
-        format!("{violation} after {took:?}")
-    });
+    attack_is_cut_off(
+        "host_call_huge_name",
+        &["host_call.name", "5000 bytes", "at most 4096"],
+    );
 }
 
 #[test]
 fn credit_sent_by_the_worker() {
-    let mode = "credit_from_worker";
-    case(mode, |host| async move {
-        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
-        let (outcome, took) = attack(&plugin).await;
-        assert!(took < DEADLINE, "{mode}: {took:?}");
-        // A host -> worker kind from the worker is a violation, not ignored.
-        let violation = cut_off(
-            &plugin,
-            mode,
-            &outcome,
-            &["unexpected message from the worker", "Credit"],
-        )
-        .await;
-        plugin.shutdown().await;
-        format!("{violation} after {took:?}")
-    });
+    // A host -> worker kind from the worker is a violation, not ignored.
+    attack_is_cut_off(
+        "credit_from_worker",
+        &["unexpected message from the worker", "Credit"],
+    );
 }
 
 #[test]
 fn host_reply_sent_by_the_worker() {
-    let mode = "host_reply_from_worker";
+    attack_is_cut_off(
+        "host_reply_from_worker",
+        &["unexpected message from the worker", "HostReply"],
+    );
+}
+
+/// A call of `attack` on a worker in `mode` ends before the deadline with the worker cut
+/// off for a protocol violation whose message contains each of `expected`; the plugin
+/// then serves the next call.
+fn attack_is_cut_off(mode: &'static str, expected: &'static [&'static str]) {
     case(mode, |host| async move {
         let plugin = host.load_manifest(manifest(mode)).await.unwrap();
         let (outcome, took) = attack(&plugin).await;
         assert!(took < DEADLINE, "{mode}: {took:?}");
-        let violation = cut_off(
-            &plugin,
-            mode,
-            &outcome,
-            &["unexpected message from the worker", "HostReply"],
-        )
-        .await;
+        let violation = cut_off(&plugin, mode, &outcome, expected).await;
         plugin.shutdown().await;
         format!("{violation} after {took:?}")
     });
