@@ -28,7 +28,7 @@
 //! | mode | what `attack` does |
 //! |---|---|
 //! | `items_past_window` | 300 `item`s (8 bytes each) and a reply in one write, never waiting for `credit` |
-//! | `item_bytes_past_window` | an `item` of 500 KiB, one of 600 KiB, then a reply (1.1 MiB > the 1 MiB window) |
+//! | `item_bytes_past_window` | an `item` of 500 KiB, one of 600 KiB, then a reply (1.1 MiB > the 1 MiB window, unless the first was credited before the second was read) |
 //! | `item_not_stream` | an `item` for the call (a plain call, not a stream), then a reply |
 //! | `item_never_sent` | an `item` for an id the host never sent, then a reply |
 //! | `host_call_flood` | 300 `host_call`s to `hold` (seq 1..=300) in one write; collects the `host_reply`s, replies `limit=N other=M: <first LIMIT message>` |
@@ -234,9 +234,9 @@ impl Attacker {
                 write(stream, &bytes);
             }
             "item_bytes_past_window" => {
-                // The host credits only after its consumer took half a window (512 KiB):
-                // the first item (500 KiB) cannot earn any, so the second (600 KiB) is past
-                // the 1 MiB window however the reads and the consumer interleave.
+                // Past the 1 MiB window unless the host credited the first item (its
+                // consumer took it and found nothing more buffered) before reading the
+                // second: the test's consumer pauses after the first item to rule that out.
                 let mut bytes = item(id, &vec![0xaa; 500 << 10]);
                 bytes.extend_from_slice(&item(id, &vec![0xbb; 600 << 10]));
                 bytes.extend_from_slice(&reply(id, b"done"));
