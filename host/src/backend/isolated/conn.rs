@@ -107,6 +107,16 @@ impl StreamState {
     }
 }
 
+/// What an outstanding host call holds in the host's accounting.
+#[derive(Clone, Copy)]
+struct HostCallHeld {
+    /// Input bytes kept for it (0 when refused).
+    bytes: u64,
+    /// Whether it counts its plugin call as waiting on the host (it runs, for a call
+    /// that is running): refused ones never make the pool send more calls.
+    waiting: bool,
+}
+
 /// Most host calls one worker may have running at once; more are refused with `LIMIT`.
 const HOST_CALLS_MAX: usize = 256;
 /// Most host calls (running, or refused and not yet answered) one worker may have
@@ -132,7 +142,7 @@ struct State {
     abandoned: HashSet<u64>,
     /// Host calls outstanding (running, or refused and not yet answered), by (call id,
     /// seq), with the input bytes each holds.
-    host_calls: HashMap<(u64, u64), u64>,
+    host_calls: HashMap<(u64, u64), HostCallHeld>,
     /// The input bytes of the host calls outstanding.
     host_call_bytes: u64,
     /// Calls with at least one host call running, and how many each has.
@@ -601,20 +611,23 @@ impl Conn {
                     Some(p) => (p.method.clone(), p.cancel.clone()),
                     None => (String::new(), CancelHandle::new()),
                 };
-                // A refused call's input is not kept.
-                let held = if refused.is_none() { bytes } else { 0 };
-                state.host_calls.insert((id, seq), held);
-                state.host_call_bytes += held;
-                let input = if refused.is_none() {
-                    frame.payload
-                } else {
-                    Vec::new()
+                // A refused call's input is not kept, and its call does not count as
+                // waiting on the host.
+                let runs = refused.is_none();
+                let held = HostCallHeld {
+                    bytes: if runs { bytes } else { 0 },
+                    waiting: runs,
                 };
-                *state.waiting_on_host.entry(id).or_default() += 1;
-                self.waiting.store(
-                    state.waiting_on_host.len(),
-                    std::sync::atomic::Ordering::Release,
-                );
+                state.host_calls.insert((id, seq), held);
+                state.host_call_bytes += held.bytes;
+                let input = if runs { frame.payload } else { Vec::new() };
+                if runs {
+                    *state.waiting_on_host.entry(id).or_default() += 1;
+                    self.waiting.store(
+                        state.waiting_on_host.len(),
+                        std::sync::atomic::Ordering::Release,
+                    );
+                }
                 deferred.push(Deferred::HostCall {
                     id,
                     seq,
@@ -690,10 +703,13 @@ impl Conn {
     /// A host call ended (answered, or its answer could not be sent).
     fn host_call_done(&self, id: u64, seq: u64) {
         let mut state = self.lock();
-        let Some(bytes) = state.host_calls.remove(&(id, seq)) else {
+        let Some(held) = state.host_calls.remove(&(id, seq)) else {
             return;
         };
-        state.host_call_bytes -= bytes;
+        state.host_call_bytes -= held.bytes;
+        if !held.waiting {
+            return;
+        }
         if let Some(n) = state.waiting_on_host.get_mut(&id) {
             *n -= 1;
             if *n == 0 {
@@ -752,7 +768,8 @@ impl Conn {
         for d in deferred {
             match d {
                 host_call @ Deferred::HostCall { .. } => {
-                    if let Some(f) = self.on_waiting.get() {
+                    let runs = matches!(&host_call, Deferred::HostCall { refused: None, .. });
+                    if let (true, Some(f)) = (runs, self.on_waiting.get()) {
                         f();
                     }
                     self.start_host_call(host_call)
