@@ -502,18 +502,13 @@ unsafe fn plugin_bytes<'a>(ptr: *const u8, len: usize) -> Result<&'a [u8], Strin
 /// # Safety
 /// `out` must be null or valid for writes.
 unsafe fn give_buffer(out: *mut Buffer, bytes: Vec<u8>) {
-    if out.is_null() || bytes.is_empty() {
-        if !out.is_null() {
-            // SAFETY: checked non-null; the plugin passes a writable buffer.
-            unsafe { out.write(Buffer::EMPTY) };
-        }
+    if out.is_null() {
         return;
     }
-    let mut bytes = std::mem::ManuallyDrop::new(bytes);
-    let buffer = Buffer {
-        ptr: bytes.as_mut_ptr(),
-        len: bytes.len(),
-        cap: bytes.capacity(),
+    // Nothing to give back for no bytes: a null buffer.
+    let buffer = match bytes.is_empty() {
+        true => Buffer::EMPTY,
+        false => Buffer::from_vec(bytes),
     };
     // SAFETY: checked non-null; the plugin passes a writable buffer.
     unsafe { out.write(buffer) };
@@ -578,13 +573,9 @@ unsafe extern "C" fn host_emit(data: *mut c_void, item: *const u8, len: usize) -
 }
 
 unsafe extern "C" fn host_free_buffer(buffer: Buffer) {
-    if buffer.ptr.is_null() {
-        return;
-    }
-    // SAFETY: every non-null buffer the host hands out comes from a `Vec<u8>` taken apart
-    // in `give_buffer` with exactly these pointer, length and capacity; the plugin gives
-    // it back once.
-    drop(unsafe { Vec::from_raw_parts(buffer.ptr, buffer.len, buffer.cap) });
+    // SAFETY: every non-null buffer the host hands out comes from `Buffer::from_vec` in
+    // `give_buffer`; the plugin gives it back once.
+    drop(unsafe { buffer.into_vec() });
 }
 
 /// Emits a plugin's log record into `tracing` with the plugin's name as a field.

@@ -126,6 +126,31 @@ impl Buffer {
         len: 0,
         cap: 0,
     };
+
+    /// Takes `bytes` apart into a buffer that owns them, to hand across the boundary;
+    /// [`into_vec`](Self::into_vec) puts it back together on the side that allocated it.
+    pub fn from_vec(bytes: Vec<u8>) -> Buffer {
+        let mut bytes = std::mem::ManuallyDrop::new(bytes);
+        Buffer {
+            ptr: bytes.as_mut_ptr(),
+            len: bytes.len(),
+            cap: bytes.capacity(),
+        }
+    }
+
+    /// The vector a buffer was made from (an empty one for a null buffer).
+    ///
+    /// # Safety
+    /// A non-null buffer must come from [`from_vec`](Self::from_vec) in this same
+    /// library (same allocator), unchanged, and not have been given back already.
+    pub unsafe fn into_vec(self) -> Vec<u8> {
+        if self.ptr.is_null() {
+            return Vec::new();
+        }
+        // SAFETY: guaranteed by the caller: these are a `Vec<u8>`'s pointer, length and
+        // capacity, owned by nobody else.
+        unsafe { Vec::from_raw_parts(self.ptr, self.len, self.cap) }
+    }
 }
 
 /// Services the host offers to a plugin: logging, progress, cancellation, and (ABI 1.1)

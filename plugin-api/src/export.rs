@@ -110,14 +110,8 @@ unsafe fn write_buffer(out: *mut Buffer, bytes: Vec<u8>) {
     if out.is_null() {
         return;
     }
-    let mut bytes = std::mem::ManuallyDrop::new(bytes);
-    let buffer = Buffer {
-        ptr: bytes.as_mut_ptr(),
-        len: bytes.len(),
-        cap: bytes.capacity(),
-    };
     // SAFETY: the caller guarantees `out` is valid for writes.
-    unsafe { out.write(buffer) };
+    unsafe { out.write(Buffer::from_vec(bytes)) };
 }
 
 /// # Safety
@@ -208,12 +202,9 @@ unsafe extern "C" fn call<P: Plugin>(
 }
 
 unsafe extern "C" fn free_buffer(buffer: Buffer) {
-    if buffer.ptr.is_null() {
-        return;
-    }
-    // SAFETY: every non-null buffer we hand out comes from a `Vec<u8>` taken apart in
-    // `write_buffer` with exactly these pointer, length and capacity.
-    drop(unsafe { Vec::from_raw_parts(buffer.ptr, buffer.len, buffer.cap) });
+    // SAFETY: every non-null buffer we hand out comes from `Buffer::from_vec` in
+    // `write_buffer`, and the host gives each back once.
+    drop(unsafe { buffer.into_vec() });
 }
 
 unsafe extern "C" fn destroy<P: Plugin>(instance: *mut c_void) {
