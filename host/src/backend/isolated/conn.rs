@@ -153,16 +153,14 @@ struct State {
 enum Deferred {
     Progress(ProgressFn, Progress),
     Log(u32, String),
-    /// Run a host call (or answer it at once with `refused`).
-    HostCall {
-        id: u64,
-        seq: u64,
-        name: String,
-        input: Vec<u8>,
-        method: String,
-        cancel: CancelHandle,
-        refused: Option<(i32, String)>,
-    },
+    HostCall(HostCallRequest),
+}
+
+/// A host call the reader accepted: to run, or to answer at once with a refusal.
+struct HostCallRequest {
+    id: u64,
+    seq: u64,
+    work: Result<(HostCallInfo, Vec<u8>), (i32, String)>,
 }
 
 pub(crate) struct Conn {
@@ -572,71 +570,8 @@ impl Conn {
             }
             Message::Log { level, message, .. } => deferred.push(Deferred::Log(level, message)),
             Message::HostCall { id, seq, name } => {
-                if state.host_calls.contains_key(&(id, seq)) {
-                    return Err(format!(
-                        "a second host call with seq {seq} for call id {id} while the first runs"
-                    ));
-                }
-                if state.host_calls.len() >= HOST_CALLS_CUTOFF {
-                    return Err(format!(
-                        "more than {HOST_CALLS_CUTOFF} host calls outstanding (at most \
-                         {HOST_CALLS_MAX} run; the rest were refused and not waited for)"
-                    ));
-                }
-                let bytes = frame.payload.len() as u64;
-                let refused = match state.pending.get(&id) {
-                    _ if state.host_calls.len() >= HOST_CALLS_MAX => Some((
-                        host_status::LIMIT,
-                        format!(
-                            "host function `{name}`: more than {HOST_CALLS_MAX} host calls \
-                             are outstanding in this worker"
-                        ),
-                    )),
-                    _ if state.host_call_bytes.saturating_add(bytes) > HOST_CALL_BYTES_MAX => {
-                        Some((
-                            host_status::LIMIT,
-                            format!(
-                                "host function `{name}`: the host calls outstanding in this \
-                                 worker hold more than {HOST_CALL_BYTES_MAX} bytes of input"
-                            ),
-                        ))
-                    }
-                    Some(p) if id & PING_BIT == 0 && p.reply.is_none() => None,
-                    _ => Some((
-                        host_status::CANCELLED,
-                        format!("host function `{name}`: the call it was made for is over"),
-                    )),
-                };
-                let (method, cancel) = match state.pending.get(&id) {
-                    Some(p) => (p.method.clone(), p.cancel.clone()),
-                    None => (String::new(), CancelHandle::new()),
-                };
-                // A refused call's input is not kept, and its call does not count as
-                // waiting on the host.
-                let runs = refused.is_none();
-                let held = HostCallHeld {
-                    bytes: if runs { bytes } else { 0 },
-                    waiting: runs,
-                };
-                state.host_calls.insert((id, seq), held);
-                state.host_call_bytes += held.bytes;
-                let input = if runs { frame.payload } else { Vec::new() };
-                if runs {
-                    *state.waiting_on_host.entry(id).or_default() += 1;
-                    self.waiting.store(
-                        state.waiting_on_host.len(),
-                        std::sync::atomic::Ordering::Release,
-                    );
-                }
-                deferred.push(Deferred::HostCall {
-                    id,
-                    seq,
-                    name,
-                    input,
-                    method,
-                    cancel,
-                    refused,
-                });
+                let request = self.accept_host_call(state, id, seq, name, frame.payload)?;
+                deferred.push(Deferred::HostCall(request));
             }
             Message::Item { id } => match state.pending.get_mut(&id) {
                 Some(Pending {
@@ -722,34 +657,91 @@ impl Conn {
         );
     }
 
-    /// Routes a host call: refused at once, or run (on this thread if it answers at once,
-    /// else on the executor), then answered with `HostReply`.
-    fn start_host_call(self: &Arc<Self>, host_call: Deferred) {
-        let Deferred::HostCall {
-            id,
-            seq,
-            name,
-            input,
-            method,
-            cancel,
-            refused,
-        } = host_call
-        else {
-            return;
+    /// Accounts for a host call from the worker: refused (at once, without running
+    /// anything) past the limits or for a call that is over; a protocol violation when
+    /// the worker reuses an outstanding `(id, seq)` or ignores its refusals.
+    fn accept_host_call(
+        &self,
+        state: &mut State,
+        id: u64,
+        seq: u64,
+        name: String,
+        input: Vec<u8>,
+    ) -> Result<HostCallRequest, String> {
+        if state.host_calls.contains_key(&(id, seq)) {
+            return Err(format!(
+                "a second host call with seq {seq} for call id {id} while the first runs"
+            ));
+        }
+        if state.host_calls.len() >= HOST_CALLS_CUTOFF {
+            return Err(format!(
+                "more than {HOST_CALLS_CUTOFF} host calls outstanding (at most \
+                 {HOST_CALLS_MAX} run; the rest were refused and not waited for)"
+            ));
+        }
+        let bytes = input.len() as u64;
+        let refuse = |status, why: String| Err((status, format!("host function `{name}`: {why}")));
+        let work = if state.host_calls.len() >= HOST_CALLS_MAX {
+            refuse(
+                host_status::LIMIT,
+                format!("more than {HOST_CALLS_MAX} host calls are outstanding in this worker"),
+            )
+        } else if state.host_call_bytes.saturating_add(bytes) > HOST_CALL_BYTES_MAX {
+            refuse(
+                host_status::LIMIT,
+                format!(
+                    "the host calls outstanding in this worker hold more than \
+                     {HOST_CALL_BYTES_MAX} bytes of input"
+                ),
+            )
+        } else {
+            match state.pending.get(&id) {
+                Some(p) if id & PING_BIT == 0 && p.reply.is_none() => {
+                    let call = HostCallInfo {
+                        function: name.clone(),
+                        method: p.method.clone(),
+                        call_id: id,
+                        cancel: p.cancel.clone(),
+                    };
+                    Ok((call, input))
+                }
+                _ => refuse(
+                    host_status::CANCELLED,
+                    "the call it was made for is over".to_string(),
+                ),
+            }
         };
-        let max_output = (self.max_frame.load(std::sync::atomic::Ordering::Relaxed) as usize)
-            .saturating_sub(crate::protocol::FRAME_ROOM as usize);
-        let run = match refused {
-            Some((status, text)) => Box::pin(async move { (status, text.into_bytes()) }),
-            None => {
-                let call = HostCallInfo {
-                    function: name,
-                    method,
-                    call_id: id,
-                    cancel,
-                };
+        // A refused call's input is not kept, and its call does not count as waiting on
+        // the host.
+        let runs = work.is_ok();
+        let held = HostCallHeld {
+            bytes: if runs { bytes } else { 0 },
+            waiting: runs,
+        };
+        state.host_calls.insert((id, seq), held);
+        state.host_call_bytes += held.bytes;
+        if runs {
+            *state.waiting_on_host.entry(id).or_default() += 1;
+            self.waiting.store(
+                state.waiting_on_host.len(),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        Ok(HostCallRequest { id, seq, work })
+    }
+
+    /// Answers a host call: its refusal at once, or runs it (on this thread if it answers
+    /// at once, else on the executor), then sends the `HostReply`.
+    fn start_host_call(self: &Arc<Self>, request: HostCallRequest) {
+        let HostCallRequest { id, seq, work } = request;
+        let run = match work {
+            Ok((call, input)) => {
+                let max_output = (self.max_frame.load(std::sync::atomic::Ordering::Relaxed)
+                    as usize)
+                    .saturating_sub(crate::protocol::FRAME_ROOM as usize);
                 self.imports.run(call, input, self.grace, max_output)
             }
+            Err((status, text)) => Box::pin(async move { (status, text.into_bytes()) }),
         };
         let conn = self.clone();
         let work: crate::backend::BoxFuture<()> = Box::pin(async move {
@@ -767,12 +759,12 @@ impl Conn {
     fn run_deferred(self: &Arc<Self>, deferred: Vec<Deferred>) {
         for d in deferred {
             match d {
-                host_call @ Deferred::HostCall { .. } => {
-                    let runs = matches!(&host_call, Deferred::HostCall { refused: None, .. });
-                    if let (true, Some(f)) = (runs, self.on_waiting.get()) {
+                Deferred::HostCall(request) => {
+                    // A call now waiting on the host leaves room for another in the pool.
+                    if let (true, Some(f)) = (request.work.is_ok(), self.on_waiting.get()) {
                         f();
                     }
-                    self.start_host_call(host_call)
+                    self.start_host_call(request)
                 }
                 Deferred::Progress(f, p) => {
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(p))).is_err() {
