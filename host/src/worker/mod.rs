@@ -538,6 +538,17 @@ struct CallInner {
 }
 
 impl CallState {
+    /// A call's state; `stream` is its `(window, window_bytes)` when it is a stream.
+    fn new(stream: Option<(u32, u64)>) -> CallState {
+        CallState {
+            cancelled: AtomicBool::new(false),
+            replies: Default::default(),
+            stream,
+            inner: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, CallInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -782,15 +793,9 @@ impl HostServices for CallServices<'_> {
 }
 
 fn run_call(shared: &Shared, call: QueuedCall) {
-    let state = shared.call(call.id).unwrap_or_else(|| {
-        Arc::new(CallState {
-            cancelled: AtomicBool::new(false),
-            replies: Default::default(),
-            stream: None,
-            inner: Mutex::default(),
-            changed: Condvar::new(),
-        })
-    });
+    let state = shared
+        .call(call.id)
+        .unwrap_or_else(|| Arc::new(CallState::new(None)));
     let services = CallServices {
         shared,
         id: call.id,
@@ -873,13 +878,8 @@ fn serve_loop(shared: &Arc<Shared>) {
                     );
                     continue;
                 }
-                let state = CallState {
-                    cancelled: AtomicBool::new(false),
-                    replies: Default::default(),
-                    stream: (window > 0 && shared.streams).then_some((window, window_bytes)),
-                    inner: Mutex::default(),
-                    changed: Condvar::new(),
-                };
+                let stream = (window > 0 && shared.streams).then_some((window, window_bytes));
+                let state = CallState::new(stream);
                 shared
                     .calls
                     .lock()
