@@ -32,10 +32,7 @@ pub struct HostCallContext {
 struct ContextInner {
     host: std::sync::Weak<crate::host::Shared>,
     plugin: Arc<str>,
-    method: String,
-    function: String,
-    call_id: u64,
-    cancel: CancelHandle,
+    call: HostCallInfo,
 }
 
 impl HostCallContext {
@@ -54,31 +51,31 @@ impl HostCallContext {
 
     /// The plugin method whose call made the host call.
     pub fn method(&self) -> &str {
-        &self.inner.method
+        &self.inner.call.method
     }
 
     /// The host function's name.
     pub fn function(&self) -> &str {
-        &self.inner.function
+        &self.inner.call.function
     }
 
     /// The plugin call's id (unique per plugin), to correlate logs.
     pub fn call_id(&self) -> u64 {
-        self.inner.call_id
+        self.inner.call.call_id
     }
 
     /// True once the plugin call this host call serves is over for its caller (deadline,
     /// cancellation, the worker crashed, the stream was dropped). The result will not be
     /// used: stop.
     pub fn is_cancelled(&self) -> bool {
-        self.inner.cancel.is_cancelled()
+        self.inner.call.cancel.is_cancelled()
     }
 
     /// Resolves when [`is_cancelled`](Self::is_cancelled) turns true. A host function
     /// that does not stop by itself is dropped shortly after (the plugin's
     /// `timeouts.cancel_grace`).
     pub async fn cancelled(&self) {
-        self.inner.cancel.cancelled().await
+        self.inner.call.cancel.cancelled().await
     }
 }
 
@@ -86,9 +83,9 @@ impl fmt::Debug for HostCallContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HostCallContext")
             .field("plugin", &self.inner.plugin)
-            .field("method", &self.inner.method)
-            .field("function", &self.inner.function)
-            .field("call_id", &self.inner.call_id)
+            .field("method", &self.inner.call.method)
+            .field("function", &self.inner.call.function)
+            .field("call_id", &self.inner.call.call_id)
             .field("cancelled", &self.is_cancelled())
             .finish()
     }
@@ -332,28 +329,21 @@ impl Imports {
             Ok(f) => f,
             Err(refused) => return Box::pin(async move { refused }),
         };
-        let HostCallInfo {
-            function,
-            method,
-            call_id,
-            cancel,
-        } = call;
-        if cancel.is_cancelled() {
-            let text = format!("host function `{function}`: the call `{method}` was cancelled");
+        if call.cancel.is_cancelled() {
+            let text = call.cancelled_text();
             return Box::pin(async move { (host_status::CANCELLED, text.into_bytes()) });
         }
         let ctx = HostCallContext {
             inner: Arc::new(ContextInner {
                 host: self.host.clone(),
                 plugin: self.plugin.clone(),
-                method: method.clone(),
-                function: function.clone(),
-                call_id,
-                cancel: cancel.clone(),
+                call,
             }),
         };
-        let plugin = self.plugin.clone();
+        let ours = ctx.clone();
         Box::pin(async move {
+            let (plugin, call) = (ours.plugin(), &ours.inner.call);
+            let function = &call.function;
             let panicked = |payload: Box<dyn std::any::Any + Send>| {
                 let message = panic_text(&*payload);
                 tracing::warn!(plugin = %plugin, function = %function, "host function panicked: {message}");
@@ -365,7 +355,7 @@ impl Imports {
                 Err(payload) => return panicked(payload),
             };
             let ran = AssertUnwindSafe(work).catch_unwind().or(async {
-                cancel.cancelled().await;
+                call.cancel.cancelled().await;
                 smol::Timer::after(grace).await;
                 Ok((host_status::CANCELLED, Vec::new()))
             });
@@ -373,9 +363,8 @@ impl Imports {
                 Ok(outcome) => outcome,
                 Err(payload) => return panicked(payload),
             };
-            if status == host_status::CANCELLED || cancel.is_cancelled() {
-                let text = format!("host function `{function}`: the call `{method}` was cancelled");
-                return (host_status::CANCELLED, text.into_bytes());
+            if status == host_status::CANCELLED || call.cancel.is_cancelled() {
+                return (host_status::CANCELLED, call.cancelled_text().into_bytes());
             }
             if output.len() > max_output {
                 let text = format!(
@@ -396,6 +385,17 @@ pub(crate) struct HostCallInfo {
     pub method: String,
     pub call_id: u64,
     pub cancel: CancelHandle,
+}
+
+impl HostCallInfo {
+    fn cancelled_text(&self) -> String {
+        cancelled_text(&self.function, &self.method)
+    }
+}
+
+/// What the plugin is told when the call that made a host call was cancelled.
+pub(crate) fn cancelled_text(function: &str, method: &str) -> String {
+    format!("host function `{function}`: the call `{method}` was cancelled")
 }
 
 /// The message of a caught panic.

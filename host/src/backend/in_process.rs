@@ -114,10 +114,7 @@ impl HostServices for CallServices<'_> {
             Some(done) => done,
             None => {
                 task.detach();
-                let text = format!(
-                    "host function `{name}`: the call `{}` was cancelled",
-                    self.method
-                );
+                let text = crate::host_fn::cancelled_text(name, self.method);
                 (host_status::CANCELLED, text.into_bytes())
             }
         }
