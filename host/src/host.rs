@@ -26,6 +26,7 @@ pub struct HostBuilder {
     idle_timeout: Option<Duration>,
     watch: Option<Duration>,
     functions: HostFunctions,
+    transport: Option<crate::Transport>,
 }
 
 impl std::fmt::Debug for HostBuilder {
@@ -42,6 +43,7 @@ impl std::fmt::Debug for HostBuilder {
             .field("idle_timeout", &self.idle_timeout)
             .field("watch", &self.watch)
             .field("functions", &self.functions.names())
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -92,6 +94,25 @@ impl HostBuilder {
     /// app ships itself and for tests; never for plugins users download.
     pub fn grant_requested(self) -> Self {
         self.permissions(Grant::requested)
+    }
+
+    /// How frames travel between this host and its untrusted plugins' workers after the
+    /// handshake (default: [`Transport::SharedMemory`](crate::Transport::SharedMemory),
+    /// or what `PLUGIN_HOST_TRANSPORT` names). Shared memory falls back to the socket
+    /// where the worker or the system cannot use it; `Plugin::status` says which one each
+    /// worker uses.
+    pub fn transport(mut self, transport: crate::Transport) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// The transport this host's workers use: the one set with
+    /// [`transport`](Self::transport), else the one `PLUGIN_HOST_TRANSPORT` names, else
+    /// shared memory.
+    pub(crate) fn chosen_transport(&self) -> crate::Transport {
+        self.transport
+            .or_else(crate::Transport::from_env)
+            .unwrap_or(crate::Transport::SharedMemory)
     }
 
     /// Where plugins' private data directories (`$DATA_DIR`) are created: one
@@ -541,6 +562,7 @@ impl Host {
             instances: manifest.instances.or(config.instances).unwrap_or(1) as usize,
             idle_timeout: manifest.idle_timeout.or(config.idle_timeout),
             imports,
+            transport: config.chosen_transport(),
         };
         let instances = spec.instances;
         let (backend, info) = Isolated::load(spec).await?;

@@ -51,6 +51,7 @@ mod locate;
 mod plugin;
 mod status;
 mod stream;
+mod transport;
 mod watch;
 
 /// The wire protocol between the host and its workers (the `plugin-host-protocol` crate).
@@ -73,6 +74,7 @@ pub use permissions::{Grant, GrantStore, PermissionRequest, Permissions, Sandbox
 pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
 pub use status::{EventReceiver, InstanceStatus, PluginEvent, PluginState, Status};
 pub use stream::CallStream;
+pub use transport::{Transport, TRANSPORT_ENV};
 
 /// The plugin ABI version this host implements, as semver (major.minor.0).
 pub fn abi_version() -> semver::Version {

@@ -73,6 +73,10 @@ pub struct InstanceStatus {
     pub uptime: Option<Duration>,
     /// Calls it is running now.
     pub in_flight: usize,
+    /// How its worker's frames travel, while one runs: shared memory, or the socket
+    /// (where shared memory was not chosen, or the worker or the system could not use
+    /// it). `None` for an in-process plugin.
+    pub transport: Option<crate::Transport>,
 }
 
 /// What [`Plugin::subscribe`](crate::Plugin::subscribe) returns: a receiver of lifecycle

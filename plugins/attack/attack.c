@@ -29,7 +29,8 @@
  *   exec_sh                  fork + execve("/bin/sh", "-c", "exit 42")
  *   pidfd_getfd PID FD       pidfd_open(PID) then pidfd_getfd(FD): steal another process's fd
  *   getenv NAME              ok: the value of an environment variable
- *   open_fds                 ok: the fds 0..1023 that are open, with their type
+ *   open_fds                 ok: the fds 0..1023 that are open, with their type (memfd: a
+ *                            regular file with seals, the worker's shared region)
  *   log_forge                logs and reports progress with a newline and an escape sequence
  *   spawn_orphan TAG         double fork + setsid: a process named "orph-TAG" that pauses
  *                            forever with every fd closed
@@ -257,7 +258,8 @@ static const char *fd_type(int fd) {
         return "?";
     }
     switch (st.st_mode & S_IFMT) {
-    case S_IFREG: return "reg";
+    /* Only a memfd has seals: the worker's shared region (anonymous memory, no file). */
+    case S_IFREG: return fcntl(fd, F_GET_SEALS) >= 0 ? "memfd" : "reg";
     case S_IFSOCK: return "sock";
     case S_IFIFO: return "fifo";
     case S_IFCHR: return "chr";

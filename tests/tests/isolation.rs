@@ -662,12 +662,16 @@ fn abandoning_a_load_kills_the_worker_it_started() {
 
 #[test]
 fn a_call_future_left_unpolled_does_not_stall_other_calls() {
-    let mut m = manifest("hello", Trust::Untrusted);
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.limits.concurrency = 4;
     m.timeouts.ping_interval = Duration::from_millis(200);
     m.timeouts.ping_timeout = Duration::from_secs(2);
     let plugin = run(host().load_manifest(m)).unwrap();
     // Call A is polled once (it takes the reader role), then kept without being polled.
-    let mut a = Box::pin(plugin.call_raw("echo", b"a".to_vec()));
+    // It takes a while, so that one poll cannot finish it (shared memory answers a quick
+    // call within its first poll).
+    let input = json!({"ms": 300});
+    let mut a = Box::pin(plugin.call::<_, u64>("sleep", &input));
     assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut a)).is_none());
     // Call B, from another thread, must not wait on A.
     let other = plugin.clone();
@@ -687,7 +691,7 @@ fn a_call_future_left_unpolled_does_not_stall_other_calls() {
         "a healthy worker was not killed"
     );
     // A still gets its reply when it is polled again.
-    assert_eq!(run(a).unwrap(), b"a");
+    assert_eq!(run(a).unwrap(), 300);
 }
 
 #[test]

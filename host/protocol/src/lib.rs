@@ -28,6 +28,8 @@
 
 mod decode;
 pub mod frame;
+#[cfg(target_os = "linux")]
+pub mod shm;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +51,9 @@ pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping", "host_call"
 pub const FEATURE_HOST_CALL: &str = "host_call";
 /// Feature: `Item`/`Credit` and streaming calls.
 pub const FEATURE_STREAM: &str = "stream";
+/// Feature: after `Loaded`, frames travel through shared-memory rings ([`shm`], Linux);
+/// announced by a host that created a region and a worker that mapped it.
+pub const FEATURE_SHM: &str = "shm";
 
 /// Room left in a frame for the message header beside a call's input or a reply's output:
 /// a payload larger than `max_frame - FRAME_ROOM` is refused before it is sent.

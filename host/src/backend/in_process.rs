@@ -273,6 +273,7 @@ impl Backend for InProcess {
                 pid: None,
                 uptime: Some(self.loaded.elapsed()),
                 in_flight: self.in_flight(),
+                transport: None,
             }],
             uptime: Some(self.loaded.elapsed()),
             pid: None,

@@ -11,6 +11,11 @@
 //! thread hand-off; while it runs, another thread holds the reader role and sees `Cancel`,
 //! `Ping` and further calls. A call read while all `concurrency` slots are busy waits in a
 //! queue that finishing threads drain first.
+//!
+//! With shared memory ([`shm`](crate::protocol::shm)), the hand-off of the reader role is
+//! lazy: the thread that reads a `Call` leaves the role vacant and runs the call; nobody
+//! is woken unless the host has a frame that must not wait for that call to end, and then
+//! the host wakes one standby thread through the region.
 
 mod app;
 mod limits;
@@ -80,6 +85,11 @@ fn run() -> u8 {
         return 2;
     }
     let plugin = arg("--plugin").unwrap_or_else(|| "plugin".into());
+    // Taken before standard output is pointed at standard error.
+    #[cfg(target_os = "linux")]
+    let region_fd = arg("--shm-fd").and_then(|fd| take_region_fd(&fd));
+    #[cfg(not(target_os = "linux"))]
+    let region: Option<Region> = None;
     let sandboxed = arg("--sandbox").as_deref() != Some("off");
     let fd: i32 = match arg("--fd").unwrap_or_default().parse() {
         Ok(fd) if fd >= 0 => fd,
@@ -109,7 +119,13 @@ fn run() -> u8 {
     #[cfg(unix)]
     {
         #[cfg(target_os = "linux")]
-        let conn = sandbox::settle_fds(fd);
+        let (conn, region_fd) = match sandbox::settle_fds(fd, region_fd) {
+            Ok((conn, region_fd)) => (Ok(conn), region_fd),
+            Err(e) => (Err(e), None),
+        };
+        // The descriptor stays open (at 4) for the worker's life.
+        #[cfg(target_os = "linux")]
+        let region = region_fd.as_ref().and_then(map_region);
         #[cfg(not(target_os = "linux"))]
         let conn = {
             use std::os::fd::FromRawFd;
@@ -122,14 +138,14 @@ fn run() -> u8 {
             Err(e) => return die(EXIT_NO_HOST, &format!("cannot take the connection: {e}")),
         };
         let stream = std::os::unix::net::UnixStream::from(conn);
-        match serve(stream, version, sandboxed) {
+        match serve(stream, version, sandboxed, region) {
             Ok(()) => 0,
             Err(message) => die(EXIT_PROTOCOL, &format!("plugin `{plugin}`: {message}")),
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (fd, version, plugin);
+        let _ = (fd, version, plugin, region);
         die(
             EXIT_NO_HOST,
             "the worker process is only implemented on Unix so far",
@@ -162,15 +178,208 @@ impl std::io::Write for SharedStream {
 }
 
 /// The sending side; whole frames are written under its lock.
-type Writer = Mutex<SharedStream>;
-/// The receiving side, buffered: one read syscall can bring in many pipelined calls.
-type Reader = BufReader<SharedStream>;
+type Writer = Mutex<Output>;
+/// The receiving side.
+type Reader = Input;
+
+/// The shared region, on the worker's side.
+#[cfg(target_os = "linux")]
+type Region = Arc<protocol::shm::Region>;
+#[cfg(not(target_os = "linux"))]
+type Region = ();
+
+/// A copy (numbered 10 or more, clear of the descriptors `settle_fds` places) of the
+/// region the host passed as descriptor `fd` (`--shm-fd`).
+#[cfg(target_os = "linux")]
+fn take_region_fd(fd: &str) -> Option<std::os::fd::OwnedFd> {
+    let fd: i32 = fd.parse().ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the host passed this descriptor and it is open until `stdout_to_stderr`
+    // replaces it, later; the borrow only lives to duplicate it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    match rustix::io::fcntl_dupfd_cloexec(fd, 10) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            eprintln!("worker-shim: not using shared memory: cannot take its descriptor: {e}");
+            None
+        }
+    }
+}
+
+/// Maps the region the host passed. On failure the worker says why on stderr and does
+/// not announce `shm`: the host then uses the socket.
+#[cfg(target_os = "linux")]
+fn map_region(fd: &std::os::fd::OwnedFd) -> Option<Region> {
+    match protocol::shm::Region::open(fd) {
+        Ok(region) => Some(region),
+        Err(e) => {
+            eprintln!("worker-shim: not using shared memory: {e}");
+            None
+        }
+    }
+}
+
+/// Where frames come from: the socket (buffered: one read can bring in many pipelined
+/// calls), or after `Loaded` the shared region's request ring.
+enum Input {
+    Socket(BufReader<SharedStream>),
+    #[cfg(target_os = "linux")]
+    Shm(ShmInput),
+}
+
+impl std::io::Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Input::Socket(r) => r.read(buf),
+            #[cfg(target_os = "linux")]
+            Input::Shm(r) => r.read(buf),
+        }
+    }
+}
+
+/// Where frames go: the socket, or after `Loaded` the shared region's reply ring.
+enum Output {
+    Socket(SharedStream),
+    #[cfg(target_os = "linux")]
+    Shm(ShmOutput),
+}
+
+impl std::io::Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Output::Socket(w) => w.write_vectored(bufs),
+            #[cfg(target_os = "linux")]
+            Output::Shm(w) => w.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How long the reader spins on an empty request ring before it sleeps on the socket:
+/// the host's next call in a run of calls usually comes sooner.
+#[cfg(target_os = "linux")]
+const WORKER_SPIN: Duration = Duration::from_micros(50);
+
+/// How long a standby thread sleeps before it looks for a vacant reader role by itself
+/// (the host wakes it sooner when a frame waits).
+#[cfg(target_os = "linux")]
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The request ring, read with the wait strategy: spin, then sleep on the socket until
+/// the host's doorbell (or its end: the host is gone).
+#[cfg(target_os = "linux")]
+struct ShmInput {
+    rx: protocol::shm::RingReader,
+    sock: Arc<Stream>,
+}
+
+#[cfg(target_os = "linux")]
+impl std::io::Read for ShmInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use protocol::shm::worker_state::{READING, SLEEPING};
+        use std::sync::atomic::{fence, Ordering::SeqCst};
+        let region = self.rx.region().clone();
+        let state = region.worker_state();
+        loop {
+            match self.rx.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            if protocol::shm::spin_until(WORKER_SPIN, || self.rx.has_data()) {
+                continue;
+            }
+            state.store(SLEEPING, SeqCst);
+            // Orders the state before the last look at the ring (the host orders its ring
+            // write before its look at the state).
+            fence(SeqCst);
+            if !self.rx.has_data() {
+                let mut bells = [0u8; 64];
+                match (&*self.sock).read(&mut bells) {
+                    Ok(0) => return Ok(0),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            state.store(READING, SeqCst);
+        }
+    }
+}
+
+/// The reply ring: a full ring waits (spin, then short sleeps) for the host to read; a
+/// host asleep on the socket gets a doorbell byte once something is published.
+#[cfg(target_os = "linux")]
+struct ShmOutput {
+    tx: protocol::shm::RingWriter,
+    sock: Arc<Stream>,
+}
+
+#[cfg(target_os = "linux")]
+impl ShmOutput {
+    fn wake_host(&self) {
+        use std::sync::atomic::{fence, Ordering::SeqCst};
+        fence(SeqCst);
+        if self.tx.region().host_sleep().swap(0, SeqCst) == 1 {
+            use rustix::net::SendFlags;
+            let _ = rustix::net::send(&*self.sock, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        let mut parts: [&[u8]; 2] = [&[], &[]];
+        for (part, buf) in parts.iter_mut().zip(bufs.iter().filter(|b| !b.is_empty())) {
+            *part = buf;
+        }
+        let mut backoff = Duration::from_micros(20);
+        loop {
+            match self.tx.try_write(&parts) {
+                Ok(n) => {
+                    self.wake_host();
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Full: the host must read. Yield a while, then sleep in growing steps.
+                    self.wake_host();
+                    let start = Instant::now();
+                    while self
+                        .tx
+                        .unread()
+                        .is_ok_and(|n| n == self.tx.region().capacity())
+                        && start.elapsed() < WORKER_SPIN
+                    {
+                        std::thread::yield_now();
+                    }
+                    if self
+                        .tx
+                        .unread()
+                        .is_ok_and(|n| n == self.tx.region().capacity())
+                    {
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_millis(1));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 
 fn send(writer: &Writer, message: &Message, payload: &[u8]) {
     let mut half = writer.lock().unwrap_or_else(|e| e.into_inner());
-    if write_frame(&mut *half, message, payload).is_err() {
+    match write_frame(&mut *half, message, payload) {
+        Ok(()) => {}
+        // The shared ring was written by someone else (the plugin, in this process): the
+        // stream is not ours any more. Stop, leaving what is there for the host to judge.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            eprintln!("worker-shim: {e}");
+            std::process::exit(EXIT_PROTOCOL as i32);
+        }
         // The host is gone: nothing left to serve.
-        std::process::exit(0);
+        Err(_) => std::process::exit(0),
     }
 }
 
@@ -183,11 +392,19 @@ fn read(reader: &mut Reader, max: u32) -> Result<protocol::frame::Frame, String>
 }
 
 #[cfg(unix)]
-fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(), String> {
+fn serve(
+    stream: Stream,
+    version: Option<String>,
+    sandboxed: bool,
+    region: Option<Region>,
+) -> Result<(), String> {
     protocol::tune_socket(&stream);
     let stream = Arc::new(stream);
-    let mut reader = BufReader::with_capacity(64 * 1024, SharedStream(stream.clone()));
-    let writer = Mutex::new(SharedStream(stream.clone()));
+    let mut reader = Input::Socket(BufReader::with_capacity(
+        64 * 1024,
+        SharedStream(stream.clone()),
+    ));
+    let writer = Mutex::new(Output::Socket(SharedStream(stream.clone())));
     let mut hello = protocol::hello(None, Some(std::process::id()));
     let ours = match &mut hello {
         Message::Hello {
@@ -197,6 +414,9 @@ fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(),
         } => {
             if let Some(version) = version {
                 *v = version;
+            }
+            if region.is_some() {
+                features.push(protocol::FEATURE_SHM.to_string());
             }
             // Tests play an older worker by announcing fewer features.
             if let Ok(list) = std::env::var(FEATURES_OVERRIDE_ENV) {
@@ -232,6 +452,7 @@ fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(),
         both(protocol::FEATURE_HOST_CALL),
         both(protocol::FEATURE_STREAM),
     );
+    let region = region.filter(|_| both(protocol::FEATURE_SHM));
     let load = read(&mut reader, protocol::HANDSHAKE_MAX_FRAME.max(16 << 20))?;
     let Message::Load {
         name,
@@ -262,6 +483,19 @@ fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(),
     let instance = match load_plugin(&setup, &writer) {
         Ok((instance, loaded)) => {
             send(&writer, &loaded, &[]);
+            // From here on, frames travel through the region (when both sides use it).
+            #[cfg(target_os = "linux")]
+            if let Some(region) = &region {
+                use protocol::shm::Ring;
+                reader = Input::Shm(ShmInput {
+                    rx: region.reader(Ring::Request),
+                    sock: stream.clone(),
+                });
+                *writer.lock().unwrap_or_else(|e| e.into_inner()) = Output::Shm(ShmOutput {
+                    tx: region.writer(Ring::Reply),
+                    sock: stream.clone(),
+                });
+            }
             instance
         }
         Err(failed) => {
@@ -284,6 +518,8 @@ fn serve(stream: Stream, version: Option<String>, sandboxed: bool) -> Result<(),
         threads: AtomicU32::new(concurrency + 1),
         host_calls,
         streams,
+        #[cfg(target_os = "linux")]
+        region,
     });
     for _ in 0..concurrency {
         let shared = shared.clone();
@@ -498,6 +734,10 @@ struct Shared {
     host_calls: bool,
     /// Whether the host takes stream items.
     streams: bool,
+    /// The shared region, when frames travel through it: the reader role is then handed
+    /// on lazily (see the module's documentation).
+    #[cfg(target_os = "linux")]
+    region: Option<Region>,
 }
 
 /// How long a call waiting on a host function spins before it sleeps.
@@ -588,6 +828,51 @@ impl Shared {
 
     fn send(&self, message: &Message, payload: &[u8]) {
         send(&self.writer, message, payload);
+    }
+
+    /// The reader role, if this thread can have it. With the socket, waits for it. With
+    /// shared memory, takes it only if it is free; otherwise sleeps as a standby (until
+    /// the host wakes one, or a while) and returns `None`.
+    fn take_reader(&self) -> Option<std::sync::MutexGuard<'_, Reader>> {
+        #[cfg(target_os = "linux")]
+        if let Some(region) = &self.region {
+            use protocol::shm::worker_state::READING;
+            use std::sync::TryLockError;
+            let take = || match self.reader.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            let seen = region.standby_seen();
+            let Some(guard) = take() else {
+                region.standby_wait(seen, STANDBY_TIMEOUT);
+                return None;
+            };
+            region.worker_state().store(READING, Ordering::SeqCst);
+            return Some(guard);
+        }
+        Some(self.reader.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Gives the reader role up to run a call. With shared memory nobody is woken unless
+    /// frames wait in the ring (the host wakes a standby for frames that come later).
+    fn vacate(&self, reader: std::sync::MutexGuard<'_, Reader>) {
+        #[cfg(target_os = "linux")]
+        if let Some(region) = &self.region {
+            use protocol::shm::worker_state::VACANT;
+            region.worker_state().store(VACANT, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let waiting = match &*reader {
+                Input::Shm(input) => input.rx.has_data(),
+                Input::Socket(_) => false,
+            };
+            drop(reader);
+            if waiting {
+                region.claim_and_wake_standby();
+            }
+            return;
+        }
+        drop(reader);
     }
 
     fn call(&self, id: u64) -> Option<Arc<CallState>> {
@@ -849,11 +1134,10 @@ fn serve_loop(shared: &Arc<Shared>) {
             shared.run_taken(call);
             continue;
         }
-        let frame = {
-            let mut reader = shared.reader.lock().unwrap_or_else(|e| e.into_inner());
-            read(&mut reader, shared.max_frame)
+        let Some(mut reader) = shared.take_reader() else {
+            continue;
         };
-        let frame = match frame {
+        let frame = match read(&mut reader, shared.max_frame) {
             Ok(f) => f,
             Err(message) => {
                 eprintln!("worker-shim: {message}");
@@ -892,6 +1176,7 @@ fn serve_loop(shared: &Arc<Shared>) {
                 };
                 let slot = shared.try_acquire_slot();
                 if slot && shared.reserve_thread() {
+                    shared.vacate(reader);
                     shared.run_taken(call);
                 } else {
                     if slot {
@@ -929,6 +1214,8 @@ fn serve_loop(shared: &Arc<Shared>) {
             }
             Message::Ping { seq } => shared.send(&Message::Pong { seq }, &[]),
             Message::Shutdown { grace_ms } => {
+                // Other threads read on (replies to host calls the drain waits for).
+                shared.vacate(reader);
                 shared.shutting_down.store(true, Ordering::Release);
                 let deadline = Instant::now() + Duration::from_millis(grace_ms);
                 // Drain: wait for running and queued calls, at most the grace period.

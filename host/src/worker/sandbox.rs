@@ -75,10 +75,19 @@ pub(crate) fn not_dumpable() -> Result<(), String> {
     Ok(())
 }
 
-/// Moves the connection to fd 3, points stdin at /dev/null and closes every other
-/// descriptor above 3. Returns the connection.
-pub(crate) fn settle_fds(conn: RawFd) -> Result<OwnedFd, String> {
+/// Moves the connection to fd 3 and the shared region (if any) to fd 4, points stdin at
+/// /dev/null and closes every other descriptor above them. Returns the connection and the
+/// region's descriptor.
+///
+/// The region stays open at a known number, as the connection does: its size is sealed,
+/// so mapping it again gives a plugin nothing it does not have (the worker's mapping is in
+/// its address space anyway), and fault-injection plugins find it there.
+pub(crate) fn settle_fds(
+    conn: RawFd,
+    region: Option<OwnedFd>,
+) -> Result<(OwnedFd, Option<OwnedFd>), String> {
     const CONN: RawFd = 3;
+    const REGION: RawFd = 4;
     if conn != CONN {
         // SAFETY: dup2 on descriptors this process owns; fd 3 is replaced atomically (a
         // descriptor the host leaked there is closed, which is the point).
@@ -105,8 +114,26 @@ pub(crate) fn settle_fds(conn: RawFd) -> Result<OwnedFd, String> {
         }
     }
     drop(null);
-    close_from(CONN + 1);
-    Ok(owned)
+    let region = match region {
+        Some(fd) => {
+            // SAFETY: dup2 of a descriptor we own (numbered 10 or more, see
+            // `worker::take_region_fd`) onto fd 4, replacing whatever the host leaked there.
+            if unsafe { libc::dup2(fd.as_raw_fd(), REGION) } < 0 {
+                return Err(format!("dup2 of the shared region: {}", errno()));
+            }
+            drop(fd);
+            set_cloexec(REGION)?;
+            // SAFETY: fd 4 was just made a copy of the region; nothing else owns it.
+            Some(unsafe { OwnedFd::from_raw_fd(REGION) })
+        }
+        None => None,
+    };
+    close_from(if region.is_some() {
+        REGION + 1
+    } else {
+        CONN + 1
+    });
+    Ok((owned, region))
 }
 
 fn set_cloexec(fd: RawFd) -> Result<(), String> {

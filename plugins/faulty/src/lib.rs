@@ -84,6 +84,26 @@ struct Wire {
     mode: String,
 }
 
+/// Where `corrupt_wire` writes.
+#[cfg(target_os = "linux")]
+struct WireOut {
+    socket: std::fs::File,
+    ring: Option<Ring>,
+}
+
+#[cfg(target_os = "linux")]
+impl WireOut {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match &self.ring {
+            Some(ring) => {
+                ring.write(bytes, &mut self.socket);
+                Ok(())
+            }
+            None => std::io::Write::write_all(&mut self.socket, bytes),
+        }
+    }
+}
+
 /// Finds the worker's connection: its only socket (Linux, via /proc).
 #[cfg(target_os = "linux")]
 fn worker_socket() -> Result<std::fs::File, PluginError> {
@@ -117,16 +137,85 @@ fn worker_socket() -> Result<std::fs::File, PluginError> {
     ))
 }
 
-/// Writes bytes that break the wire protocol, as a compromised plugin could.
+/// The worker's shared region (descriptor 4 when its connection uses shared memory),
+/// mapped again by the plugin: where a compromised plugin would write its frames.
+#[cfg(target_os = "linux")]
+struct Ring {
+    base: *mut u8,
+}
+
+#[cfg(target_os = "linux")]
+impl Ring {
+    /// The region's layout (see `plugin_host_protocol::shm`): the capacity at byte 16,
+    /// the reply ring's write position at 192, the host's sleep flag at 320, the data at
+    /// 4096 (requests) and 4096 + capacity (replies).
+    const MAGIC: &'static [u8; 8] = b"PHSHM01\0";
+
+    fn open() -> Option<Ring> {
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes into the buffer it is given.
+        if unsafe { libc::fstat(4, stat.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: fstat succeeded, so the buffer is initialised.
+        let stat = unsafe { stat.assume_init() };
+        let len = usize::try_from(stat.st_size).ok().filter(|&l| l > 4096)?;
+        // SAFETY: a new shared mapping of descriptor 4 at an address the kernel picks.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                4,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        let base = base.cast::<u8>();
+        // SAFETY: the mapping is at least 4096 bytes long.
+        let magic = unsafe { std::slice::from_raw_parts(base, 8) };
+        (magic == Self::MAGIC).then_some(Ring { base })
+    }
+
+    /// Appends `bytes` to the reply ring as the worker would, and wakes the host.
+    fn write(&self, bytes: &[u8], socket: &mut std::fs::File) {
+        use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+        // SAFETY: offsets inside the region's header (checked by its magic), aligned; the
+        // data offsets are reduced modulo the capacity, inside the reply ring.
+        unsafe {
+            let capacity = (*self.base.add(16).cast::<AtomicU64>()).load(Ordering::Acquire);
+            let tail = &*self.base.add(192).cast::<AtomicU64>();
+            let at = tail.load(Ordering::Acquire);
+            let data = self.base.add(4096 + capacity as usize);
+            for (i, b) in bytes.iter().enumerate() {
+                *data.add(((at + i as u64) % capacity) as usize) = *b;
+            }
+            tail.store(at + bytes.len() as u64, Ordering::Release);
+            let sleeping = &*self.base.add(320).cast::<AtomicU32>();
+            if sleeping.swap(0, Ordering::SeqCst) == 1 {
+                let _ = std::io::Write::write(socket, &[1]);
+            }
+        }
+    }
+}
+
+/// Writes bytes that break the wire protocol, as a compromised plugin could: into the
+/// shared region's reply ring when the connection uses shared memory, else the socket.
 #[cfg(target_os = "linux")]
 fn corrupt_wire(mode: &str) -> Result<(), PluginError> {
-    use std::io::Write;
-    let mut socket = worker_socket()?;
+    let socket = worker_socket()?;
+    let mut wire = WireOut {
+        socket,
+        ring: Ring::open(),
+    };
     match mode {
-        "garbage" => socket.write_all(&[
+        "garbage" => wire.write_all(&[
             12, 0, 0, 0, 8, 0, 0, 0, 0xc1, 0xc1, 0xc1, 0xc1, 0xde, 0xad, 0xbe, 0xef,
         ])?,
-        "oversized" => socket.write_all(&0xfff0_0000u32.to_le_bytes())?,
+        "oversized" => wire.write_all(&0xfff0_0000u32.to_le_bytes())?,
         "unknown_reply" => {
             // {"kind": "reply", "id": 2^62, "status": 0} as a MessagePack map.
             let mut head = vec![0x83, 0xa4];
@@ -143,10 +232,10 @@ fn corrupt_wire(mode: &str) -> Result<(), PluginError> {
             let mut frame = ((4 + head.len()) as u32).to_le_bytes().to_vec();
             frame.extend_from_slice(&(head.len() as u32).to_le_bytes());
             frame.extend_from_slice(&head);
-            socket.write_all(&frame)?;
+            wire.write_all(&frame)?;
         }
         "truncated" => {
-            socket.write_all(&[100, 0, 0, 0, 8, 0, 0, 0])?;
+            wire.write_all(&[100, 0, 0, 0, 8, 0, 0, 0])?;
             std::process::exit(0);
         }
         other => return Err(PluginError::new(format!("unknown mode `{other}`"))),

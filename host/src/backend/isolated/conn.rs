@@ -7,6 +7,13 @@
 //! `smol::block_on` (or any executor built on async-io) the wait for readability parks that
 //! same thread in the reactor. When the role holder's reply arrives it passes the role to
 //! another waiting caller.
+//!
+//! After the handshake the frames may move to shared memory ([`Conn::use_shm`]): the same
+//! bytes, written into and read out of the region's rings instead of the socket, which
+//! then carries only doorbell bytes (and its end-of-file, still how a dead worker is seen
+//! at once). The reader role spins briefly on the reply ring before it sleeps on the
+//! socket; a worker whose reader went off to run a call gets a standby thread woken
+//! through the region when a frame arrives for it (`kick_worker`).
 
 use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
@@ -73,6 +80,22 @@ const READS_PER_POLL: u32 = 64;
 
 /// Pending-table keys for pings carry this bit, so they never collide with call ids.
 const PING_BIT: u64 = 1 << 63;
+
+/// How long the reader role spins on an empty reply ring before it sleeps on the socket
+/// (shared memory only). A short call's reply comes within a few microseconds; a
+/// sleeping host costs the worker a socket write and the host a wake-up, ~15 us each here.
+#[cfg(target_os = "linux")]
+const HOST_SPIN: Duration = Duration::from_micros(50);
+
+/// The shared-memory rings, once the connection moved to them.
+#[cfg(target_os = "linux")]
+struct ShmLink {
+    region: Arc<crate::protocol::shm::Region>,
+    /// The reply ring: read only by the reader role holder.
+    rx: Mutex<crate::protocol::shm::RingReader>,
+    /// The request ring: written only under the write lock.
+    tx: Mutex<crate::protocol::shm::RingWriter>,
+}
 
 struct Pending {
     method: String,
@@ -178,6 +201,9 @@ pub(crate) struct Conn {
     waiting: std::sync::atomic::AtomicUsize,
     /// Told when a call starts waiting on a host call (the pool has room for another).
     on_waiting: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// The rings, once frames moved to shared memory.
+    #[cfg(target_os = "linux")]
+    shm: std::sync::OnceLock<ShmLink>,
 }
 
 impl Conn {
@@ -213,7 +239,180 @@ impl Conn {
             max_frame: std::sync::atomic::AtomicU32::new(max_frame),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             on_waiting: std::sync::OnceLock::new(),
+            #[cfg(target_os = "linux")]
+            shm: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Moves the frames to the shared region's rings (both sides announced `shm` and the
+    /// worker is `Loaded`): from now on the socket carries only doorbell bytes. Nothing
+    /// may be buffered from the socket at this point.
+    #[cfg(target_os = "linux")]
+    pub fn use_shm(&self, region: Arc<crate::protocol::shm::Region>) -> Result<(), String> {
+        use crate::protocol::shm::Ring;
+        let state = self.lock();
+        if state.buf.as_ref().is_some_and(|b| b.partial().is_some()) {
+            return Err("the worker sent bytes after `Loaded` on the socket".into());
+        }
+        let link = ShmLink {
+            rx: Mutex::new(region.reader(Ring::Reply)),
+            tx: Mutex::new(region.writer(Ring::Request)),
+            region,
+        };
+        self.shm
+            .set(link)
+            .map_err(|_| "the connection already uses shared memory".to_string())
+    }
+
+    /// Whether frames travel through shared memory.
+    pub fn uses_shm(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        return self.shm.get().is_some();
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    #[cfg(target_os = "linux")]
+    fn link(&self) -> Option<&ShmLink> {
+        self.shm.get()
+    }
+
+    /// Makes sure the worker will read what the host put in the request ring: rings the
+    /// doorbell if its reader sleeps; wakes a standby thread if no thread reads (its
+    /// reader went off to run a call) and none was woken yet.
+    #[cfg(target_os = "linux")]
+    fn kick_worker(&self, link: &ShmLink) {
+        use crate::protocol::shm::worker_state::{READING, SLEEPING, VACANT};
+        use std::sync::atomic::Ordering::SeqCst;
+        // Orders our ring write before the read of the worker's state (the worker orders
+        // its state write before its last look at the ring).
+        std::sync::atomic::fence(SeqCst);
+        let state = link.region.worker_state();
+        match state.load(SeqCst) {
+            SLEEPING
+                if state
+                    .compare_exchange(SLEEPING, READING, SeqCst, SeqCst)
+                    .is_ok() =>
+            {
+                self.ring_doorbell();
+            }
+            VACANT => {
+                let unread = {
+                    let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
+                    tx.unread().is_ok_and(|n| n > 0)
+                };
+                if unread {
+                    link.region.claim_and_wake_standby();
+                }
+            }
+            // READING, WAKING, or whatever a hostile worker wrote there: nothing to do.
+            _ => {}
+        }
+    }
+
+    /// One byte on the socket: wakes the other side's sleeping reader. Never blocks (a
+    /// full socket already holds wake-ups enough).
+    #[cfg(target_os = "linux")]
+    fn ring_doorbell(&self) {
+        use rustix::net::SendFlags;
+        let _ = rustix::net::send(
+            self.stream.get_ref(),
+            &[1],
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+        );
+    }
+
+    /// Reads (and drops) doorbell bytes: `Ok(0)` at end of stream, `WouldBlock` when none.
+    #[cfg(target_os = "linux")]
+    fn drain_doorbell(&self) -> io::Result<usize> {
+        use std::io::Read;
+        let mut bytes = [0u8; 4096];
+        (&mut self.stream.get_ref()).read(&mut bytes)
+    }
+
+    /// Reads once from the transport into `buf`.
+    fn fill(&self, buf: &mut FrameBuffer) -> io::Result<usize> {
+        #[cfg(target_os = "linux")]
+        if let Some(link) = self.link() {
+            let mut rx = link.rx.lock().unwrap_or_else(|e| e.into_inner());
+            return match buf.fill(&mut *rx) {
+                // Nothing in the ring: the socket says whether the worker is still there.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drop(rx);
+                    match self.drain_doorbell()? {
+                        0 => Ok(0),
+                        // Doorbells only: look at the ring again (after a yield).
+                        _ => Err(io::ErrorKind::Interrupted.into()),
+                    }
+                }
+                other => other,
+            };
+        }
+        buf.fill(&mut self.stream.get_ref())
+    }
+
+    /// Waits until the transport may have something to read.
+    fn poll_wait(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        #[cfg(target_os = "linux")]
+        if let Some(link) = self.link() {
+            use std::sync::atomic::Ordering::SeqCst;
+            let ready = || link.rx.lock().unwrap_or_else(|e| e.into_inner()).has_data();
+            if crate::protocol::shm::spin_until(HOST_SPIN, ready) {
+                return Poll::Ready(Ok(()));
+            }
+            link.region.host_sleep().store(1, SeqCst);
+            // Orders the flag before the last look at the ring (the worker orders its ring
+            // write before its look at the flag).
+            std::sync::atomic::fence(SeqCst);
+            if ready() {
+                link.region.host_sleep().store(0, SeqCst);
+                return Poll::Ready(Ok(()));
+            }
+            // A doorbell written since the last drain is in the socket: readable at once.
+            return self.stream.poll_readable(cx);
+        }
+        self.stream.poll_readable(cx)
+    }
+
+    /// Writes what fits of `a` then `b`; returns how much.
+    async fn write_some(&self, a: &[u8], b: &[u8]) -> io::Result<usize> {
+        #[cfg(target_os = "linux")]
+        if let Some(link) = self.link() {
+            let mut backoff = Duration::from_micros(20);
+            loop {
+                let written = link
+                    .tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .try_write(&[a, b]);
+                match written {
+                    Ok(n) => {
+                        self.kick_worker(link);
+                        return Ok(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // The ring is full: the worker must read to make room.
+                        if self.closed().is_some() {
+                            return Err(io::ErrorKind::BrokenPipe.into());
+                        }
+                        self.kick_worker(link);
+                        smol::Timer::after(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(1));
+                    }
+                    Err(e) => {
+                        // An impossible read position: the worker scribbled on the region.
+                        self.close(CloseReason::Protocol(e.to_string()));
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.stream
+            .write_with(|s| {
+                let mut w: &UnixStream = s;
+                w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            })
+            .await
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -274,13 +473,7 @@ impl Conn {
         };
         while !write.a.is_empty() || !write.b.is_empty() {
             let (a, b) = (write.a, write.b);
-            let written = self
-                .stream
-                .write_with(|s| {
-                    let mut w: &UnixStream = s;
-                    w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-                })
-                .await;
+            let written = self.write_some(a, b).await;
             let n = match written {
                 Ok(0) => Err(io::ErrorKind::WriteZero.into()),
                 other => other,
@@ -451,7 +644,7 @@ impl Conn {
             if stop_at_frames && !frames.is_empty() {
                 return (frames, None, false);
             }
-            match buf.fill(&mut self.stream.get_ref()) {
+            match self.fill(buf) {
                 Ok(0) => {
                     let reason = match buf.partial() {
                         Some((have, need)) => {
@@ -463,7 +656,16 @@ impl Conn {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (frames, None, true),
+                // Doorbell bytes only (shared memory): report progress, so that a worker
+                // writing nothing but doorbells cannot hold this loop.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && self.uses_shm() => {
+                    return (frames, None, false)
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // An impossible position in the shared region: the worker scribbled on it.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData && self.uses_shm() => {
+                    return (frames, Some(CloseReason::Protocol(e.to_string())), false)
+                }
                 Err(e) => return (frames, Some(CloseReason::from_io("reading", &e)), false),
             }
         }
@@ -798,7 +1000,7 @@ impl Drop for FrameWrite<'_> {
             let _lock = lock;
             let mut rest = &rest[..];
             while !rest.is_empty() {
-                match conn.stream.write_with(|s| (&mut &*s).write(rest)).await {
+                match conn.write_some(rest, &[]).await {
                     Ok(n) if n > 0 => rest = &rest[n..],
                     Ok(_) => return conn.close(CloseReason::Eof),
                     Err(e) => {
@@ -880,7 +1082,7 @@ impl CallGuard {
                 // nothing buffered: wait for readability first instead of a read that
                 // would only return EAGAIN.
                 let buffered = state.buf.as_ref().is_some_and(FrameBuffer::has_frame);
-                if !buffered && conn.stream.poll_readable(cx).is_pending() {
+                if !buffered && !conn.uses_shm() && conn.stream.poll_readable(cx).is_pending() {
                     return Poll::Pending;
                 }
             } else {
@@ -908,7 +1110,7 @@ impl CallGuard {
                 }
                 continue;
             }
-            match conn.stream.poll_readable(cx) {
+            match conn.poll_wait(cx) {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(e)) => conn.close(CloseReason::Io(e.to_string())),
                 Poll::Pending => return Poll::Pending,

@@ -43,6 +43,8 @@ pub(crate) struct Spec {
     pub idle_timeout: Option<Duration>,
     /// The host functions the plugin may call.
     pub imports: Arc<crate::host_fn::Imports>,
+    /// Shared memory or the socket, after the handshake.
+    pub transport: crate::Transport,
 }
 
 impl Drop for Spec {

@@ -69,10 +69,11 @@ impl WorkerProcess {
         plugin: &str,
         stderr_lines: usize,
         stdin: Option<std::os::fd::OwnedFd>,
+        stdout: Option<std::os::fd::OwnedFd>,
     ) -> std::io::Result<WorkerProcess> {
         command
             .stdin(stdin.map_or_else(Stdio::null, Stdio::from))
-            .stdout(Stdio::null())
+            .stdout(stdout.map_or_else(Stdio::null, Stdio::from))
             .stderr(Stdio::piped());
         #[cfg(unix)]
         {

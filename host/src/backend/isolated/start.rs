@@ -42,6 +42,7 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
     };
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| spawn_error(format!("cannot create a socket pair: {e}")))?;
+    let (region, region_fd) = shared_region(spec);
     let mut command = Command::new(&spec.shim.program);
     command
         .args(&spec.shim.args)
@@ -51,6 +52,11 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
         .arg(&plugin)
         .arg("--sandbox")
         .arg(spec.sandbox.as_ref().map_or("off", |s| s.mode.as_str()));
+    if region_fd.is_some() {
+        // The region arrives as the worker's standard output, which it maps and then
+        // points at its standard error (the plugin never sees the descriptor).
+        command.arg("--shm-fd").arg("1");
+    }
     if spec.sandbox.is_some() {
         // The plugin sees only the variables it was granted.
         command.env_clear();
@@ -70,6 +76,7 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
             &plugin,
             spec.limits.stderr_lines as usize,
             Some(theirs.into()),
+            region_fd,
         )
         .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.program.display())))?,
     );
@@ -80,7 +87,7 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
             plugin: plugin.clone(),
             message: format!("cannot register the worker's socket: {e}"),
         })?;
-        handshake(spec, stream, &process).await
+        handshake(spec, stream, &process, region).await
     };
     let limit = spec.timeouts.connect_timeout();
     let result = futures_lite::future::or(async { Some(attempt.await) }, async {
@@ -114,10 +121,38 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
     }
 }
 
+/// The shared region for a worker that should use shared memory (`None` otherwise, or
+/// when it cannot be made: the worker then uses the socket, and the log says why).
+#[cfg(target_os = "linux")]
+fn shared_region(spec: &Spec) -> (Option<Region>, Option<std::os::fd::OwnedFd>) {
+    if spec.transport != crate::Transport::SharedMemory {
+        return (None, None);
+    }
+    match crate::protocol::shm::Region::create(crate::protocol::shm::DEFAULT_CAPACITY) {
+        Ok((region, fd)) => (Some(region), Some(fd)),
+        Err(e) => {
+            tracing::warn!(plugin = %spec.plugin, "cannot create a shared-memory region ({e}); the worker uses the socket");
+            (None, None)
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn shared_region(_: &Spec) -> (Option<Region>, Option<std::os::fd::OwnedFd>) {
+    (None, None)
+}
+
+/// A worker's shared region, on the host's side.
+#[cfg(target_os = "linux")]
+type Region = Arc<crate::protocol::shm::Region>;
+#[cfg(not(target_os = "linux"))]
+type Region = ();
+
 async fn handshake(
     spec: &Spec,
     stream: Async<UnixStream>,
     process: &Arc<WorkerProcess>,
+    region: Option<Region>,
 ) -> Result<Worker, LoadError> {
     let plugin = spec.plugin.to_string();
     protocol::tune_socket(stream.get_ref());
@@ -131,11 +166,15 @@ async fn handshake(
         Box::new(move |reason| on_close(&on_close_process, peer.as_ref(), reason)),
         (spec.imports.clone(), spec.timeouts.cancel_grace),
     ));
-    match conn.recv().await {
+    let worker_features = match conn.recv().await {
         Ok(Frame {
-            message: Message::Hello {
-                protocol, version, ..
-            },
+            message:
+                Message::Hello {
+                    protocol,
+                    version,
+                    features,
+                    ..
+                },
             ..
         }) => {
             if let Err(message) = protocol::check_hello(&protocol, &version) {
@@ -146,6 +185,7 @@ async fn handshake(
                     message,
                 });
             }
+            features
         }
         Ok(other) => {
             return Err(LoadError::Handshake {
@@ -171,15 +211,19 @@ async fn handshake(
                 message: format!("no valid Hello: {e}"),
             })
         }
-    }
+    };
+    // Shared memory is used when the host made a region and the worker mapped it.
+    let region = region.filter(|_| worker_features.iter().any(|f| f == protocol::FEATURE_SHM));
 
     let io_error = |e: std::io::Error| LoadError::Handshake {
         plugin: plugin.clone(),
         message: format!("writing to the worker failed: {e}"),
     };
-    conn.send(&protocol::hello(None, None), &[])
-        .await
-        .map_err(io_error)?;
+    let mut hello = protocol::hello(None, None);
+    if let (Some(_), Message::Hello { features, .. }) = (&region, &mut hello) {
+        features.push(protocol::FEATURE_SHM.to_string());
+    }
+    conn.send(&hello, &[]).await.map_err(io_error)?;
     let limits = &spec.limits;
     let load = Message::Load {
         name: plugin.clone(),
@@ -234,6 +278,14 @@ async fn handshake(
                     methods,
                 };
                 conn.set_max_frame(limits.max_frame.min(u32::MAX as u64) as u32);
+                #[cfg(target_os = "linux")]
+                if let Some(region) = region {
+                    conn.use_shm(region)
+                        .map_err(|message| LoadError::Handshake {
+                            plugin: plugin.clone(),
+                            message,
+                        })?;
+                }
                 let mut worker = Worker::new(process.clone(), conn, desc);
                 worker.sandbox = sandbox;
                 worker.sandbox_missing = sandbox_missing;
@@ -378,7 +430,7 @@ mod tests {
     ) -> (Arc<WorkerProcess>, UnixStream, UnixStream) {
         let mut command = Command::new("sh");
         command.arg("-c").arg(script);
-        let process = WorkerProcess::spawn(command, "test", 10, stdin).unwrap();
+        let process = WorkerProcess::spawn(command, "test", 10, stdin, None).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         (Arc::new(process), ours, theirs)
     }

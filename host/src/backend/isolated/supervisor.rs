@@ -791,6 +791,13 @@ impl Backend for Isolated {
                 pid: live.as_ref().map(|w| w.process.pid()),
                 uptime: live.as_ref().map(|w| w.process.uptime()),
                 in_flight: live.as_ref().map_or(0, |w| w.busy.load(Ordering::Acquire)),
+                transport: live.as_ref().map(|w| {
+                    if w.conn.uses_shm() {
+                        crate::Transport::SharedMemory
+                    } else {
+                        crate::Transport::Socket
+                    }
+                }),
             });
             if first_live.is_none() {
                 first_live = live;
