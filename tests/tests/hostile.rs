@@ -22,6 +22,18 @@
 //! then serves a call (from a restarted worker when this one was cut off), and that
 //! nothing panicked in the process (a panic hook counts). A flood of unknown frames for
 //! 5 s checks the deadline on its own.
+//!
+//! Shared memory (on a host that forces it; the `shm_*` workers map the region and check
+//! that they use it): the worker sets the reply ring's write position to `u64::MAX`, to a
+//! ring and a byte past the host's read position, one byte back; scribbles over both rings
+//! and publishes 4 KiB of it; writes a length prefix of `0xFFFFFFFF`, a reply for an id
+//! never sent, two replies for one call into the ring; moves the request ring's read
+//! position past the host's write position or back, or the host's own write position
+//! (found at the host's next write); fills the control words with garbage and the socket
+//! with doorbells while answering correctly; stops reading the request ring (with a call
+//! smaller, and one larger, than the ring). Each asserts the exact violation (or the
+//! exact answers, or the deadline), and that the plugin serves the next call on shared
+//! memory.
 #![cfg(target_os = "linux")]
 
 mod common;
@@ -31,7 +43,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use plugin_host::{CallError, CallOptions, Error, Host, LoadError, Manifest, Plugin};
+use plugin_host::{CallError, CallOptions, Error, Host, LoadError, Manifest, Plugin, Transport};
 
 /// Host peak-memory growth allowed for any case (the largest frame sent is 16 MiB).
 const MEMORY_BUDGET: u64 = 64 << 20;
@@ -187,6 +199,19 @@ fn count_panics() {
 /// A host whose worker-shim is the hostile worker, with two host functions for the
 /// plugins' `imports`: `echo` (returns its input) and `hold` (runs until its call ends).
 fn hostile_host() -> Host {
+    hostile_builder().build().unwrap()
+}
+
+/// [`hostile_host`] with frames in shared memory wherever the worker maps the region (the
+/// `shm_*` modes do; the others stay on the socket), whatever `PLUGIN_HOST_TRANSPORT` says.
+fn shm_host() -> Host {
+    hostile_builder()
+        .transport(Transport::SharedMemory)
+        .build()
+        .unwrap()
+}
+
+fn hostile_builder() -> plugin_host::HostBuilder {
     Host::builder()
         .search_path(common::artifacts())
         .worker_shim(hostile_worker())
@@ -196,13 +221,25 @@ fn hostile_host() -> Host {
             ctx.cancelled().await;
             Ok(Vec::new())
         })
-        .build()
-        .unwrap()
 }
 
 /// Runs one case: `body` gets a host (a clone) whose worker-shim is the hostile worker and returns a
 /// line for the report. Then checks the host lives, nothing leaked, memory stayed bounded.
 fn case<F: std::future::Future<Output = String>>(name: &str, body: impl FnOnce(Host) -> F) {
+    run_case(name, false, body)
+}
+
+/// [`case`] on a host that uses shared memory ([`shm_host`]); the well-behaved worker
+/// checked afterwards (`shm_echo`) must use it too.
+fn shm_case<F: std::future::Future<Output = String>>(name: &str, body: impl FnOnce(Host) -> F) {
+    run_case(name, true, body)
+}
+
+fn run_case<F: std::future::Future<Output = String>>(
+    name: &str,
+    shm: bool,
+    body: impl FnOnce(Host) -> F,
+) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // The first case in this process starts the async runtime's threads and descriptors
     // (they live on): start them before counting.
@@ -234,13 +271,16 @@ fn case<F: std::future::Future<Output = String>>(name: &str, body: impl FnOnce(H
     count_panics();
     let panics_before = PANICS.load(Ordering::SeqCst);
     let report = common::run_with_limit(Duration::from_secs(60), async {
-        let host = hostile_host();
+        let host = if shm { shm_host() } else { hostile_host() };
         let report = body(host.clone()).await;
         // The host lives: a well-behaved worker on the same host serves a call.
         let good = host
-            .load_manifest(manifest("echo"))
+            .load_manifest(manifest(if shm { "shm_echo" } else { "echo" }))
             .await
             .unwrap_or_else(|e| panic!("{name}: the host cannot load a good worker after: {e}"));
+        if shm {
+            assert_shm(&good, name);
+        }
         let (outcome, _) = call(&good, b"still here").await;
         assert!(
             matches!(&outcome, Outcome::Ok(out) if out == b"still here"),
@@ -832,4 +872,404 @@ fn attack_is_cut_off(mode: &'static str, expected: &'static [&'static str]) {
         plugin.shutdown().await;
         format!("{violation} after {took:?}")
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared memory. The `shm_*` workers move their frames to the region's rings after
+// `Loaded`; their `attack` scribbles on the region (positions, bytes, control words). The
+// host must trust nothing it reads there: every case asserts the exact violation (or the
+// exact answers), then that the plugin serves the next call on shared memory.
+
+/// Every live worker of `plugin` moves its frames through shared memory (so what a case
+/// does goes through the rings, not the socket).
+fn assert_shm(plugin: &Plugin, mode: &str) {
+    let status = plugin.status();
+    assert!(
+        !status.instances.is_empty()
+            && status
+                .instances
+                .iter()
+                .all(|i| i.transport == Some(Transport::SharedMemory)),
+        "{mode}: the worker does not use shared memory: {:?}",
+        status.instances
+    );
+}
+
+/// An outcome for a message, without a large payload.
+fn brief(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Ok(out) if out.len() > 64 => format!("Ok({} bytes)", out.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The number that follows `label` in `text`.
+fn number_after(text: &str, label: &str) -> u64 {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("no `{label}` in: {text}"))
+        + label.len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after `{label}` in: {text}"))
+}
+
+/// A shared-memory case: `attack` ends before the deadline with the worker cut off for a
+/// protocol violation containing each of `expected`; a restarted worker (on shared memory
+/// too) serves the next call.
+fn shm_attack_is_cut_off(mode: &'static str, expected: &'static [&'static str]) {
+    shm_case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        assert_shm(&plugin, mode);
+        let (outcome, took) = attack(&plugin).await;
+        assert!(took < DEADLINE, "{mode}: {outcome:?} after {took:?}");
+        let violation = cut_off(&plugin, mode, &outcome, expected).await;
+        assert_shm(&plugin, mode);
+        plugin.shutdown().await;
+        format!("{violation} after {took:?}")
+    });
+}
+
+#[test]
+fn shm_a_good_worker_through_the_rings() {
+    // The fake worker's rings work (so the cases below test the host, not the fake):
+    // inputs of every size, some larger than a ring (2 MiB), wrapping around it.
+    let mode = "shm_echo";
+    shm_case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        assert_shm(&plugin, mode);
+        let sizes = [
+            0usize,
+            1,
+            100,
+            5000,
+            64 << 10,
+            3 << 20,
+            1 << 20,
+            7,
+            3 << 20,
+            10,
+        ];
+        for (i, &size) in sizes.iter().enumerate() {
+            let input: Vec<u8> = (0..size).map(|b| (b * 31 + i) as u8).collect();
+            let method = if i % 2 == 0 { "echo" } else { "attack" };
+            let (outcome, took) = call_method(&plugin, method, &input).await;
+            assert!(
+                matches!(&outcome, Outcome::Ok(out) if *out == input),
+                "{mode}: {method} of {size} bytes: {} after {took:?}",
+                brief(&outcome)
+            );
+        }
+        still_up(&plugin, mode).await;
+        plugin.shutdown().await;
+        format!("{} calls of up to 3 MiB answered", sizes.len())
+    });
+}
+
+#[test]
+fn shm_reply_write_position_u64_max() {
+    shm_attack_is_cut_off(
+        "shm_tail_max",
+        &[
+            "the reply ring's write position 18446744073709551615 is impossible: \
+           the reader is at 0 and the ring holds 2097152 bytes",
+        ],
+    );
+}
+
+#[test]
+fn shm_reply_write_position_a_ring_and_a_byte_past_the_reader() {
+    shm_attack_is_cut_off(
+        "shm_tail_past",
+        &["the reply ring's write position 2097153 is impossible: \
+           the reader is at 0 and the ring holds 2097152 bytes"],
+    );
+}
+
+#[test]
+fn shm_reply_write_position_moved_backwards() {
+    // The host read a 64-byte frame; the write position goes back to 63.
+    shm_attack_is_cut_off(
+        "shm_tail_back",
+        &["the reply ring's write position 63 is impossible: \
+           the reader is at 64 and the ring holds 2097152 bytes"],
+    );
+}
+
+#[test]
+fn shm_scribbled_rings_with_a_plausible_write_position() {
+    // Both rings filled with 0x02, 4096 bytes of it published: a body of 0x02020202
+    // bytes (under the 64 MiB limit) whose header claims as many.
+    shm_attack_is_cut_off(
+        "shm_scribble",
+        &["malformed frame: header length 33686018 exceeds the body (33686014 bytes)"],
+    );
+}
+
+#[test]
+fn shm_length_prefix_ffffffff() {
+    shm_attack_is_cut_off(
+        "shm_ffff",
+        &["frame of 4294967295 bytes exceeds the limit of 67108864 bytes"],
+    );
+}
+
+#[test]
+fn shm_reply_for_an_id_never_sent() {
+    // The plugin's first call has id 1; the reply is for 1,000,001.
+    shm_attack_is_cut_off(
+        "shm_never_sent",
+        &["reply to call id 1000001, which was never sent"],
+    );
+}
+
+#[test]
+fn shm_duplicate_replies() {
+    let mode = "shm_duplicate";
+    shm_case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        assert_shm(&plugin, mode);
+        let (outcome, took) = attack(&plugin).await;
+        // Both replies are published at once, so the host reads them together: the first
+        // answers the call, the second cuts the worker off.
+        assert!(
+            matches!(&outcome, Outcome::Ok(out) if out == b"first"),
+            "{mode}: {outcome:?}"
+        );
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        let recorded = common::wait_until(Duration::from_secs(3), || {
+            plugin.status().last_crash.is_some()
+        });
+        let status = plugin.status();
+        assert!(
+            recorded,
+            "{mode}: the second reply was accepted: {status:?}"
+        );
+        let violation = status.last_crash.as_ref().unwrap().protocol_error.clone();
+        assert_eq!(
+            violation.as_deref(),
+            Some("a second reply to call id 1"),
+            "{mode}: the crash report"
+        );
+        assert_eq!(status.crashes, 1, "{mode}: {status:?}");
+        let (next, took) = call(&plugin, b"next").await;
+        assert!(
+            matches!(&next, Outcome::Ok(out) if out == b"next"),
+            "{mode}: the call after the restart: {next:?} after {took:?}"
+        );
+        assert_eq!(plugin.status().restarts, 1, "{mode}: {:?}", plugin.status());
+        assert_shm(&plugin, mode);
+        plugin.shutdown().await;
+        format!("{outcome:?}, then {violation:?}")
+    });
+}
+
+/// `attack` answers `poked` after the worker wrote one of the request ring's positions,
+/// which the host looks at only when it writes: the call itself is fine, the host's next
+/// write (the next call's frame) must see the position. The worker is cut off with a
+/// violation `check` accepts, and the next call (which never reached it) is answered by
+/// a restarted worker. `warm_up`: an `echo` call first, so the host has seen the worker
+/// read something before the attack.
+fn shm_next_write_detects(mode: &'static str, warm_up: bool, check: fn(&str)) {
+    shm_case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        assert_shm(&plugin, mode);
+        if warm_up {
+            let (warm, _) = call(&plugin, b"warm").await;
+            assert!(
+                matches!(&warm, Outcome::Ok(out) if out == b"warm"),
+                "{mode}: {warm:?}"
+            );
+        }
+        let pid = plugin.status().pid;
+        let (outcome, took) = attack(&plugin).await;
+        assert!(
+            matches!(&outcome, Outcome::Ok(out) if out == b"poked"),
+            "{mode}: {outcome:?}"
+        );
+        assert!(took < DEADLINE, "{mode}: {took:?}");
+        assert_eq!(
+            plugin.status().crashes,
+            0,
+            "{mode}: cut off before the host wrote again"
+        );
+        let (next, took) = call(&plugin, b"next").await;
+        assert!(
+            matches!(&next, Outcome::Ok(out) if out == b"next"),
+            "{mode}: the next call: {next:?} after {took:?}"
+        );
+        let recorded = common::wait_until(Duration::from_secs(3), || {
+            plugin.status().last_crash.is_some()
+        });
+        let status = plugin.status();
+        assert!(recorded, "{mode}: the host wrote on: {status:?}");
+        let violation = status
+            .last_crash
+            .as_ref()
+            .unwrap()
+            .protocol_error
+            .clone()
+            .unwrap_or_else(|| panic!("{mode}: no protocol error: {status:?}"));
+        check(&violation);
+        assert_eq!(status.crashes, 1, "{mode}: {status:?}");
+        assert_eq!(status.restarts, 1, "{mode}: {status:?}");
+        assert_ne!(
+            status.pid, pid,
+            "{mode}: the same worker answered: {status:?}"
+        );
+        assert_shm(&plugin, mode);
+        plugin.shutdown().await;
+        format!("{violation}; the next call answered after {took:?}")
+    });
+}
+
+#[test]
+fn shm_request_read_position_past_the_writer() {
+    shm_next_write_detects("shm_head_past", false, |violation| {
+        assert!(
+            violation.starts_with("the request ring's read position ")
+                && violation.ends_with("and the ring holds 2097152 bytes"),
+            "{violation}"
+        );
+        let (read, writer) = (
+            number_after(violation, "read position "),
+            number_after(violation, "the writer is at "),
+        );
+        assert_eq!(read, writer + 1, "one byte past the writer: {violation}");
+    });
+}
+
+#[test]
+fn shm_request_read_position_moved_backwards() {
+    shm_next_write_detects("shm_head_back", true, |violation| {
+        assert!(
+            violation.starts_with("the request ring's read position 0 is impossible: ")
+                && violation.ends_with("and the ring holds 2097152 bytes"),
+            "{violation}"
+        );
+        let seen = number_after(violation, "the reader was at ");
+        assert!(seen > 0, "the host had seen the worker read: {violation}");
+    });
+}
+
+#[test]
+fn shm_request_write_position_moved_by_the_worker() {
+    shm_next_write_detects("shm_request_tail", false, |violation| {
+        assert!(
+            violation.starts_with(
+                "the request ring's write position was moved to 12345 by someone else \
+                 (the writer is at "
+            ),
+            "{violation}"
+        );
+        let writer = number_after(violation, "the writer is at ");
+        assert!(writer > 0 && writer != 12345, "{violation}");
+    });
+}
+
+#[test]
+fn shm_garbage_in_the_control_words_and_a_doorbell_flood() {
+    // For 2 s after `attack`, the worker cycles `worker_state` and `host_sleep` through
+    // legal and illegal values and floods the socket with doorbell bytes; it answers
+    // every call correctly. Nothing there is a violation, but every call must still get
+    // its own answer in time, and so must another plugin's.
+    let mode = "shm_control_garbage";
+    shm_case(mode, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        let other = host.load_manifest(manifest("shm_echo")).await.unwrap();
+        assert_shm(&plugin, mode);
+        assert_shm(&other, mode);
+        let started = Instant::now();
+        let (outcome, took) = attack(&plugin).await;
+        assert!(
+            matches!(&outcome, Outcome::Ok(out) if out == b"input"),
+            "{mode}: {outcome:?} after {took:?}"
+        );
+        let mut calls = 0;
+        let mut slowest = Duration::ZERO;
+        // Through the 2 s of garbage and a second past it.
+        while started.elapsed() < Duration::from_secs(3) {
+            let input = format!("call {calls}");
+            for (who, p) in [("the attacker", &plugin), ("another plugin", &other)] {
+                let (outcome, took) = call(p, input.as_bytes()).await;
+                assert!(
+                    matches!(&outcome, Outcome::Ok(out) if out == input.as_bytes()),
+                    "{mode}: {who}, {input}: {outcome:?} after {took:?}"
+                );
+                slowest = slowest.max(took);
+            }
+            calls += 1;
+        }
+        assert!(calls >= 20, "{mode}: only {calls} calls in 3 s");
+        still_up(&plugin, mode).await;
+        assert_eq!(other.status().crashes, 0, "{mode}: {:?}", other.status());
+        plugin.shutdown().await;
+        other.shutdown().await;
+        format!("{calls} calls to each plugin answered, the slowest in {slowest:?}")
+    });
+}
+
+/// `attack` with `input_len` bytes of input to a worker that stops reading the request
+/// ring once the call's header is in: the call ends at its deadline with `Timeout`, the
+/// host kills the worker `cancel_grace` later (a crash whose report says why), and a
+/// restarted worker serves the next call.
+fn shm_never_reads(name: &'static str, input_len: usize) {
+    let mode = "shm_never_reads";
+    shm_case(name, |host| async move {
+        let plugin = host.load_manifest(manifest(mode)).await.unwrap();
+        assert_shm(&plugin, mode);
+        let (outcome, took) = call_method(&plugin, "attack", &vec![0x33; input_len]).await;
+        assert!(
+            matches!(outcome, Outcome::Timeout),
+            "{name}: expected a timeout, got {outcome:?}"
+        );
+        assert!(
+            took >= DEADLINE && took < DEADLINE + SLACK,
+            "{name}: the 1 s deadline fired after {took:?}"
+        );
+        let killed = common::wait_until(Duration::from_secs(5), || {
+            plugin.status().last_crash.is_some()
+        });
+        let status = plugin.status();
+        if !killed {
+            // Say what that means for the plugin's next call before failing.
+            let (next, took2) = call(&plugin, b"next").await;
+            panic!(
+                "{name}: the worker was not killed within 5 s of the deadline: {status:?}; \
+                 the next call: {next:?} after {took2:?}"
+            );
+        }
+        let crash = status.last_crash.as_ref().unwrap();
+        assert_eq!(
+            crash.killed_by_host.as_deref(),
+            Some("call `attack` was still running 200ms after its 1s deadline"),
+            "{name}: {crash:?}"
+        );
+        assert_eq!(crash.protocol_error, None, "{name}: {crash:?}");
+        assert_eq!(status.crashes, 1, "{name}: {status:?}");
+        let (next, took2) = call(&plugin, b"next").await;
+        assert!(
+            matches!(&next, Outcome::Ok(out) if out == b"next"),
+            "{name}: the call after: {next:?} after {took2:?}"
+        );
+        assert_shm(&plugin, mode);
+        plugin.shutdown().await;
+        format!("{outcome:?} after {took:?}; killed; next call {next:?} after {took2:?}")
+    });
+}
+
+#[test]
+fn shm_a_worker_that_stops_reading_the_request_ring() {
+    shm_never_reads("shm_never_reads", 5);
+}
+
+#[test]
+fn shm_a_worker_that_stops_reading_a_call_larger_than_the_ring() {
+    // 3 MiB of input: the host fills the ring and is still writing the frame when the
+    // deadline comes.
+    shm_never_reads("shm_never_reads (3 MiB)", 3 << 20);
 }

@@ -42,6 +42,29 @@
 //! | `credit_from_worker` | a `credit` (a host -> worker kind), then a reply |
 //! | `host_reply_from_worker` | a `host_reply` (a host -> worker kind), then a reply |
 //!
+//! The shared-memory modes (`shm_*`) map the region the host passes as standard output
+//! (`--shm-fd 1`, mapped before anything else), announce `shm` in their `hello` and, once
+//! `loaded` went out on the socket, read frames from the request ring and write them into
+//! the reply ring (polling with short sleeps; it never says it sleeps, so the host never
+//! rings for it; a doorbell byte when the host sleeps). Any method but `attack` is
+//! answered correctly; `attack` scribbles on the region (`shm::raw`):
+//!
+//! | mode | what `attack` does |
+//! |---|---|
+//! | `shm_echo` | behaves: answers `attack` with its input too |
+//! | `shm_tail_max` | sets the reply ring's write position to `u64::MAX` |
+//! | `shm_tail_past` | sets the reply ring's write position to the host's read position + capacity + 1 |
+//! | `shm_tail_back` | publishes a 64-byte frame of an unknown kind, waits until the host read it, then moves the reply ring's write position back one byte |
+//! | `shm_scribble` | fills both rings' data with `0x02` (`raw::scribble`), then advances the reply ring's write position by 4096 bytes |
+//! | `shm_ffff` | a body length of `0xFFFFFFFF` in the reply ring |
+//! | `shm_never_sent` | a reply in the ring for an id the host never sent |
+//! | `shm_duplicate` | two replies in the ring for the call, `first` then `second`, in one publish |
+//! | `shm_head_past` | sets the request ring's read position one byte past all the host wrote; replies `poked` |
+//! | `shm_head_back` | sets the request ring's read position back to 0; replies `poked` |
+//! | `shm_request_tail` | sets the request ring's write position (the host's own word) to 12345; replies `poked` |
+//! | `shm_control_garbage` | for 2 s, from another thread: cycles `worker_state` through 12345, `SLEEPING`, `VACANT`, `WAKING`, `u32::MAX`, `host_sleep` through 0, 1, 7, `u32::MAX`, bumps the standby word, and writes 4 KiB of doorbell bytes to the socket, round after round; replies with its input at once (and from then on rings after every publish, whatever `host_sleep` says) |
+//! | `shm_never_reads` | stops reading the request ring for good once the header of the `attack` call is in (however much of its input is still to come); never replies |
+//!
 //! Frames: `[u32 LE body length][u32 LE header length][MessagePack header][payload]`.
 
 use std::cell::{Cell, RefCell};
@@ -526,17 +549,29 @@ fn main() {
         .strip_prefix("hostile-")
         .unwrap_or("echo")
         .to_string();
+    // The shared region arrives as standard output (`--shm-fd 1`): mapped before anything
+    // could write there. Only the `shm_*` modes use it.
+    #[cfg(target_os = "linux")]
+    let region = arg("--shm-fd")
+        .filter(|_| mode.starts_with("shm_"))
+        .and_then(|fd| shm_attacks::map(&fd));
+    #[cfg(not(target_os = "linux"))]
+    let region: Option<()> = None;
     // SAFETY: the host handed us this descriptor (our end of the socket pair); nothing else
     // in this process owns it.
     let mut stream = unsafe { UnixStream::from_raw_fd(fd) };
 
-    let hello = protocol::hello(None, Some(std::process::id()));
+    let mut hello = protocol::hello(None, Some(std::process::id()));
+    if let (Some(_), Message::Hello { features, .. }) = (&region, &mut hello) {
+        features.push(protocol::FEATURE_SHM.to_string());
+    }
     write(&mut stream, &frame(&hello, b""));
     let (host_hello, _) = read_frame(&mut stream);
-    assert!(
-        matches!(host_hello, Message::Hello { .. }),
-        "hostile-worker: expected hello, got {host_hello:?}"
-    );
+    let Message::Hello { features, .. } = host_hello else {
+        panic!("hostile-worker: expected hello, got {host_hello:?}");
+    };
+    // Shared memory when both sides announce it.
+    let region = region.filter(|_| features.iter().any(|f| f == protocol::FEATURE_SHM));
     let (load, _config) = read_frame(&mut stream);
     let Message::Load { name, .. } = load else {
         panic!("hostile-worker: expected load, got {load:?}");
@@ -564,6 +599,14 @@ fn main() {
         head.extend_from_slice(b"\xa4echo\xa4ping\xa6attack");
     }
     write(&mut stream, &raw_frame(&head, b""));
+
+    // From here on, frames travel through the rings (the socket carries doorbells only).
+    #[cfg(target_os = "linux")]
+    if let Some(region) = region {
+        shm_attacks::ShmPeer::new(region, &stream, &mode).serve();
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = region;
 
     // A reader thread hands the host's frames over, so attacks can wait with a timeout;
     // it exits the process at end of file.
@@ -601,6 +644,304 @@ fn main() {
             ),
             Message::Shutdown { .. } => std::process::exit(0),
             _ => {}
+        }
+    }
+}
+
+/// The shared-memory modes (`shm_*`): after `Loaded`, frames go through the region's
+/// rings, read by polling (the worker never says it sleeps, so the host never rings its
+/// doorbell) and written with `RingWriter::try_write`, plus a doorbell byte when the host
+/// sleeps. The attacks scribble on the region's words and bytes directly.
+#[cfg(target_os = "linux")]
+mod shm_attacks {
+    use super::*;
+    use plugin_host::protocol::shm::{self, raw, Region, Ring, RingReader, RingWriter};
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::sync::atomic::{fence, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    /// How long `shm_control_garbage` keeps scribbling on the control words and flooding
+    /// the socket with doorbells after its `attack`.
+    const GARBAGE_FOR: Duration = Duration::from_secs(2);
+
+    /// The bytes of `shm_scribble`: both rings are filled with it, so the frame the host
+    /// reads declares a body of `0x02020202` bytes and a header of as many.
+    const SCRIBBLE: u8 = 0x02;
+
+    /// Maps the region the host passed as descriptor `fd` (`--shm-fd`, our standard
+    /// output). Called first thing, before anything could write to standard output.
+    pub fn map(fd: &str) -> Option<Arc<Region>> {
+        let fd: i32 = fd.parse().ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: the host passed this descriptor and nothing in this process closes or
+        // replaces it; the borrow only lives for `open` (the mapping outlives it).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        match Region::open(fd) {
+            Ok(region) => Some(region),
+            Err(e) => {
+                eprintln!("hostile-worker: cannot map the shared region: {e}");
+                None
+            }
+        }
+    }
+
+    /// One byte (or more) on the socket without blocking: a full socket already holds
+    /// doorbells enough.
+    fn doorbell(sock: &UnixStream, bytes: &[u8]) {
+        // SAFETY: `sock` is an open socket for the call; `bytes` is valid for its length.
+        unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
+    }
+
+    /// The worker's end of the rings.
+    pub struct ShmPeer {
+        region: Arc<Region>,
+        rx: RingReader,
+        tx: RingWriter,
+        sock: UnixStream,
+        /// Bytes read from the request ring and not yet taken as frames.
+        buf: Vec<u8>,
+        /// Bytes read from the request ring so far: the worker's real read position.
+        read: u64,
+        /// Bytes published in the reply ring so far: the worker's real write position.
+        written: u64,
+        /// Ring the doorbell after every write, whatever `host_sleep` says (the worker
+        /// scribbles on `host_sleep` itself).
+        always_ring: bool,
+        mode: String,
+    }
+
+    impl ShmPeer {
+        /// Takes over after `Loaded`. A thread reads the socket (doorbells, if the host
+        /// ever sends any) and exits the process at its end.
+        pub fn new(region: Arc<Region>, stream: &UnixStream, mode: &str) -> ShmPeer {
+            let mut bells = stream.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match bells.read(&mut buf) {
+                        Ok(0) => std::process::exit(0),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => std::process::exit(0),
+                    }
+                }
+            });
+            ShmPeer {
+                rx: region.reader(Ring::Request),
+                tx: region.writer(Ring::Reply),
+                region,
+                sock: stream.try_clone().unwrap(),
+                buf: Vec::new(),
+                read: 0,
+                written: 0,
+                always_ring: false,
+                mode: mode.to_string(),
+            }
+        }
+
+        /// After publishing: a host asleep on the socket gets a doorbell.
+        fn wake_host(&self) {
+            fence(SeqCst);
+            if self.region.host_sleep().swap(0, SeqCst) == 1 || self.always_ring {
+                doorbell(&self.sock, &[1]);
+            }
+        }
+
+        /// Publishes `bytes` in the reply ring (waiting for room), waking the host.
+        fn publish(&mut self, bytes: &[u8]) {
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                match self.tx.try_write(&[rest]) {
+                    Ok(n) => {
+                        rest = &rest[n..];
+                        self.written += n as u64;
+                        self.wake_host();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.wake_host();
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    Err(e) => {
+                        eprintln!("hostile-worker: writing the reply ring: {e}");
+                        std::process::exit(0);
+                    }
+                }
+            }
+        }
+
+        /// The host's read position in the reply ring.
+        fn host_read(&mut self) -> u64 {
+            self.written - self.tx.unread().expect("the host's read position") as u64
+        }
+
+        /// Waits (at most `limit`) until the host has read everything published.
+        fn wait_consumed(&mut self, limit: Duration) {
+            let started = Instant::now();
+            while self.tx.unread().is_ok_and(|n| n > 0) && started.elapsed() < limit {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+
+        /// Moves what the request ring holds (64 KiB at most) into `buf`; false when it
+        /// was empty.
+        fn pull(&mut self) -> bool {
+            let mut chunk = vec![0u8; 64 * 1024];
+            match self.rx.read(&mut chunk) {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.read += n as u64;
+                    true
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+                Err(e) => {
+                    eprintln!("hostile-worker: reading the request ring: {e}");
+                    std::process::exit(0);
+                }
+            }
+        }
+
+        /// The header of the frame at the front of `buf`, once it is all in.
+        fn front_header(&self) -> Option<Message> {
+            let head_len = u32::from_le_bytes(self.buf.get(4..8)?.try_into().unwrap()) as usize;
+            let head = self.buf.get(8..8 + head_len)?;
+            Some(rmp_serde::from_slice(head).unwrap_or(Message::Unknown))
+        }
+
+        /// The frame at the front of `buf`, once it is all in.
+        fn take_frame(&mut self) -> Option<(Message, Vec<u8>)> {
+            let body_len = u32::from_le_bytes(self.buf.get(0..4)?.try_into().unwrap()) as usize;
+            if self.buf.len() < 4 + body_len {
+                return None;
+            }
+            let message = self.front_header()?;
+            let head_len = u32::from_le_bytes(self.buf[4..8].try_into().unwrap()) as usize;
+            let payload = self.buf[8 + head_len..4 + body_len].to_vec();
+            self.buf.drain(..4 + body_len);
+            Some((message, payload))
+        }
+
+        /// The next frame from the host: polls the request ring with short sleeps.
+        /// `shm_never_reads` stops here for good as soon as the header of a call of
+        /// `attack` is in (however much of its input is still to come).
+        fn next_frame(&mut self) -> (Message, Vec<u8>) {
+            loop {
+                if self.mode == "shm_never_reads" {
+                    if let Some(Message::Call { method, .. }) = self.front_header() {
+                        if method == "attack" {
+                            loop {
+                                std::thread::park();
+                            }
+                        }
+                    }
+                }
+                if let Some(frame) = self.take_frame() {
+                    return frame;
+                }
+                if !self.pull() {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+        }
+
+        /// Serves the host through the rings until it goes away.
+        pub fn serve(mut self) -> ! {
+            loop {
+                let (message, payload) = self.next_frame();
+                match message {
+                    Message::Ping { seq } => self.publish(&frame(&Message::Pong { seq }, b"")),
+                    Message::Call { id, method, .. } if method == "attack" => {
+                        self.attack(id, &payload)
+                    }
+                    Message::Call { id, .. } => {
+                        self.publish(&frame(&Message::Reply { id, status: 0 }, &payload))
+                    }
+                    Message::Shutdown { .. } => std::process::exit(0),
+                    _ => {}
+                }
+            }
+        }
+
+        fn attack(&mut self, id: u64, input: &[u8]) {
+            let reply = |id: u64, out: &[u8]| frame(&Message::Reply { id, status: 0 }, out);
+            let capacity = self.region.capacity() as u64;
+            match self.mode.as_str() {
+                "shm_tail_max" => {
+                    raw::poke(&self.region, "reply_tail", u64::MAX);
+                    self.wake_host();
+                }
+                "shm_tail_past" => {
+                    let host = self.host_read();
+                    raw::poke(&self.region, "reply_tail", host + capacity + 1);
+                    self.wake_host();
+                }
+                "shm_tail_back" => {
+                    // A frame of 64 bytes the host ignores (an unknown kind), read by the
+                    // host; then the write position one byte back.
+                    let head = b"\x81\xa4kind\xa8teleport";
+                    let filler = [b'.'; 64 - 8 - 15];
+                    let bytes = raw_frame(head, &filler);
+                    assert_eq!(bytes.len(), 64);
+                    self.publish(&bytes);
+                    self.wait_consumed(Duration::from_secs(1));
+                    raw::poke(&self.region, "reply_tail", self.written - 1);
+                    self.wake_host();
+                }
+                "shm_scribble" => {
+                    raw::scribble(&self.region, SCRIBBLE);
+                    raw::poke(&self.region, "reply_tail", self.written + 4096);
+                    self.wake_host();
+                }
+                "shm_ffff" => self.publish(&u32::MAX.to_le_bytes()),
+                "shm_never_sent" => self.publish(&reply(id + 1_000_000, b"nobody asked")),
+                "shm_duplicate" => {
+                    let mut both = reply(id, b"first");
+                    both.extend_from_slice(&reply(id, b"second"));
+                    self.publish(&both);
+                }
+                "shm_head_past" => {
+                    // One byte past everything the host wrote.
+                    raw::poke(&self.region, "request_head", self.read + 1);
+                    self.publish(&reply(id, b"poked"));
+                }
+                "shm_head_back" => {
+                    raw::poke(&self.region, "request_head", 0);
+                    self.publish(&reply(id, b"poked"));
+                }
+                "shm_request_tail" => {
+                    raw::poke(&self.region, "request_tail", 12345);
+                    self.publish(&reply(id, b"poked"));
+                }
+                "shm_control_garbage" => {
+                    self.always_ring = true;
+                    let region = self.region.clone();
+                    let sock = self.sock.try_clone().unwrap();
+                    std::thread::spawn(move || {
+                        use shm::worker_state::{SLEEPING, VACANT, WAKING};
+                        let states = [12345, SLEEPING, VACANT, WAKING, u32::MAX];
+                        let sleeps = [0, 1, 7, u32::MAX];
+                        let bells = [0x5au8; 4096];
+                        let started = Instant::now();
+                        let mut i = 0usize;
+                        while started.elapsed() < GARBAGE_FOR {
+                            raw::poke(&region, "worker_state", states[i % states.len()].into());
+                            raw::poke(&region, "host_sleep", sleeps[i % sleeps.len()].into());
+                            raw::poke(&region, "standby", i as u64);
+                            doorbell(&sock, &bells);
+                            i += 1;
+                            std::thread::yield_now();
+                        }
+                        raw::poke(&region, "worker_state", 12345);
+                    });
+                    self.publish(&reply(id, input));
+                }
+                _ => self.publish(&reply(id, input)),
+            }
         }
     }
 }
