@@ -84,7 +84,13 @@ fn payloads_larger_than_a_ring_cross_whole_in_both_directions() {
     // Each ring holds 2 MiB: these frames go through in pieces, with the reader draining
     // as the writer fills.
     let plugin = load(&host_with(Some(Transport::SharedMemory)), 16 << 20);
-    for (len, seed) in [(5 << 20, 1u8), (2 << 20, 2), ((2 << 20) + 17, 3), (1, 4), (0, 5)] {
+    for (len, seed) in [
+        (5 << 20, 1u8),
+        (2 << 20, 2),
+        ((2 << 20) + 17, 3),
+        (1, 4),
+        (0, 5),
+    ] {
         let input = pattern(len, seed);
         let out = run_with_limit(QUICK, plugin.call_raw("echo", input.clone())).unwrap();
         assert!(out == input, "{len} bytes came back changed");
@@ -143,7 +149,10 @@ fn an_idle_shared_memory_worker_sleeps() {
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_ticks(pid) - before;
     // 2 s at 100 ticks per second is 200 ticks; an idle worker uses next to none.
-    assert!(used <= 10, "the idle worker used {used} ticks of CPU in 2 s");
+    assert!(
+        used <= 10,
+        "the idle worker used {used} ticks of CPU in 2 s"
+    );
     // And it still answers at once.
     let out = run_with_limit(QUICK, plugin.call_raw("echo", b"awake".to_vec())).unwrap();
     assert_eq!(out, b"awake");

@@ -131,9 +131,53 @@ fn check_head_len(head_len: usize, body_len: usize) -> Result<(), FrameError> {
 /// names, ids and short texts, never bulk data (that is the payload).
 pub const MAX_HEADER: usize = 256 * 1024;
 
+/// A reader that can append straight into a vector's spare capacity, without the zero-fill
+/// `Read::read_to_end` does for readers that do not implement `read_buf` (a shared-memory
+/// ring: its bytes are copied once, into their final place).
+pub trait ReadSpare: Read {
+    /// Appends at most `max` bytes to `buf` (within its spare capacity, `max` at most
+    /// `buf.capacity() - buf.len()`); returns how many. `Ok(0)` only at end of stream.
+    fn read_spare(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize>;
+}
+
 /// Reads one frame from a blocking reader. The payload is read straight into its own
 /// buffer (no copy after the read).
 pub fn read_frame(reader: &mut impl Read, max: u32) -> Result<Frame, FrameError> {
+    read_frame_with(reader, max, |reader, len| {
+        let mut payload = vec![0u8; len];
+        read_full(reader, &mut payload, false)?;
+        Ok(payload)
+    })
+}
+
+/// [`read_frame`] from a [`ReadSpare`] reader: the payload is copied once, with no
+/// zero-fill first.
+pub fn read_frame_spare(reader: &mut impl ReadSpare, max: u32) -> Result<Frame, FrameError> {
+    read_frame_with(reader, max, |reader, len| {
+        let mut payload = Vec::with_capacity(len);
+        while payload.len() < len {
+            let left = len - payload.len();
+            match reader.read_spare(&mut payload, left) {
+                Ok(0) => {
+                    return Err(FrameError::Truncated {
+                        have: payload.len(),
+                        need: len,
+                    })
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+        Ok(payload)
+    })
+}
+
+fn read_frame_with<R: Read>(
+    reader: &mut R,
+    max: u32,
+    payload: impl FnOnce(&mut R, usize) -> Result<Vec<u8>, FrameError>,
+) -> Result<Frame, FrameError> {
     let mut len = [0u8; 4];
     read_full(reader, &mut len, true)?;
     let body_len = check_len(u32::from_le_bytes(len), max)?;
@@ -144,8 +188,7 @@ pub fn read_frame(reader: &mut impl Read, max: u32) -> Result<Frame, FrameError>
     let mut head = vec![0u8; head_len];
     read_full(reader, &mut head, false)?;
     let message = decode_head(&head)?;
-    let mut payload = vec![0u8; body_len - 4 - head_len];
-    read_full(reader, &mut payload, false)?;
+    let payload = payload(reader, body_len - 4 - head_len)?;
     Ok(Frame { message, payload })
 }
 
@@ -264,6 +307,18 @@ impl FrameBuffer {
         let n = reader.read(&mut self.buf[self.end..])?;
         self.end += n;
         Ok(n)
+    }
+
+    /// [`fill`](Self::fill) from a [`ReadSpare`] reader: a large payload is copied into
+    /// its own buffer with no zero-fill first.
+    pub fn fill_spare(&mut self, reader: &mut impl ReadSpare) -> io::Result<usize> {
+        match &mut self.partial {
+            Some(p) => {
+                let left = p.len - p.payload.len();
+                reader.read_spare(&mut p.payload, left)
+            }
+            None => self.fill(reader),
+        }
     }
 
     /// Whether a whole frame is buffered (so reading is not needed to make progress).

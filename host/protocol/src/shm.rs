@@ -63,6 +63,10 @@ const OFF_STANDBY: usize = 448; // futex word: the host bumps it to wake a stand
 /// Where the rings' bytes start.
 const DATA: usize = 4096;
 
+/// A writer publishes its position after every this many bytes of a large write, so that
+/// the reader's copy overlaps the writer's.
+const PUBLISH_EVERY: usize = 128 * 1024;
+
 /// Smallest ring capacity accepted.
 pub const MIN_CAPACITY: usize = 4096;
 /// Largest ring capacity accepted.
@@ -306,17 +310,21 @@ impl Region {
         }
     }
 
-    /// Copies `dst.len()` bytes out of ring data starting at ring offset `at`, wrapping.
-    fn copy_out(&self, data: usize, at: usize, dst: &mut [u8]) {
-        let first = dst.len().min(self.capacity - at);
-        // SAFETY: `at < capacity` and `first <= capacity - at`, `dst.len() - first <=
-        // capacity` (callers never copy more than the capacity): both ranges lie inside
-        // this ring's data, inside the mapping. The source is shared memory the other
-        // side may be writing; the bytes copied are treated as untrusted input.
+    /// Copies `n` bytes of ring data starting at ring offset `at` (wrapping) to `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writing `n` bytes, and `n` at most the capacity.
+    unsafe fn copy_out(&self, data: usize, at: usize, dst: *mut u8, n: usize) {
+        debug_assert!(at < self.capacity && n <= self.capacity);
+        let first = n.min(self.capacity - at);
+        // SAFETY: `at < capacity`, `first <= capacity - at` and `n - first <= capacity`:
+        // both source ranges lie inside this ring's data, inside the mapping; `dst` is the
+        // caller's promise. The source is shared memory the other side may be writing;
+        // the bytes copied are treated as untrusted input.
         unsafe {
             let src = self.base.as_ptr().add(data);
-            std::ptr::copy_nonoverlapping(src.add(at), dst.as_mut_ptr(), first);
-            std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr().add(first), dst.len() - first);
+            std::ptr::copy_nonoverlapping(src.add(at), dst, first);
+            std::ptr::copy_nonoverlapping(src, dst.add(first), n - first);
         }
     }
 
@@ -422,11 +430,41 @@ impl io::Read for RingReader {
         }
         let n = available.min(buf.len());
         let at = (self.head % self.region.capacity as u64) as usize;
-        self.region.copy_out(self.data, at, &mut buf[..n]);
+        // SAFETY: `buf[..n]` is initialised memory we may write; `n` is at most the
+        // capacity (`available` never exceeds it).
+        unsafe { self.region.copy_out(self.data, at, buf.as_mut_ptr(), n) };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl RingReader {
+    fn consume(&mut self, n: usize) {
         self.head += n as u64;
         self.region
             .word64(self.head_word)
             .store(self.head, Ordering::Release);
+    }
+}
+
+impl crate::frame::ReadSpare for RingReader {
+    fn read_spare(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        let available = self.available()?;
+        if available == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = available.min(max).min(buf.capacity() - buf.len());
+        let at = (self.head % self.region.capacity as u64) as usize;
+        let len = buf.len();
+        // SAFETY: `n` bytes fit in the vector's spare capacity and `n` is at most the
+        // capacity; `copy_out` writes all of them before `set_len` makes them part of the
+        // vector.
+        unsafe {
+            self.region
+                .copy_out(self.data, at, buf.as_mut_ptr().add(len), n);
+            buf.set_len(len + n);
+        }
+        self.consume(n);
         Ok(n)
     }
 }
@@ -484,22 +522,23 @@ impl RingWriter {
         }
         let mut written = 0;
         for part in parts {
-            let n = part.len().min(space - written);
-            if n == 0 {
-                continue;
+            let mut part = &part[..part.len().min(space - written)];
+            // Published a piece at a time, so that the reader copies out while this side
+            // still copies in.
+            while !part.is_empty() {
+                let n = part.len().min(PUBLISH_EVERY);
+                let at = (self.tail % self.region.capacity as u64) as usize;
+                self.region.copy_in(self.data, at, &part[..n]);
+                self.tail += n as u64;
+                self.region
+                    .word64(self.tail_word)
+                    .store(self.tail, Ordering::Release);
+                written += n;
+                part = &part[n..];
             }
-            let at = ((self.tail + written as u64) % self.region.capacity as u64) as usize;
-            self.region.copy_in(self.data, at, &part[..n]);
-            written += n;
             if written == space {
                 break;
             }
-        }
-        if written > 0 {
-            self.tail += written as u64;
-            self.region
-                .word64(self.tail_word)
-                .store(self.tail, Ordering::Release);
         }
         Ok(written)
     }

@@ -36,7 +36,7 @@ pub(crate) use app::opted_in;
 pub use app::{run_if_worker, WORKER_ARG};
 
 use crate::loader::{HostServices, Instance, Library};
-use crate::protocol::frame::{read_frame, write_frame, FrameError};
+use crate::protocol::frame::{write_frame, FrameError};
 use crate::protocol::{self, Message, WireLimits, WireSandbox};
 
 /// Environment variable with the host's pid; the worker exits if its parent is another.
@@ -226,16 +226,6 @@ enum Input {
     Shm(ShmInput),
 }
 
-impl std::io::Read for Input {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Input::Socket(r) => r.read(buf),
-            #[cfg(target_os = "linux")]
-            Input::Shm(r) => r.read(buf),
-        }
-    }
-}
-
 /// Where frames go: the socket, or after `Loaded` the shared region's reply ring.
 enum Output {
     Socket(SharedStream),
@@ -278,14 +268,19 @@ struct ShmInput {
 }
 
 #[cfg(target_os = "linux")]
-impl std::io::Read for ShmInput {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl ShmInput {
+    /// Runs `op` on the ring until it has something; `Ok(0)` when the host is gone.
+    fn wait_for(
+        &mut self,
+        mut op: impl FnMut(&mut protocol::shm::RingReader) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
         use protocol::shm::worker_state::{READING, SLEEPING};
+        use std::io::Read;
         use std::sync::atomic::{fence, Ordering::SeqCst};
         let region = self.rx.region().clone();
         let state = region.worker_state();
         loop {
-            match self.rx.read(buf) {
+            match op(&mut self.rx) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 other => return other,
             }
@@ -306,6 +301,35 @@ impl std::io::Read for ShmInput {
                 }
             }
             state.store(READING, SeqCst);
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl std::io::Read for ShmInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.wait_for(|rx| rx.read(buf))
+    }
+}
+
+impl std::io::Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Input::Socket(r) => r.read(buf),
+            #[cfg(target_os = "linux")]
+            Input::Shm(r) => r.read(buf),
+        }
+    }
+}
+
+impl protocol::frame::ReadSpare for Input {
+    fn read_spare(&mut self, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+        use std::io::Read;
+        match self {
+            // `read_to_end` on the buffered socket reads into spare capacity as it is.
+            Input::Socket(r) => r.take(max as u64).read_to_end(buf),
+            #[cfg(target_os = "linux")]
+            Input::Shm(r) => r.wait_for(|rx| protocol::frame::ReadSpare::read_spare(rx, buf, max)),
         }
     }
 }
@@ -384,7 +408,7 @@ fn send(writer: &Writer, message: &Message, payload: &[u8]) {
 }
 
 fn read(reader: &mut Reader, max: u32) -> Result<protocol::frame::Frame, String> {
-    match read_frame(reader, max) {
+    match protocol::frame::read_frame_spare(reader, max) {
         Ok(frame) => Ok(frame),
         Err(FrameError::Eof) => std::process::exit(0),
         Err(e) => Err(format!("reading from the host: {e}")),

@@ -78,6 +78,10 @@ const STALE_READER: Duration = Duration::from_millis(20);
 /// without pause; the caller's deadline must still fire).
 const READS_PER_POLL: u32 = 64;
 
+/// The least time a worker gets to take the rest of a frame abandoned half-written (its
+/// call ended first), whatever the plugin's cancel grace.
+const ABANDONED_FRAME_MIN: Duration = Duration::from_millis(100);
+
 /// Pending-table keys for pings carry this bit, so they never collide with call ids.
 const PING_BIT: u64 = 1 << 63;
 
@@ -335,7 +339,7 @@ impl Conn {
         #[cfg(target_os = "linux")]
         if let Some(link) = self.link() {
             let mut rx = link.rx.lock().unwrap_or_else(|e| e.into_inner());
-            return match buf.fill(&mut *rx) {
+            return match buf.fill_spare(&mut *rx) {
                 // Nothing in the ring: the socket says whether the worker is still there.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     drop(rx);
@@ -998,15 +1002,38 @@ impl Drop for FrameWrite<'_> {
         let conn = self.conn.clone();
         smol::spawn(async move {
             let _lock = lock;
-            let mut rest = &rest[..];
-            while !rest.is_empty() {
-                match conn.write_some(rest, &[]).await {
-                    Ok(n) if n > 0 => rest = &rest[n..],
-                    Ok(_) => return conn.close(CloseReason::Eof),
-                    Err(e) => {
-                        return conn.close(CloseReason::from_io("finishing an abandoned frame", &e))
+            let finish = async {
+                let mut rest = &rest[..];
+                while !rest.is_empty() {
+                    match conn.write_some(rest, &[]).await {
+                        Ok(n) if n > 0 => rest = &rest[n..],
+                        Ok(_) => return conn.close(CloseReason::Eof),
+                        Err(e) => {
+                            return conn
+                                .close(CloseReason::from_io("finishing an abandoned frame", &e))
+                        }
                     }
                 }
+            };
+            // Until the frame is whole nothing else can be sent (no cancel, no other
+            // call): a worker that does not take the rest within the cancel grace has
+            // stopped reading, and is cut off like a call that ignores its deadline.
+            let limit = conn.grace.max(ABANDONED_FRAME_MIN);
+            let timed_out = futures_lite::future::or(
+                async {
+                    finish.await;
+                    false
+                },
+                async {
+                    smol::Timer::after(limit).await;
+                    true
+                },
+            )
+            .await;
+            if timed_out {
+                conn.close(CloseReason::Killed(format!(
+                    "it stopped reading: a frame abandoned when its call ended was still not taken {limit:?} later"
+                )));
             }
         })
         .detach();
