@@ -39,10 +39,10 @@ pub const PROTOCOL: &str = "plugin-host-ipc";
 /// The protocol version this build speaks.
 ///
 /// While the major is 0, the patch position plays the role of the minor: `0.2.1` adds
-/// host calls and output streams (announced as the `host_call` and `stream` features)
-/// to `0.2.0`, and peers of the two versions still talk (each uses a feature only when
-/// both sides announce it).
-pub const VERSION: &str = "0.2.1";
+/// host calls and output streams (announced as the `host_call` and `stream` features) and
+/// `0.2.2` the shared-memory transport (`shm`) to `0.2.0`, and peers of these versions
+/// still talk (each uses a feature only when both sides announce it).
+pub const VERSION: &str = "0.2.2";
 
 /// Features this build offers. Unknown features from the peer are ignored.
 pub const FEATURES: &[&str] = &["cancel", "progress", "log", "ping", "host_call", "stream"];
