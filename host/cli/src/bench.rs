@@ -2,10 +2,17 @@
 //! same run, and prints median, p99 and the ratio for each figure.
 //!
 //! Baselines: a raw Unix-socket echo in a child process (length-prefixed frames of the same
-//! sizes, one in flight and 64 in flight), and a bare spawn-and-connect for cold start.
+//! sizes, one in flight and 64 in flight); on Linux a shared-memory ping-pong with a child
+//! process (the same messages through the transport's rings, with its wait strategy: the
+//! mechanism alone, no protocol); and a bare spawn-and-connect for cold start.
 //! Host functions and streams (the `callbacks` plugin) are measured against the plugin's
 //! own calls: a host call made by the plugin against a plain call to the same plugin, and
 //! stream items/s against calls/s with 64 in flight.
+//!
+//! `--transport` picks the transport of the isolated plugins (shm by default); `both`
+//! measures each figure with both, side by side, and prints shm-vs-socket ratios. After the
+//! calls: the CPU an idle worker and the host use (Linux), and how long a call that crashes
+//! its worker takes to come back as an error.
 //!
 //! The bench sets its own policies, whatever `--grant` says: the isolated figures are for
 //! the default, an untrusted worker with the sandbox required (deny-all); cold start is
@@ -24,7 +31,7 @@ use interprocess::local_socket::{
 };
 use plugin_host::{
     CallOptions, Grant, Host, HostBuilder, HostCallContext, HostError, Manifest, Plugin,
-    PluginEvent, SandboxMode, Trust,
+    PluginEvent, SandboxMode, Transport, Trust,
 };
 use serde::Serialize;
 
@@ -33,6 +40,8 @@ pub struct Settings {
     pub plugins: PathBuf,
     pub quick: bool,
     pub warm: bool,
+    /// The transports of the isolated plugins, measured side by side (at least one).
+    pub transports: Vec<Transport>,
 }
 
 struct Stats {
@@ -364,10 +373,42 @@ fn wake_latency(host: &Host, manifest: &Path, samples: usize) -> Result<Stats, S
     }
 }
 
+/// The width of the name column.
+const W: usize = 40;
+
+fn ratio(s: &Stats, base: &Stats) -> f64 {
+    s.median.as_secs_f64() / base.median.as_secs_f64()
+}
+
+/// ` [shm]` or ` [socket]`: which transport a line's isolated plugin was asked to use.
+fn tag(t: Transport) -> String {
+    format!(" [{}]", t.name())
+}
+
+/// `target TEXT: met` (or `MISSED`).
+fn target(text: &str, met: bool) -> String {
+    format!("target {text}: {}", if met { "met" } else { "MISSED" })
+}
+
 fn line(name: &str, s: &Stats, base: &Stats, target: &str) {
-    let ratio = s.median.as_secs_f64() / base.median.as_secs_f64();
     println!(
-        "{name:<34} median {:>10}  p99 {:>10}  ratio {ratio:>5.2}x  {target}",
+        "{name:<W$} median {:>10}  p99 {:>10}  ratio {:>5.2}x  {target}",
+        fmt(s.median),
+        fmt(s.p99),
+        ratio(s, base)
+    );
+}
+
+/// A line with its ratio to each of several baselines, e.g. `ratio 0.31x raw socket,
+/// 2.70x shm ping-pong`.
+fn line_vs(name: &str, s: &Stats, bases: &[(&str, &Stats)], target: &str) {
+    let ratios = bases
+        .iter()
+        .map(|(what, base)| format!("{:>5.2}x {what}", ratio(s, base)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "{name:<W$} median {:>10}  p99 {:>10}  ratio {ratios}  {target}",
         fmt(s.median),
         fmt(s.p99)
     );
@@ -375,98 +416,272 @@ fn line(name: &str, s: &Stats, base: &Stats, target: &str) {
 
 fn baseline(name: &str, s: &Stats) {
     println!(
-        "{name:<34} median {:>10}  p99 {:>10}  (baseline)",
+        "{name:<W$} median {:>10}  p99 {:>10}  (baseline)",
         fmt(s.median),
         fmt(s.p99)
     );
 }
 
+/// With both transports measured, the shm figure over the socket one: `what` is the
+/// figure's name, `values` one per transport (durations or rates, as `unit` says).
+fn versus(what: &str, values: &[(Transport, f64)], unit: &str) {
+    let find = |t: Transport| values.iter().find(|(x, _)| *x == t).map(|(_, v)| *v);
+    if let (Some(shm), Some(socket)) = (find(Transport::SharedMemory), find(Transport::Socket)) {
+        println!(
+            "{:<W$} ratio {:>5.2}x  ({what}: shm / socket, {unit})",
+            "  shm vs socket",
+            shm / socket
+        );
+    }
+}
+
+/// The transport each of a plugin's workers uses now (`Plugin::status`), e.g. `shm`;
+/// says so when it is not the one asked for (the worker or the system could not use it).
+fn transport_in_use(p: &Plugin, asked: Transport) -> String {
+    let used: Vec<&str> = p
+        .status()
+        .instances
+        .iter()
+        .map(|i| i.transport.map_or("none", Transport::name))
+        .collect();
+    let mut text = used.join(", ");
+    if used.iter().any(|u| *u != asked.name()) {
+        text.push_str(&format!(" (NOT the {} asked for)", asked.name()));
+    }
+    text
+}
+
+/// Keeps one CPU from going idle while on (`--warm`): a thread spinning in this process.
+/// Off while idle CPU is measured.
+struct Warm {
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Warm {
+    fn new(on: bool) -> Warm {
+        let mut warm = Warm {
+            on: Default::default(),
+            thread: None,
+        };
+        warm.set(on);
+        warm
+    }
+
+    fn set(&mut self, on: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match (on, self.thread.take()) {
+            (true, None) => {
+                self.on.store(true, Relaxed);
+                let spinning = self.on.clone();
+                // Keeps one CPU from going idle, so wake-ups cost what they cost on a busy
+                // machine rather than a virtual CPU's exit from idle.
+                self.thread = Some(std::thread::spawn(move || {
+                    while spinning.load(Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                }));
+            }
+            (false, Some(thread)) => {
+                self.on.store(false, Relaxed);
+                let _ = thread.join();
+            }
+            (_, thread) => self.thread = thread,
+        }
+    }
+}
+
+/// What [`crash_latency`] measured.
+struct CrashTimes {
+    /// Each method's times, call to error.
+    methods: Vec<(&'static str, Stats)>,
+    /// The transport the worker used (`Plugin::status`).
+    in_use: String,
+}
+
+/// How long a call that crashes its worker takes to come back as an error: `faulty`'s
+/// `segfault` and `abort` (SIGSEGV, SIGABRT), `rounds` times each, alternating, each
+/// right after a successful `echo` (which also waits for the restart after the last
+/// crash).
+fn crash_latency(
+    host: &Host,
+    manifest: &Path,
+    transport: Transport,
+    rounds: usize,
+) -> Result<CrashTimes, String> {
+    let mut m = Manifest::from_file(manifest).map_err(|e| e.to_string())?;
+    m.name = "faulty-bench".into();
+    m.trust = Trust::Untrusted;
+    // The bench registers none of its host functions (each would be warned about).
+    m.imports = Vec::new();
+    m.restart.max_crashes = u32::MAX;
+    m.restart.backoff = Duration::from_millis(1);
+    m.restart.backoff_max = Duration::from_millis(1);
+    let plugin = smol::block_on(host.load_manifest(m)).map_err(|e| e.to_string())?;
+    let methods = ["segfault", "abort"];
+    let mut samples = vec![Vec::with_capacity(rounds); methods.len()];
+    let mut in_use = String::new();
+    let result = (|| {
+        for _ in 0..rounds {
+            for (method, times) in methods.iter().zip(samples.iter_mut()) {
+                smol::block_on(plugin.call_raw("echo", vec![1u8; 16]))
+                    .map_err(|e| format!("`echo` before `{method}`: {e}"))?;
+                in_use = transport_in_use(&plugin, transport);
+                // MessagePack nil: the methods take anything.
+                let t = Instant::now();
+                let answer = smol::block_on(plugin.call_raw(method, vec![0xc0]));
+                let elapsed = t.elapsed();
+                match answer {
+                    Err(plugin_host::Error::Call(
+                        plugin_host::CallError::Crashed { .. }
+                        | plugin_host::CallError::Killed { .. },
+                    )) => times.push(elapsed),
+                    Err(e) => return Err(format!("`{method}`: not a crash: {e}")),
+                    Ok(_) => return Err(format!("`{method}` returned instead of crashing")),
+                }
+            }
+        }
+        Ok(())
+    })();
+    smol::block_on(plugin.shutdown());
+    result?;
+    Ok(CrashTimes {
+        methods: methods
+            .into_iter()
+            .zip(samples.into_iter().map(stats))
+            .collect(),
+        in_use,
+    })
+}
+
+/// How many pairs of processes the shared-memory ping-pong is measured on.
+const PING_PONG_PAIRS: usize = 3;
+
+/// The shared-memory ping-pong baseline, where there is one (Linux): the best of
+/// [`PING_PONG_PAIRS`] fresh pairs of processes, and each pair's median. Two spinning
+/// processes that the scheduler leaves on one CPU take turns through `sched_yield` and
+/// measure many times slower than on two; the best pair is the mechanism's cost, and a
+/// baseline must not flatter the figures compared with it.
+fn shm_pingpong(size: usize, iterations: usize) -> Option<(Stats, Vec<Duration>)> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut best: Option<Stats> = None;
+        let mut medians = Vec::with_capacity(PING_PONG_PAIRS);
+        for _ in 0..PING_PONG_PAIRS {
+            match pingpong::latency(size, iterations) {
+                Ok(s) => {
+                    medians.push(s.median);
+                    match &best {
+                        Some(b) if b.median <= s.median => {}
+                        _ => best = Some(s),
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: the shared-memory ping-pong baseline: {e}");
+                    return None;
+                }
+            }
+        }
+        best.map(|b| (b, medians))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (size, iterations);
+        None
+    }
+}
+
+/// One transport's isolated plugins and the hosts that made them.
+struct Side {
+    transport: Transport,
+    /// Deny-all: untrusted, sandbox required (the library's default policy).
+    sandboxed: Host,
+    /// Untrusted, sandbox off: the worker without the sandbox, for comparison only.
+    unsandboxed: Host,
+    /// `hello`, sandboxed: the plugin most figures are about.
+    isolated: Plugin,
+}
+
 pub fn run(settings: &Settings, host: &Host) -> ExitCode {
-    let backtrace = std::env::var("RUST_BACKTRACE").unwrap_or_default();
-    // Errors are not on the measured path, but measure without backtrace capture anyway:
-    // the variable is removed before any thread or worker starts.
+    // The machine's load as the bench found it (before any of its own work).
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into());
+    let backtrace = std::env::var_os("RUST_BACKTRACE");
+    // Errors are mostly not on the measured path (the crash figures are), but measure
+    // without backtrace capture anyway: the variable is removed before any thread or
+    // worker starts (workers inherit the environment as it is then).
     // SAFETY (of the environment change): no other thread exists yet in this process.
     std::env::remove_var("RUST_BACKTRACE");
-    let spinning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(settings.warm));
-    if settings.warm {
-        // Keeps one CPU from going idle, so wake-ups cost what they cost on a busy machine
-        // rather than a virtual CPU's exit from idle.
-        let spinning = spinning.clone();
-        std::thread::spawn(move || {
-            while spinning.load(std::sync::atomic::Ordering::Relaxed) {
-                std::hint::spin_loop();
-            }
-        });
-    }
+    let mut warm = Warm::new(settings.warm);
     let (n_small, n_big, total) = if settings.quick {
         (200, 10, 2_000)
     } else {
         (5_000, 200, 100_000)
     };
     println!(
-        "plugin-host bench: {} CPUs, RUST_BACKTRACE={:?} in the environment (removed for the run)",
+        "plugin-host bench: {} CPUs, load average {loadavg} (1, 5, 15 min; read before the run){}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        backtrace
+        if settings.warm {
+            "; --warm: one CPU kept busy"
+        } else {
+            ""
+        }
+    );
+    match &backtrace {
+        None => println!("RUST_BACKTRACE: not set"),
+        Some(v) => println!(
+            "RUST_BACKTRACE={v:?} was set: removed before anything started (measured without backtraces)"
+        ),
+    }
+    let names: Vec<&str> = settings.transports.iter().map(|t| t.name()).collect();
+    println!(
+        "transport of the isolated plugins: {}{}",
+        names.join(" and "),
+        if names.len() > 1 {
+            ", side by side in this run (lines tagged [shm] / [socket])"
+        } else {
+            ""
+        }
     );
     println!(
-        "one call in flight unless stated; ratios are against baselines measured in this run\n"
+        "one call in flight unless stated; ratios are against baselines measured in this run;\n\
+         targets: issue 11's on [shm] lines, the earlier ones on [socket] lines\n"
     );
 
     let manifest_path = settings.plugins.join("hello/plugin.toml");
     let callbacks_path = settings.plugins.join("callbacks/plugin.toml");
-    // The CLI's search paths, with a policy of the bench's own, and the trivial host
-    // function `echo` the host-call figures use.
-    let with_policy = |policy: fn(HostBuilder) -> HostBuilder| -> Host {
-        let builder = host
-            .search_paths()
-            .iter()
-            .fold(Host::builder(), |b, dir| b.search_path(dir))
-            .raw_function("echo", |_: HostCallContext, input: Vec<u8>| async move {
-                Ok::<_, HostError>(input)
-            });
-        policy(builder).build().expect("build a host")
-    };
-    // Deny-all: untrusted, sandbox required (the library's default policy).
-    let sandboxed = with_policy(|b| b.permissions(|_| Grant::deny_all()));
-    // Untrusted, sandbox off: the worker without the sandbox, for comparison only.
-    let unsandboxed = with_policy(|b| {
+    let faulty_path = settings.plugins.join("faulty/plugin.toml");
+    // The CLI's search paths, with a policy and a transport of the bench's own, and the
+    // trivial host function `echo` the host-call figures use.
+    let with_policy =
+        |transport: Option<Transport>, policy: &dyn Fn(HostBuilder) -> HostBuilder| -> Host {
+            let mut builder = host
+                .search_paths()
+                .iter()
+                .fold(Host::builder(), |b, dir| b.search_path(dir))
+                .raw_function("echo", |_: HostCallContext, input: Vec<u8>| async move {
+                    Ok::<_, HostError>(input)
+                });
+            if let Some(t) = transport {
+                builder = builder.transport(t);
+            }
+            policy(builder).build().expect("build a host")
+        };
+    let deny_all = |b: HostBuilder| b.permissions(|_| Grant::deny_all());
+    let sandbox_off = |b: HostBuilder| {
         b.permissions(|_| Grant {
             sandbox: SandboxMode::Off,
             ..Grant::deny_all()
         })
-    });
+    };
     // The in-process measurement: hello is our own example plugin, and the bench asks for
     // trust below, so granting what is requested is right here.
-    let trusting = with_policy(HostBuilder::grant_requested);
+    let trusting = with_policy(None, &HostBuilder::grant_requested);
     let load = |host: &Host, trust: Trust| -> Result<Plugin, plugin_host::Error> {
         let mut m = Manifest::from_file(&manifest_path)?;
         m.trust = trust;
         smol::block_on(host.load_manifest(m))
-    };
-    let isolated = match load(&sandboxed, Trust::Untrusted) {
-        Ok(p) => p,
-        Err(e) => {
-            crate::report::print(&e, Some(&manifest_path));
-            return ExitCode::from(4);
-        }
-    };
-    let isolated_off = match load(&unsandboxed, Trust::Untrusted) {
-        Ok(p) => p,
-        Err(e) => {
-            crate::report::print(&e, Some(&manifest_path));
-            return ExitCode::from(4);
-        }
-    };
-    let in_process = match load(&trusting, Trust::Trusted) {
-        Ok(p) if p.trust() == Trust::Trusted => p,
-        Ok(_) => {
-            eprintln!("error: the in-process plugin was not granted trust");
-            return ExitCode::from(4);
-        }
-        Err(e) => {
-            crate::report::print(&e, Some(&manifest_path));
-            return ExitCode::from(4);
-        }
     };
     let layers = |p: &Plugin| {
         let s = p.status();
@@ -479,74 +694,192 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         }
         text
     };
-    println!("isolated worker, sandbox on: layers {}", layers(&isolated));
-    println!(
-        "isolated worker, sandbox off (for comparison only; never for untrusted plugins): layers {}\n",
-        layers(&isolated_off)
-    );
-
-    for (size, iterations, target) in [
-        (16, n_small, "target <= 1.5x"),
-        (4096, n_small, ""),
-        (1 << 20, n_big, "target <= 2x"),
-    ] {
-        let raw = raw_latency(size, iterations);
-        let ours = plugin_latency(&isolated, size, iterations);
-        baseline(&format!("raw socket echo {}", size_name(size)), &raw);
-        line(
-            &format!("isolated call {}", size_name(size)),
-            &ours,
-            &raw,
-            target,
+    let mut sides = Vec::new();
+    let mut sandbox_off_plugins = Vec::new();
+    for &transport in &settings.transports {
+        let sandboxed = with_policy(Some(transport), &deny_all);
+        let unsandboxed = with_policy(Some(transport), &sandbox_off);
+        let (isolated, off) = match (
+            load(&sandboxed, Trust::Untrusted),
+            load(&unsandboxed, Trust::Untrusted),
+        ) {
+            (Ok(on), Ok(off)) => (on, off),
+            (Err(e), _) | (_, Err(e)) => {
+                crate::report::print(&e, Some(&manifest_path));
+                return ExitCode::from(4);
+            }
+        };
+        println!(
+            "isolated worker{}, sandbox on: transport in use {}; layers {}",
+            tag(transport),
+            transport_in_use(&isolated, transport),
+            layers(&isolated)
         );
+        println!(
+            "isolated worker{}, sandbox off (for comparison only; never for untrusted plugins): \
+             transport in use {}; layers {}",
+            tag(transport),
+            transport_in_use(&off, transport),
+            layers(&off)
+        );
+        sandbox_off_plugins.push(off);
+        sides.push(Side {
+            transport,
+            sandboxed,
+            unsandboxed,
+            isolated,
+        });
+    }
+    let in_process = match load(&trusting, Trust::Trusted) {
+        Ok(p) if p.trust() == Trust::Trusted => p,
+        Ok(_) => {
+            eprintln!("error: the in-process plugin was not granted trust");
+            return ExitCode::from(4);
+        }
+        Err(e) => {
+            crate::report::print(&e, Some(&manifest_path));
+            return ExitCode::from(4);
+        }
+    };
+    println!();
+
+    for (size, iterations) in [(16, n_small), (4096, n_small), (1 << 20, n_big)] {
+        let size_text = size_name(size);
+        let raw = raw_latency(size, iterations);
+        let (ping, pairs) = match shm_pingpong(size, iterations) {
+            Some((best, pairs)) => (Some(best), pairs),
+            None => (None, Vec::new()),
+        };
+        baseline(&format!("raw socket echo {size_text}"), &raw);
+        let mut bases = vec![("raw socket", &raw)];
+        if let Some(ping) = &ping {
+            line_vs(
+                &format!("shm ping-pong {size_text}"),
+                ping,
+                &bases,
+                &format!(
+                    "(baseline: the best of {} pairs of processes, medians {})",
+                    pairs.len(),
+                    pairs
+                        .iter()
+                        .map(|d| fmt(*d))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                ),
+            );
+            bases.push(("shm ping-pong", ping));
+        }
+        let mut medians = Vec::new();
+        for side in &sides {
+            let ours = plugin_latency(&side.isolated, size, iterations);
+            let vs_raw = ratio(&ours, &raw);
+            let vs_ping = ping.as_ref().map(|p| ratio(&ours, p));
+            let goal = match (side.transport, size) {
+                (Transport::SharedMemory, 16) => target(
+                    "<= 0.5x raw socket, <= 3x shm ping-pong",
+                    vs_raw <= 0.5 && vs_ping.into_iter().all(|r| r <= 3.0),
+                ),
+                (Transport::SharedMemory, 1_048_576) => target("<= 1.0x raw socket", vs_raw <= 1.0),
+                (Transport::Socket, 16) => target("<= 1.5x raw socket", vs_raw <= 1.5),
+                (Transport::Socket, 1_048_576) => target("<= 2x raw socket", vs_raw <= 2.0),
+                _ => String::new(),
+            };
+            line_vs(
+                &format!("isolated call {size_text}{}", tag(side.transport)),
+                &ours,
+                &bases,
+                &goal,
+            );
+            medians.push((side.transport, ours.median.as_secs_f64()));
+        }
+        versus(&format!("isolated call {size_text}"), &medians, "median");
         if size == 16 {
-            let off = plugin_latency(&isolated_off, size, iterations);
-            line("isolated call 16 B, sandbox off", &off, &raw, "");
+            for (side, off) in sides.iter().zip(&sandbox_off_plugins) {
+                let s = plugin_latency(off, size, iterations);
+                line_vs(
+                    &format!("isolated call 16 B, sandbox off{}", tag(side.transport)),
+                    &s,
+                    &bases,
+                    "",
+                );
+            }
             let inproc = plugin_latency(&in_process, size, iterations);
-            line("in-process call 16 B (vs raw)", &inproc, &raw, "");
+            line_vs("in-process call 16 B", &inproc, &bases, "");
         }
     }
-    smol::block_on(isolated_off.shutdown());
+    for off in sandbox_off_plugins {
+        smol::block_on(off.shutdown());
+    }
     smol::block_on(in_process.shutdown());
 
-    // Host functions and streams: `callbacks`, isolated (sandboxed) and in-process. Of its
-    // imports only `echo` is provided (the others would each be warned about).
+    // Host functions and streams: `callbacks`, isolated (sandboxed, each transport) and
+    // in-process. Of its imports only `echo` is provided (the others would each be warned
+    // about).
     let load_callbacks = |host: &Host, trust: Trust| -> Result<Plugin, plugin_host::Error> {
         let mut m = Manifest::from_file(&callbacks_path)?;
         m.trust = trust;
         m.imports = vec!["echo".into()];
         smol::block_on(host.load_manifest(m))
     };
-    let callbacks = [
-        load_callbacks(&sandboxed, Trust::Untrusted),
-        load_callbacks(&trusting, Trust::Trusted),
-    ];
-    let (per_batch, batches) = if settings.quick { (20, 20) } else { (100, 200) };
-    println!();
-    for (plugin, place) in callbacks.iter().zip(["isolated", "in-process"]) {
-        let plugin = match plugin {
-            Ok(p) => p,
+    // (place, the transport asked for, the plugin)
+    let mut callbacks: Vec<(&str, Option<Transport>, Plugin)> = Vec::new();
+    for (place, transport, loaded) in sides
+        .iter()
+        .map(|s| {
+            (
+                "isolated",
+                Some(s.transport),
+                load_callbacks(&s.sandboxed, Trust::Untrusted),
+            )
+        })
+        .chain([(
+            "in-process",
+            None,
+            load_callbacks(&trusting, Trust::Trusted),
+        )])
+    {
+        match loaded {
+            Ok(p) => {
+                if let Some(t) = transport {
+                    let used = transport_in_use(&p, t);
+                    if used != t.name() {
+                        println!("note: callbacks{}: transport in use {used}", tag(t));
+                    }
+                }
+                callbacks.push((place, transport, p));
+            }
             Err(e) => {
-                crate::report::print(e, Some(&callbacks_path));
+                crate::report::print(&e, Some(&callbacks_path));
                 return ExitCode::from(4);
             }
-        };
-        match host_call_latency(plugin, batches, per_batch) {
-            Ok((plain, hosted)) => {
-                baseline(&format!("{place} call 16 B (callbacks)"), &plain);
-                line(
-                    &format!("host call from {place} plugin"),
-                    &hosted,
-                    &plain,
-                    match place {
-                        "isolated" => "target <= 1.2x",
-                        _ => "",
-                    },
-                );
-            }
-            Err(e) => eprintln!("error: host calls from the {place} plugin: {e}"),
         }
     }
+    let (per_batch, batches) = if settings.quick { (20, 20) } else { (100, 200) };
+    println!();
+    let mut hosted_medians = Vec::new();
+    for (place, transport, plugin) in &callbacks {
+        let t = transport.map_or(String::new(), tag);
+        match host_call_latency(plugin, batches, per_batch) {
+            Ok((plain, hosted)) => {
+                baseline(&format!("{place} call 16 B (callbacks){t}"), &plain);
+                let goal = match *place {
+                    "isolated" => target("<= 1.2x", ratio(&hosted, &plain) <= 1.2),
+                    _ => String::new(),
+                };
+                line(
+                    &format!("host call from {place} plugin{t}"),
+                    &hosted,
+                    &plain,
+                    &goal,
+                );
+                if let Some(transport) = transport {
+                    hosted_medians.push((*transport, hosted.median.as_secs_f64()));
+                }
+            }
+            Err(e) => eprintln!("error: host calls from the {place} plugin{t}: {e}"),
+        }
+    }
+    versus("host call from isolated plugin", &hosted_medians, "median");
     println!(
         "  (per call: the mean of a batch of {per_batch} calls; median and p99 over {batches} \
          batches of each, alternating; host calls timed in the plugin)\n"
@@ -554,59 +887,137 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
 
     let depth = 64;
     let raw_rate = raw_pipelined(depth, total);
-    let our_rate = plugin_pipelined(&isolated, depth, total);
     println!(
-        "{:<34} {:>10.0} calls/s  (baseline)",
+        "{:<W$} {:>10.0} calls/s  (baseline)",
         format!("raw socket, {depth} in flight"),
         raw_rate
     );
-    println!(
-        "{:<34} {:>10.0} calls/s  ratio {:>5.2}x  target >= 0.5x",
-        format!("isolated, {depth} in flight"),
-        our_rate,
-        our_rate / raw_rate
-    );
+    let mut rates = Vec::new();
+    for side in &sides {
+        let rate = plugin_pipelined(&side.isolated, depth, total);
+        let goal = match side.transport {
+            Transport::SharedMemory => target(">= 1.0x raw socket", rate / raw_rate >= 1.0),
+            Transport::Socket => target(">= 0.5x raw socket", rate / raw_rate >= 0.5),
+        };
+        println!(
+            "{:<W$} {:>10.0} calls/s  ratio {:>5.2}x  {goal}",
+            format!("isolated, {depth} in flight{}", tag(side.transport)),
+            rate,
+            rate / raw_rate
+        );
+        rates.push((side.transport, rate));
+    }
+    versus(&format!("{depth} in flight"), &rates, "calls/s");
     // The same load over a pool of two workers (a distinct name: names are unique).
-    let pool = {
-        let mut m = Manifest::from_file(&manifest_path).expect("the hello manifest");
-        m.name = "hello-pool".into();
-        m.trust = Trust::Untrusted;
-        m.instances = Some(2);
-        smol::block_on(sandboxed.load_manifest(m))
-    };
-    match pool {
-        Ok(pool) => {
-            let pool_rate = plugin_pipelined(&pool, depth, total);
-            println!(
-                "{:<34} {:>10.0} calls/s  ratio {:>5.2}x  (vs 1 instance; each worker runs {} calls at once)",
-                format!("pool of 2, {depth} in flight"),
-                pool_rate,
-                pool_rate / our_rate,
-                pool.manifest().limits.concurrency
-            );
-            smol::block_on(pool.shutdown());
+    for (side, &(_, our_rate)) in sides.iter().zip(&rates) {
+        let pool = {
+            let mut m = Manifest::from_file(&manifest_path).expect("the hello manifest");
+            m.name = "hello-pool".into();
+            m.trust = Trust::Untrusted;
+            m.instances = Some(2);
+            smol::block_on(side.sandboxed.load_manifest(m))
+        };
+        match pool {
+            Ok(pool) => {
+                let pool_rate = plugin_pipelined(&pool, depth, total);
+                println!(
+                    "{:<W$} {:>10.0} calls/s  ratio {:>5.2}x  (vs 1 instance; each worker runs {} calls at once; transports in use {})",
+                    format!("pool of 2, {depth} in flight{}", tag(side.transport)),
+                    pool_rate,
+                    pool_rate / our_rate,
+                    pool.manifest().limits.concurrency,
+                    transport_in_use(&pool, side.transport)
+                );
+                smol::block_on(pool.shutdown());
+            }
+            Err(e) => eprintln!("error: pool of 2{}: {e}", tag(side.transport)),
         }
-        Err(e) => eprintln!("error: pool of 2: {e}"),
     }
     // Stream throughput, against the 64-in-flight rate above: both move small messages
-    // one way as fast as the plugin makes them.
+    // one way as fast as the plugin makes them. In-process streams are compared with the
+    // first transport's rate.
     let items = total as u64;
-    for (plugin, place) in callbacks.iter().zip(["isolated", "in-process"]) {
-        let Ok(plugin) = plugin else { continue };
-        match stream_rate(plugin, items, 16) {
-            Ok(rate) => println!(
-                "{:<34} {:>10.0} items/s  ratio {:>5.2}x  (vs isolated calls, {depth} in flight; {items} items)",
-                format!("stream of 16 B items, {place}"),
-                rate,
-                rate / our_rate
+    let mut stream_rates = Vec::new();
+    for (place, transport, plugin) in &callbacks {
+        let (t, base, base_name) = match transport {
+            Some(t) => (
+                tag(*t),
+                rates.iter().find(|(x, _)| x == t).map_or(0.0, |r| r.1),
+                format!("isolated calls{}", tag(*t)),
             ),
-            Err(e) => eprintln!("error: stream from the {place} plugin: {e}"),
+            None => (
+                String::new(),
+                rates[0].1,
+                format!("isolated calls{}", tag(rates[0].0)),
+            ),
+        };
+        match stream_rate(plugin, items, 16) {
+            Ok(rate) => {
+                println!(
+                    "{:<W$} {:>10.0} items/s  ratio {:>5.2}x  (vs {base_name}, {depth} in flight; {items} items)",
+                    format!("stream of 16 B items, {place}{t}"),
+                    rate,
+                    rate / base
+                );
+                if let Some(transport) = transport {
+                    stream_rates.push((*transport, rate));
+                }
+            }
+            Err(e) => eprintln!("error: stream from the {place} plugin{t}: {e}"),
         }
     }
-    for plugin in callbacks.into_iter().flatten() {
+    versus("stream of 16 B items", &stream_rates, "items/s");
+    for (_, _, plugin) in callbacks {
         smol::block_on(plugin.shutdown());
     }
-    smol::block_on(isolated.shutdown());
+
+    // Idle CPU: only the sandboxed `hello` of each transport is loaded now, idle after
+    // its calls. The spinning thread of --warm is stopped meanwhile.
+    #[cfg(target_os = "linux")]
+    {
+        warm.set(false);
+        let window = if settings.quick {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(10)
+        };
+        println!();
+        idle_cpu(&sides, window);
+        warm.set(settings.warm);
+    }
+
+    // Crash -> error: a call that kills its worker, to the caller's error.
+    let rounds = if settings.quick { 3 } else { 10 };
+    println!();
+    let mut crash_medians: Vec<(&str, Transport, f64)> = Vec::new();
+    for side in &sides {
+        match crash_latency(&side.sandboxed, &faulty_path, side.transport, rounds) {
+            Ok(CrashTimes { methods, in_use }) => {
+                for (method, s) in methods {
+                    println!(
+                        "{:<W$} median {:>10}  p99 {:>10}  ({rounds} rounds; call to error; transport in use {in_use})",
+                        format!("crash -> error, {method}{}", tag(side.transport)),
+                        fmt(s.median),
+                        fmt(s.p99),
+                    );
+                    crash_medians.push((method, side.transport, s.median.as_secs_f64()));
+                }
+            }
+            Err(e) => eprintln!("error: crash latency{}: {e}", tag(side.transport)),
+        }
+    }
+    for method in ["segfault", "abort"] {
+        let values: Vec<(Transport, f64)> = crash_medians
+            .iter()
+            .filter(|(m, _, _)| *m == method)
+            .map(|&(_, t, v)| (t, v))
+            .collect();
+        versus(&format!("crash -> error, {method}"), &values, "median");
+    }
+    for side in &sides {
+        smol::block_on(side.isolated.shutdown());
+    }
+    println!();
 
     let starts = if settings.quick { 5 } else { 30 };
     let bare = stats(
@@ -633,36 +1044,52 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         smol::block_on(plugin.shutdown());
         (d, layers)
     };
-    // Interleaved, so a drift in the machine's speed affects both alike.
-    let mut off_samples = Vec::with_capacity(starts);
-    let mut on_samples = Vec::with_capacity(starts);
+    // Interleaved (sandbox off and on, each transport), so a drift in the machine's speed
+    // affects all alike.
+    let mut off_samples = vec![Vec::with_capacity(starts); sides.len()];
+    let mut on_samples = vec![Vec::with_capacity(starts); sides.len()];
     let mut on_layers = Vec::new();
     let mut off_layers = Vec::new();
     for _ in 0..starts {
-        let (d, l) = cold_start(&unsandboxed);
-        off_samples.push(d);
-        off_layers = l;
-        let (d, l) = cold_start(&sandboxed);
-        on_samples.push(d);
-        on_layers = l;
+        for (i, side) in sides.iter().enumerate() {
+            let (d, l) = cold_start(&side.unsandboxed);
+            off_samples[i].push(d);
+            off_layers = l;
+            let (d, l) = cold_start(&side.sandboxed);
+            on_samples[i].push(d);
+            on_layers = l;
+        }
     }
-    let cold_off = stats(off_samples);
-    let cold_on = stats(on_samples);
     baseline("bare spawn + connect + echo", &bare);
-    line(
-        "cold start, sandbox off",
-        &cold_off,
-        &bare,
-        "(spawn..first reply)",
-    );
-    line("cold start, sandbox on", &cold_on, &bare, "target <= 2x");
-    let cost_us = (cold_on.median.as_secs_f64() - cold_off.median.as_secs_f64()) * 1e6;
-    println!(
-        "{:<34} {:>+10.0} us on the median  ratio {:>5.2}x  (sandbox on vs off)",
-        "sandbox cost at cold start",
-        cost_us,
-        cold_on.median.as_secs_f64() / cold_off.median.as_secs_f64()
-    );
+    let mut cold_medians = Vec::new();
+    let mut cold_on_stats = Vec::new();
+    for (side, (off, on)) in sides.iter().zip(off_samples.into_iter().zip(on_samples)) {
+        let t = tag(side.transport);
+        let cold_off = stats(off);
+        let cold_on = stats(on);
+        line(
+            &format!("cold start, sandbox off{t}"),
+            &cold_off,
+            &bare,
+            "(spawn..first reply)",
+        );
+        line(
+            &format!("cold start, sandbox on{t}"),
+            &cold_on,
+            &bare,
+            &target("<= 2x", ratio(&cold_on, &bare) <= 2.0),
+        );
+        let cost_us = (cold_on.median.as_secs_f64() - cold_off.median.as_secs_f64()) * 1e6;
+        println!(
+            "{:<W$} {:>+10.0} us on the median  ratio {:>5.2}x  (sandbox on vs off)",
+            format!("sandbox cost at cold start{t}"),
+            cost_us,
+            ratio(&cold_on, &cold_off)
+        );
+        cold_medians.push((side.transport, cold_on.median.as_secs_f64()));
+        cold_on_stats.push(cold_on);
+    }
+    versus("cold start, sandbox on", &cold_medians, "median");
     println!(
         "cold-start worker layers: sandbox on: {}; sandbox off: {}",
         match on_layers.is_empty() {
@@ -676,15 +1103,509 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     );
     // A call that finds its worker reclaimed for being idle starts it again: the cost, next
     // to a cold start (load + first call) measured above.
-    match wake_latency(&sandboxed, &manifest_path, starts) {
-        Ok(wake) => line(
-            "call waking an idle worker",
-            &wake,
-            &cold_on,
-            "(vs cold start, sandbox on)",
-        ),
-        Err(e) => eprintln!("error: idle wake-up: {e}"),
+    for (side, cold_on) in sides.iter().zip(&cold_on_stats) {
+        let t = tag(side.transport);
+        match wake_latency(&side.sandboxed, &manifest_path, starts) {
+            Ok(wake) => line(
+                &format!("call waking an idle worker{t}"),
+                &wake,
+                cold_on,
+                "(vs cold start, sandbox on)",
+            ),
+            Err(e) => eprintln!("error: idle wake-up{t}: {e}"),
+        }
     }
-    spinning.store(false, std::sync::atomic::Ordering::Relaxed);
+    warm.set(false);
     ExitCode::SUCCESS
+}
+
+/// Prints the CPU used over `window` by each side's idle worker (the worker process and
+/// all its descendants: the sandbox makes the plugin's process a grandchild) and by this
+/// process, as a share of one CPU.
+#[cfg(target_os = "linux")]
+fn idle_cpu(sides: &[Side], window: Duration) {
+    let tps = cpu::ticks_per_second();
+    // Let the last call's aftermath (spinning readers, threads going back to sleep) end.
+    std::thread::sleep(Duration::from_millis(500));
+    let workers: Vec<(Transport, Option<u32>)> = sides
+        .iter()
+        .map(|s| {
+            let status = s.isolated.status();
+            (
+                s.transport,
+                status.instances.first().and_then(|i| i.pid).or(status.pid),
+            )
+        })
+        .collect();
+    let before: Vec<_> = workers
+        .iter()
+        .map(|(_, pid)| pid.map(cpu::tree).unwrap_or_default())
+        .collect();
+    let host_before = cpu::this_process();
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let host_after = cpu::this_process();
+    let after: Vec<_> = workers
+        .iter()
+        .map(|(_, pid)| pid.map(cpu::tree).unwrap_or_default())
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let percent = |ticks: u64| ticks as f64 / tps / seconds * 100.0;
+    for (((transport, pid), before), after) in workers.iter().zip(&before).zip(&after) {
+        let name = format!("idle worker{}", tag(*transport));
+        let Some(pid) = pid else {
+            println!("{name:<W$} no worker process running");
+            continue;
+        };
+        let (ticks, ended) = cpu::used(before, after);
+        let p = percent(ticks);
+        println!(
+            "{name:<W$} {p:>9.2}% of one CPU  ({} processes from pid {pid}{})  {}",
+            after.len(),
+            match ended {
+                0 => String::new(),
+                n => format!("; {n} ended in the window, not counted"),
+            },
+            target("< 1%", p < 1.0)
+        );
+    }
+    let p = percent(host_after.saturating_sub(host_before));
+    println!(
+        "{:<W$} {p:>9.2}% of one CPU  (this process, all threads)  {}",
+        "idle host process",
+        target("< 1%", p < 1.0)
+    );
+    println!(
+        "  (utime + stime from /proc over {seconds:.1} s, starting 0.5 s after the last call, \
+         no other plugin loaded; one clock tick is {:.2}% here)",
+        100.0 / tps / seconds
+    );
+}
+
+/// The shared-memory ping-pong baseline (Linux): the transport's mechanism alone, with no
+/// protocol and no MessagePack. A child process maps a region made by
+/// [`Region::create`](shm::Region::create) and echoes length-prefixed messages through the
+/// request and reply rings, with the transport's wait strategy on both sides: spin for
+/// [`SPIN`] ([`shm::spin_until`]), then sleep on a socket until the other side's doorbell
+/// byte; the host side announces its sleep in `host_sleep`, the child in `worker_state`
+/// (`SLEEPING`/`READING`), as the host's connection and the worker do.
+#[cfg(target_os = "linux")]
+mod pingpong {
+    use std::io::{self, Read};
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+    use std::process::{Child, Command, ExitCode, Stdio};
+    use std::sync::atomic::{fence, Ordering::SeqCst};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use plugin_host::protocol::shm::{
+        self, worker_state::READING, worker_state::SLEEPING, Region, Ring, RingReader, RingWriter,
+    };
+
+    use super::{raw_frame, stats, Stats};
+
+    /// How long either side spins before it sleeps: the transport's `HOST_SPIN` and
+    /// `WORKER_SPIN`.
+    const SPIN: Duration = Duration::from_micros(50);
+
+    /// One byte on the socket, never blocking (a full socket holds wake-ups enough).
+    fn ring_doorbell(bell: &UnixStream) {
+        use rustix::net::SendFlags;
+        let _ = rustix::net::send(bell, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+    }
+
+    /// The child (the worker's side): maps the region passed as its stdin, takes the
+    /// doorbell socket passed as its stdout, and echoes every message until the socket
+    /// ends.
+    pub fn echo_server() -> ExitCode {
+        let Ok(fd) = io::stdin().as_fd().try_clone_to_owned() else {
+            return ExitCode::from(2);
+        };
+        let region = match Region::open(&fd) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("bench-shm-echo-server: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let Ok(bell) = io::stdout().as_fd().try_clone_to_owned() else {
+            return ExitCode::from(2);
+        };
+        let bell = UnixStream::from(bell);
+        let mut rx = region.reader(Ring::Request);
+        let mut tx = region.writer(Ring::Reply);
+        // The length prefix and the body in one buffer, so each reply is one ring write.
+        // It only grows: no clearing of a megabyte per message.
+        let mut buf = vec![0u8; 4];
+        loop {
+            if recv(&mut rx, &region, &bell, &mut buf[..4]).is_err() {
+                return ExitCode::SUCCESS;
+            }
+            let n = 4 + u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            if recv(&mut rx, &region, &bell, &mut buf[4..n]).is_err()
+                || send(&mut tx, &region, &bell, &buf[..n]).is_err()
+            {
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+
+    /// The worker's read (`ShmInput`): read what is there; else spin; else say SLEEPING,
+    /// look once more, and sleep on the socket until a doorbell.
+    fn recv(
+        rx: &mut RingReader,
+        region: &Region,
+        bell: &UnixStream,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let state = region.worker_state();
+        let mut got = 0;
+        while got < buf.len() {
+            match rx.read(&mut buf[got..]) {
+                Ok(n) => {
+                    got += n;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if shm::spin_until(SPIN, || rx.has_data()) {
+                continue;
+            }
+            state.store(SLEEPING, SeqCst);
+            fence(SeqCst);
+            if !rx.has_data() {
+                let mut bells = [0u8; 64];
+                match (&*bell).read(&mut bells) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            state.store(READING, SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The worker's write (`ShmOutput`): publish, then ring the doorbell if the host said
+    /// it sleeps; on a full ring yield for a while, then sleep in growing steps.
+    fn send(
+        tx: &mut RingWriter,
+        region: &Region,
+        bell: &UnixStream,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let wake_host = || {
+            fence(SeqCst);
+            if region.host_sleep().swap(0, SeqCst) == 1 {
+                ring_doorbell(bell);
+            }
+        };
+        let mut sent = 0;
+        let mut backoff = Duration::from_micros(20);
+        while sent < data.len() {
+            match tx.try_write(&[&data[sent..]]) {
+                Ok(n) => {
+                    sent += n;
+                    wake_host();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wake_host();
+                    let full =
+                        |tx: &mut RingWriter| tx.unread().is_ok_and(|n| n == region.capacity());
+                    let start = Instant::now();
+                    while full(tx) && start.elapsed() < SPIN {
+                        std::thread::yield_now();
+                    }
+                    if full(tx) {
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_millis(1));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The parent (the host's side) of one ping-pong.
+    struct Peer {
+        child: Child,
+        region: Arc<Region>,
+        tx: RingWriter,
+        rx: RingReader,
+        bell: UnixStream,
+    }
+
+    impl Drop for Peer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn spawn() -> io::Result<Peer> {
+        let (region, fd) = Region::create(shm::DEFAULT_CAPACITY)?;
+        let (bell, theirs) = UnixStream::pair()?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("bench-shm-echo-server")
+            .stdin(Stdio::from(fd))
+            .stdout(Stdio::from(OwnedFd::from(theirs)))
+            .spawn()?;
+        Ok(Peer {
+            child,
+            tx: region.writer(Ring::Request),
+            rx: region.reader(Ring::Reply),
+            region,
+            bell,
+        })
+    }
+
+    /// How the host side sleeps once it stops spinning: a blocking read of the socket, or
+    /// the async-io reactor's readiness wait (what the host's connection does).
+    enum Bell<'a> {
+        Blocking(&'a UnixStream),
+        Reactor(&'a smol::Async<UnixStream>),
+    }
+
+    impl Bell<'_> {
+        /// Sleeps until a doorbell byte (or the end); drains what is there. `Ok(0)`: the
+        /// child is gone.
+        async fn wait(&self) -> io::Result<usize> {
+            let mut bells = [0u8; 64];
+            let read = match self {
+                Bell::Blocking(s) => (&**s).read(&mut bells),
+                Bell::Reactor(s) => {
+                    s.readable().await?;
+                    s.get_ref().read(&mut bells)
+                }
+            };
+            match read {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    Ok(1)
+                }
+                other => other,
+            }
+        }
+    }
+
+    /// The host's write (`write_some` + `kick_worker`): publish, then if the child sleeps,
+    /// move it to READING and ring the doorbell.
+    fn host_send(peer: &mut Peer, data: &[u8]) -> io::Result<()> {
+        let kick = |region: &Region, bell: &UnixStream| {
+            fence(SeqCst);
+            let state = region.worker_state();
+            if state.load(SeqCst) == SLEEPING
+                && state
+                    .compare_exchange(SLEEPING, READING, SeqCst, SeqCst)
+                    .is_ok()
+            {
+                ring_doorbell(bell);
+            }
+        };
+        let mut sent = 0;
+        let mut backoff = Duration::from_micros(20);
+        while sent < data.len() {
+            match peer.tx.try_write(&[&data[sent..]]) {
+                Ok(n) => {
+                    sent += n;
+                    kick(&peer.region, &peer.bell);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    kick(&peer.region, &peer.bell);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The host's read (`poll_wait` + `fill`): read what is there; else spin; else set
+    /// `host_sleep`, look once more, and sleep until a doorbell.
+    async fn host_recv(
+        rx: &mut RingReader,
+        region: &Region,
+        bell: &Bell<'_>,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            match rx.read(&mut buf[got..]) {
+                Ok(n) => {
+                    got += n;
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if shm::spin_until(SPIN, || rx.has_data()) {
+                continue;
+            }
+            region.host_sleep().store(1, SeqCst);
+            fence(SeqCst);
+            if rx.has_data() {
+                region.host_sleep().store(0, SeqCst);
+                continue;
+            }
+            if bell.wait().await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
+    }
+
+    async fn round_trip(
+        peer: &mut Peer,
+        bell: &Bell<'_>,
+        frame: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        host_send(peer, frame)?;
+        let mut len = [0u8; 4];
+        host_recv(&mut peer.rx, &peer.region, bell, &mut len).await?;
+        reply.resize(u32::from_le_bytes(len) as usize, 0);
+        host_recv(&mut peer.rx, &peer.region, bell, reply).await
+    }
+
+    /// One pair's round trip of `size` bytes: a warm-up (until the rings wrapped once, so
+    /// every page of both is mapped on both sides and no sample pays its first touch; at
+    /// most 200 ms beyond the usual tenth), then `iterations` samples.
+    async fn measure(
+        peer: &mut Peer,
+        bell: &Bell<'_>,
+        size: usize,
+        iterations: usize,
+    ) -> io::Result<Stats> {
+        let frame = raw_frame(size);
+        let mut reply = Vec::new();
+        let started = Instant::now();
+        let mut warm = 0;
+        while warm < iterations / 10 + 1
+            || (warm * frame.len() < peer.region.capacity()
+                && started.elapsed() < Duration::from_millis(200))
+        {
+            round_trip(peer, bell, &frame, &mut reply).await?;
+            warm += 1;
+        }
+        let mut samples = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let t = Instant::now();
+            round_trip(peer, bell, &frame, &mut reply).await?;
+            samples.push(t.elapsed());
+        }
+        debug_assert_eq!(reply.len(), size);
+        Ok(stats(samples))
+    }
+
+    /// The ping-pong round trip of `size` bytes on one fresh pair of processes, measured
+    /// twice: sleeping in a blocking read and in the async-io reactor; the faster is the
+    /// pair's figure (as for the socket).
+    pub fn latency(size: usize, iterations: usize) -> io::Result<Stats> {
+        let mut peer = spawn()?;
+        let bell = peer.bell.try_clone()?;
+        let blocking =
+            smol::block_on(measure(&mut peer, &Bell::Blocking(&bell), size, iterations))?;
+        let bell = smol::Async::new(bell)?;
+        let reactor = smol::block_on(measure(&mut peer, &Bell::Reactor(&bell), size, iterations))?;
+        Ok(if reactor.median < blocking.median {
+            reactor
+        } else {
+            blocking
+        })
+    }
+}
+
+/// CPU time from `/proc` (Linux): a process's user + system time, and a process tree's.
+#[cfg(target_os = "linux")]
+mod cpu {
+    use std::collections::HashMap;
+
+    /// Clock ticks per second: the unit of `utime` and `stime` in `/proc/<pid>/stat`.
+    pub fn ticks_per_second() -> f64 {
+        // SAFETY: sysconf only reads a system constant.
+        let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if n > 0 {
+            n as f64
+        } else {
+            100.0
+        }
+    }
+
+    /// `(ppid, utime + stime)` of process `pid`, in clock ticks (all its threads).
+    fn stat(pid: &str) -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) is in parentheses and may hold anything: count the
+        // fields after its last `)`, which starts at field 3 (state).
+        let rest = text.get(text.rfind(')')? + 1..)?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        Some((ppid, utime + stime))
+    }
+
+    /// The clock ticks each process has used, by pid: `root` and all its descendants.
+    pub fn tree(root: u32) -> HashMap<u32, u64> {
+        let mut all = Vec::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let Ok(pid) = name.parse::<u32>() else {
+                    continue;
+                };
+                if let Some((ppid, ticks)) = stat(name) {
+                    all.push((pid, ppid, ticks));
+                }
+            }
+        }
+        let mut found: HashMap<u32, u64> = HashMap::new();
+        let mut frontier = vec![root];
+        if let Some(&(_, _, ticks)) = all.iter().find(|(pid, _, _)| *pid == root) {
+            found.insert(root, ticks);
+        } else {
+            return found;
+        }
+        while let Some(parent) = frontier.pop() {
+            for &(pid, ppid, ticks) in &all {
+                if ppid == parent && found.insert(pid, ticks).is_none() {
+                    frontier.push(pid);
+                }
+            }
+        }
+        found
+    }
+
+    /// Ticks this process has used.
+    pub fn this_process() -> u64 {
+        stat("self").map_or(0, |(_, ticks)| ticks)
+    }
+
+    /// Ticks used between two snapshots of a tree: by the processes alive at the end
+    /// (all of it for one born in between). Returns the ticks and how many processes
+    /// ended in between (their time is not counted).
+    pub fn used(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> (u64, usize) {
+        let ticks = after
+            .iter()
+            .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+            .sum();
+        let ended = before.keys().filter(|pid| !after.contains_key(pid)).count();
+        (ticks, ended)
+    }
+}
+
+/// The child side of the shared-memory ping-pong baseline (`bench-shm-echo-server`).
+#[cfg(target_os = "linux")]
+pub fn shm_echo_server() -> ExitCode {
+    pingpong::echo_server()
 }

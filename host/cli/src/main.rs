@@ -119,11 +119,14 @@ enum Command {
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
     },
-    /// Measure call latency, throughput and cold start against raw baselines. Sets its own
-    /// policies (ignores --grant): isolated figures are for the default sandboxed worker;
-    /// cold start is measured with the sandbox off and on.
+    /// Measure call latency, throughput and cold start against raw baselines (a Unix
+    /// socket echo and, on Linux, a shared-memory ping-pong), then an idle worker's CPU use
+    /// and how fast a crash reaches the caller. Sets its own policies (ignores --grant):
+    /// isolated figures are for the default sandboxed worker; cold start is measured with
+    /// the sandbox off and on.
     Bench {
-        /// Directory holding the example plugins' manifests (uses hello and callbacks).
+        /// Directory holding the example plugins' manifests (uses hello, callbacks and
+        /// faulty).
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
         /// A short run (seconds) to check the command works; figures are noisy.
@@ -133,6 +136,10 @@ enum Command {
         /// latency (large on virtual machines) does not dominate small round trips.
         #[arg(long)]
         warm: bool,
+        /// The transport of the isolated plugins measured: `shm` (the library's default),
+        /// `socket`, or `both`, side by side in the same run with shm-vs-socket ratios.
+        #[arg(long, value_enum, default_value = "shm")]
+        transport: BenchTransport,
     },
     /// Chaos soak: many concurrent calls over several plugins with random faults; checks
     /// every call is answered exactly once, restarts match crashes, nothing leaks.
@@ -169,6 +176,21 @@ enum Command {
         /// The local socket name to connect to.
         socket: String,
     },
+    /// Internal: the shared-memory ping-pong peer the benchmark spawns as its baseline
+    /// (the region on stdin, the doorbell socket on stdout).
+    #[command(hide = true)]
+    BenchShmEchoServer,
+}
+
+/// `bench --transport`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchTransport {
+    /// The shared-memory rings.
+    Shm,
+    /// The socket.
+    Socket,
+    /// Both, side by side.
+    Both,
 }
 
 /// Maps an error to the documented exit code.
@@ -231,12 +253,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The bench starts workers with the sandbox off on purpose (to measure what the sandbox
     // costs) and says so once; the library's warning for each of them would drown the
-    // figures. Everywhere else, and whenever RUST_LOG is set, warnings are as they are.
+    // figures. It also crashes `faulty` on purpose, many times (to time crash -> error):
+    // likewise for the supervisor's warning about each crash. Everywhere else, and
+    // whenever RUST_LOG is set, warnings are as they are.
     // `check` says itself, on stdout, that it runs trusted plugins in a worker; the
     // library's warning that a plugin asked for trust and did not get it would repeat that
     // on stderr for each of them.
     let default_filter = match cli.command {
-        Command::Bench { .. } => "warn,plugin_host::sandbox=error",
+        Command::Bench { .. } => {
+            "warn,plugin_host::sandbox=error,plugin_host::backend::isolated::supervisor=error"
+        }
         Command::Check { .. } => "warn,plugin_host::host=error",
         _ => "warn",
     };
@@ -288,11 +314,20 @@ fn main() -> ExitCode {
             plugins,
             quick,
             warm,
+            transport,
         } => bench::run(
             &bench::Settings {
                 plugins,
                 quick,
                 warm,
+                transports: match transport {
+                    BenchTransport::Shm => vec![plugin_host::Transport::SharedMemory],
+                    BenchTransport::Socket => vec![plugin_host::Transport::Socket],
+                    BenchTransport::Both => vec![
+                        plugin_host::Transport::SharedMemory,
+                        plugin_host::Transport::Socket,
+                    ],
+                },
             },
             &host,
         ),
@@ -325,6 +360,10 @@ fn main() -> ExitCode {
         Command::BenchEchoServer { socket } => bench::echo_server(&socket),
         #[cfg(not(unix))]
         Command::Bench { .. } | Command::BenchEchoServer { .. } => usage("bench runs on Unix only"),
+        #[cfg(target_os = "linux")]
+        Command::BenchShmEchoServer => bench::shm_echo_server(),
+        #[cfg(not(target_os = "linux"))]
+        Command::BenchShmEchoServer => usage("the shared-memory baseline runs on Linux only"),
     }
 }
 
