@@ -14,7 +14,10 @@ use plugin_host::{Host, Plugin, Transport, Trust};
 const QUICK: Duration = Duration::from_secs(60);
 
 fn host_with(transport: Option<Transport>) -> Host {
-    let mut builder = Host::builder().search_path(artifacts()).grant_requested();
+    let mut builder = Host::builder()
+        .search_path(artifacts())
+        .worker_shim(worker_shim())
+        .grant_requested();
     if let Some(t) = transport {
         builder = builder.transport(t);
     }
