@@ -1195,25 +1195,16 @@ mod pingpong {
     use std::os::fd::{AsFd, OwnedFd};
     use std::os::unix::net::UnixStream;
     use std::process::{Child, Command, ExitCode, Stdio};
-    use std::sync::atomic::{fence, Ordering::SeqCst};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use plugin_host::protocol::shm::{
-        self, worker_state::READING, worker_state::SLEEPING, Region, Ring, RingReader, RingWriter,
-    };
+    use plugin_host::protocol::shm::{self, ring_doorbell, Region, Ring, RingReader, RingWriter};
 
     use super::{raw_frame, stats, Stats};
 
     /// How long either side spins before it sleeps: the transport's `HOST_SPIN` and
     /// `WORKER_SPIN`.
     const SPIN: Duration = Duration::from_micros(50);
-
-    /// One byte on the socket, never blocking (a full socket holds wake-ups enough).
-    fn ring_doorbell(bell: &UnixStream) {
-        use rustix::net::SendFlags;
-        let _ = rustix::net::send(bell, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
-    }
 
     /// The child (the worker's side): maps the region passed as its stdin, takes the
     /// doorbell socket passed as its stdout, and echoes every message until the socket
@@ -1262,7 +1253,6 @@ mod pingpong {
         bell: &UnixStream,
         buf: &mut [u8],
     ) -> io::Result<()> {
-        let state = region.worker_state();
         let mut got = 0;
         while got < buf.len() {
             match rx.read(&mut buf[got..]) {
@@ -1276,9 +1266,7 @@ mod pingpong {
             if shm::spin_until(SPIN, || rx.has_data()) {
                 continue;
             }
-            state.store(SLEEPING, SeqCst);
-            fence(SeqCst);
-            if !rx.has_data() {
+            if region.worker_may_sleep(|| rx.has_data()) {
                 let mut bells = [0u8; 64];
                 match (&*bell).read(&mut bells) {
                     Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -1286,8 +1274,8 @@ mod pingpong {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
+                region.worker_reading();
             }
-            state.store(READING, SeqCst);
         }
         Ok(())
     }
@@ -1301,8 +1289,7 @@ mod pingpong {
         data: &[u8],
     ) -> io::Result<()> {
         let wake_host = || {
-            fence(SeqCst);
-            if region.host_sleep().swap(0, SeqCst) == 1 {
+            if region.host_needs_doorbell() {
                 ring_doorbell(bell);
             }
         };
@@ -1401,13 +1388,7 @@ mod pingpong {
     /// move it to READING and ring the doorbell.
     fn host_send(peer: &mut Peer, data: &[u8]) -> io::Result<()> {
         let kick = |region: &Region, bell: &UnixStream| {
-            fence(SeqCst);
-            let state = region.worker_state();
-            if state.load(SeqCst) == SLEEPING
-                && state
-                    .compare_exchange(SLEEPING, READING, SeqCst, SeqCst)
-                    .is_ok()
-            {
+            if region.worker_needs_doorbell() {
                 ring_doorbell(bell);
             }
         };
@@ -1451,10 +1432,7 @@ mod pingpong {
             if shm::spin_until(SPIN, || rx.has_data()) {
                 continue;
             }
-            region.host_sleep().store(1, SeqCst);
-            fence(SeqCst);
-            if rx.has_data() {
-                region.host_sleep().store(0, SeqCst);
+            if !region.host_may_sleep(|| rx.has_data()) {
                 continue;
             }
             if bell.wait().await? == 0 {

@@ -242,6 +242,72 @@ impl Region {
         self.word32(OFF_WORKER_STATE)
     }
 
+    /// The host's reader, about to sleep on the socket: says so in `host_sleep`, then
+    /// looks at the reply ring once more (`ready`). Returns whether it may sleep; if not,
+    /// the flag is taken back. The fence pairs with [`Region::host_needs_doorbell`]'s, so
+    /// a reply published meanwhile is either seen here or rings the doorbell.
+    pub fn host_may_sleep(&self, ready: impl Fn() -> bool) -> bool {
+        self.host_sleep().store(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if ready() {
+            self.host_sleep().store(0, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// The worker, after publishing into the reply ring: whether the host's reader sleeps
+    /// and must get a doorbell byte (the flag is cleared: one byte per sleep).
+    pub fn host_needs_doorbell(&self) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.host_sleep().swap(0, Ordering::SeqCst) == 1
+    }
+
+    /// The worker's reader, about to sleep on the socket: says so in `worker_state`, then
+    /// looks at the request ring once more (`ready`). Returns whether it may sleep; if
+    /// not, it is reading again. Pairs with [`Region::worker_needs_doorbell`].
+    pub fn worker_may_sleep(&self, ready: impl Fn() -> bool) -> bool {
+        self.worker_state()
+            .store(worker_state::SLEEPING, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if ready() {
+            self.worker_reading();
+            return false;
+        }
+        true
+    }
+
+    /// A worker thread holds the reader role and reads (after a sleep, or on taking it).
+    pub fn worker_reading(&self) {
+        self.worker_state()
+            .store(worker_state::READING, Ordering::SeqCst);
+    }
+
+    /// The worker's reader leaves the role vacant to run a call. The fence orders that
+    /// before the caller's last look at the request ring (pairs with the host's look at
+    /// the state in [`Region::worker_needs_doorbell`]).
+    pub fn worker_vacates(&self) {
+        self.worker_state()
+            .store(worker_state::VACANT, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// The host, after publishing into the request ring: whether the worker's reader
+    /// sleeps and must get a doorbell byte (its state moves to reading: one byte per
+    /// sleep).
+    pub fn worker_needs_doorbell(&self) -> bool {
+        use worker_state::{READING, SLEEPING};
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.worker_state()
+            .compare_exchange(SLEEPING, READING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Whether the worker's reader role is vacant (no thread reads; no standby woken yet).
+    pub fn worker_vacant(&self) -> bool {
+        self.worker_state().load(Ordering::SeqCst) == worker_state::VACANT
+    }
+
     /// Wakes one standby thread if the worker's reader role is vacant and no standby was
     /// woken for it yet (a frame waits in the request ring). Either side may call it.
     pub fn claim_and_wake_standby(&self) {
@@ -369,6 +435,13 @@ pub fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
             std::hint::spin_loop();
         }
     }
+}
+
+/// One byte on the socket: wakes the other side's reader, asleep reading it. Never blocks
+/// (a full socket already holds wake-ups enough) and never raises `SIGPIPE`.
+pub fn ring_doorbell(socket: impl AsFd) {
+    use rustix::net::SendFlags;
+    let _ = rustix::net::send(socket, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
 }
 
 fn bad_index(what: String) -> io::Error {

@@ -274,11 +274,8 @@ impl ShmInput {
         &mut self,
         mut op: impl FnMut(&mut protocol::shm::RingReader) -> std::io::Result<usize>,
     ) -> std::io::Result<usize> {
-        use protocol::shm::worker_state::{READING, SLEEPING};
         use std::io::Read;
-        use std::sync::atomic::{fence, Ordering::SeqCst};
         let region = self.rx.region().clone();
-        let state = region.worker_state();
         loop {
             match op(&mut self.rx) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -287,11 +284,7 @@ impl ShmInput {
             if protocol::shm::spin_until(WORKER_SPIN, || self.rx.has_data()) {
                 continue;
             }
-            state.store(SLEEPING, SeqCst);
-            // Orders the state before the last look at the ring (the host orders its ring
-            // write before its look at the state).
-            fence(SeqCst);
-            if !self.rx.has_data() {
+            if region.worker_may_sleep(|| self.rx.has_data()) {
                 let mut bells = [0u8; 64];
                 match (&*self.sock).read(&mut bells) {
                     Ok(0) => return Ok(0),
@@ -299,8 +292,8 @@ impl ShmInput {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
+                region.worker_reading();
             }
-            state.store(READING, SeqCst);
         }
     }
 }
@@ -345,11 +338,8 @@ struct ShmOutput {
 #[cfg(target_os = "linux")]
 impl ShmOutput {
     fn wake_host(&self) {
-        use std::sync::atomic::{fence, Ordering::SeqCst};
-        fence(SeqCst);
-        if self.tx.region().host_sleep().swap(0, SeqCst) == 1 {
-            use rustix::net::SendFlags;
-            let _ = rustix::net::send(&*self.sock, &[1], SendFlags::DONTWAIT | SendFlags::NOSIGNAL);
+        if self.tx.region().host_needs_doorbell() {
+            protocol::shm::ring_doorbell(&*self.sock);
         }
     }
 
@@ -860,7 +850,6 @@ impl Shared {
     fn take_reader(&self) -> Option<std::sync::MutexGuard<'_, Reader>> {
         #[cfg(target_os = "linux")]
         if let Some(region) = &self.region {
-            use protocol::shm::worker_state::READING;
             use std::sync::TryLockError;
             let take = || match self.reader.try_lock() {
                 Ok(guard) => Some(guard),
@@ -872,7 +861,7 @@ impl Shared {
                 region.standby_wait(seen, STANDBY_TIMEOUT);
                 return None;
             };
-            region.worker_state().store(READING, Ordering::SeqCst);
+            region.worker_reading();
             return Some(guard);
         }
         Some(self.reader.lock().unwrap_or_else(|e| e.into_inner()))
@@ -883,9 +872,7 @@ impl Shared {
     fn vacate(&self, reader: std::sync::MutexGuard<'_, Reader>) {
         #[cfg(target_os = "linux")]
         if let Some(region) = &self.region {
-            use protocol::shm::worker_state::VACANT;
-            region.worker_state().store(VACANT, Ordering::SeqCst);
-            std::sync::atomic::fence(Ordering::SeqCst);
+            region.worker_vacates();
             let waiting = match &*reader {
                 Input::Shm(input) => input.rx.has_data(),
                 Input::Socket(_) => false,

@@ -99,6 +99,9 @@ struct ShmLink {
     rx: Mutex<crate::protocol::shm::RingReader>,
     /// The request ring: written only under the write lock.
     tx: Mutex<crate::protocol::shm::RingWriter>,
+    /// The socket reached its end (the worker is gone): once the reply ring is empty,
+    /// reading returns end of stream.
+    eof: std::sync::atomic::AtomicBool,
 }
 
 struct Pending {
@@ -261,6 +264,7 @@ impl Conn {
         let link = ShmLink {
             rx: Mutex::new(region.reader(Ring::Reply)),
             tx: Mutex::new(region.writer(Ring::Request)),
+            eof: std::sync::atomic::AtomicBool::new(false),
             region,
         };
         self.shm
@@ -286,44 +290,18 @@ impl Conn {
     /// reader went off to run a call) and none was woken yet.
     #[cfg(target_os = "linux")]
     fn kick_worker(&self, link: &ShmLink) {
-        use crate::protocol::shm::worker_state::{READING, SLEEPING, VACANT};
-        use std::sync::atomic::Ordering::SeqCst;
-        // Orders our ring write before the read of the worker's state (the worker orders
-        // its state write before its last look at the ring).
-        std::sync::atomic::fence(SeqCst);
-        let state = link.region.worker_state();
-        match state.load(SeqCst) {
-            SLEEPING
-                if state
-                    .compare_exchange(SLEEPING, READING, SeqCst, SeqCst)
-                    .is_ok() =>
-            {
-                self.ring_doorbell();
+        if link.region.worker_needs_doorbell() {
+            crate::protocol::shm::ring_doorbell(self.stream.get_ref());
+        } else if link.region.worker_vacant() {
+            let unread = {
+                let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
+                tx.unread().is_ok_and(|n| n > 0)
+            };
+            if unread {
+                link.region.claim_and_wake_standby();
             }
-            VACANT => {
-                let unread = {
-                    let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
-                    tx.unread().is_ok_and(|n| n > 0)
-                };
-                if unread {
-                    link.region.claim_and_wake_standby();
-                }
-            }
-            // READING, WAKING, or whatever a hostile worker wrote there: nothing to do.
-            _ => {}
         }
-    }
-
-    /// One byte on the socket: wakes the other side's sleeping reader. Never blocks (a
-    /// full socket already holds wake-ups enough).
-    #[cfg(target_os = "linux")]
-    fn ring_doorbell(&self) {
-        use rustix::net::SendFlags;
-        let _ = rustix::net::send(
-            self.stream.get_ref(),
-            &[1],
-            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
-        );
+        // Otherwise READING, WAKING, or whatever a hostile worker wrote there: nothing to do.
     }
 
     /// Reads (and drops) doorbell bytes: `Ok(0)` at end of stream, `WouldBlock` when none.
@@ -340,14 +318,13 @@ impl Conn {
         if let Some(link) = self.link() {
             let mut rx = link.rx.lock().unwrap_or_else(|e| e.into_inner());
             return match buf.fill_spare(&mut *rx) {
-                // Nothing in the ring: the socket says whether the worker is still there.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drop(rx);
-                    match self.drain_doorbell()? {
-                        0 => Ok(0),
-                        // Doorbells only: look at the ring again (after a yield).
-                        _ => Err(io::ErrorKind::Interrupted.into()),
-                    }
+                // Nothing in the ring: the end of stream once the socket said so (the
+                // socket is looked at before sleeping, in `poll_wait`, not on every read).
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && link.eof.load(std::sync::atomic::Ordering::Acquire) =>
+                {
+                    Ok(0)
                 }
                 other => other,
             };
@@ -359,20 +336,26 @@ impl Conn {
     fn poll_wait(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
         #[cfg(target_os = "linux")]
         if let Some(link) = self.link() {
-            use std::sync::atomic::Ordering::SeqCst;
             let ready = || link.rx.lock().unwrap_or_else(|e| e.into_inner()).has_data();
             if crate::protocol::shm::spin_until(HOST_SPIN, ready) {
                 return Poll::Ready(Ok(()));
             }
-            link.region.host_sleep().store(1, SeqCst);
-            // Orders the flag before the last look at the ring (the worker orders its ring
-            // write before its look at the flag).
-            std::sync::atomic::fence(SeqCst);
-            if ready() {
-                link.region.host_sleep().store(0, SeqCst);
+            // Before sleeping: drop the doorbells already there, and see whether the
+            // worker is gone.
+            match self.drain_doorbell() {
+                Ok(0) => {
+                    link.eof.store(true, std::sync::atomic::Ordering::Release);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(_) => return Poll::Ready(Ok(())),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if !link.region.host_may_sleep(ready) {
                 return Poll::Ready(Ok(()));
             }
-            // A doorbell written since the last drain is in the socket: readable at once.
+            // A doorbell written since the drain is in the socket: readable at once.
             return self.stream.poll_readable(cx);
         }
         self.stream.poll_readable(cx)
@@ -660,11 +643,6 @@ impl Conn {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (frames, None, true),
-                // Doorbell bytes only (shared memory): report progress, so that a worker
-                // writing nothing but doorbells cannot hold this loop.
-                Err(e) if e.kind() == io::ErrorKind::Interrupted && self.uses_shm() => {
-                    return (frames, None, false)
-                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // An impossible position in the shared region: the worker scribbled on it.
                 Err(e) if e.kind() == io::ErrorKind::InvalidData && self.uses_shm() => {
@@ -715,6 +693,12 @@ impl Conn {
                 };
                 state.reader_busy = true;
                 drop(state);
+                // The process is gone, so its end of the socket is closed: past what the
+                // reply ring holds there is nothing more.
+                #[cfg(target_os = "linux")]
+                if let Some(link) = self.link() {
+                    link.eof.store(true, std::sync::atomic::Ordering::Release);
+                }
                 let (frames, failure, _) = self.read_available(&mut buf, false);
                 // With the process gone, "would block" means something else holds the
                 // socket open; the worker is over all the same.
@@ -1138,7 +1122,16 @@ impl CallGuard {
                 continue;
             }
             match conn.poll_wait(cx) {
-                Poll::Ready(Ok(())) => continue,
+                // Counted like a read: a worker that only rings the doorbell cannot hold
+                // this poll either.
+                Poll::Ready(Ok(())) => {
+                    rounds += 1;
+                    if rounds >= READS_PER_POLL {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
                 Poll::Ready(Err(e)) => conn.close(CloseReason::Io(e.to_string())),
                 Poll::Pending => return Poll::Pending,
             }
