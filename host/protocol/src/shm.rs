@@ -298,9 +298,13 @@ impl Region {
     pub fn worker_needs_doorbell(&self) -> bool {
         use worker_state::{READING, SLEEPING};
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.worker_state()
-            .compare_exchange(SLEEPING, READING, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        let state = self.worker_state();
+        // A plain load first: the compare-and-swap would take the line from the worker
+        // on every call even when its reader is awake.
+        state.load(Ordering::SeqCst) == SLEEPING
+            && state
+                .compare_exchange(SLEEPING, READING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
     }
 
     /// Whether the worker's reader role is vacant (no thread reads; no standby woken yet).
