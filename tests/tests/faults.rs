@@ -232,10 +232,17 @@ fn idle(plugin: &Plugin, case: &Case) {
 }
 
 fn with_innocents(plugin: &Plugin, case: &Case) {
+    // Innocents that should see the worker die sleep far longer than any fault takes to
+    // strike (a memory bomb on a loaded machine takes over a second), so they are
+    // certainly still running when it does; the others end on their own.
+    let ms: u64 = match case.innocents {
+        Innocents::Complete => 1500,
+        Innocents::Crashed | Innocents::Killed => 20_000,
+    };
     let innocents: Vec<_> = (0..8)
         .map(|_| {
             let p = plugin.clone();
-            std::thread::spawn(move || p.call_blocking::<_, u64>("sleep", &json!({"ms": 1500})))
+            std::thread::spawn(move || p.call_blocking::<_, u64>("sleep", &json!({ "ms": ms })))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(150));

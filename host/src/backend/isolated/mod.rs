@@ -62,6 +62,10 @@ pub(crate) struct Worker {
     desc: Descriptor,
     /// Set by whoever handles this worker's death first.
     handled: AtomicBool,
+    /// Set once its death has been recorded in the plugin's status (or once it is known
+    /// that it never will be: retired, reclaimed, quarantined or shut down), so a caller
+    /// whose call it crashed sees the crash in the status too.
+    settled: smol::lock::OnceCell<()>,
     /// Sandbox layers in force in the plugin's process.
     sandbox: Vec<String>,
     /// Layers missing (best-effort mode), `layer: why`.
@@ -87,6 +91,7 @@ impl Worker {
             conn,
             desc,
             handled: AtomicBool::new(false),
+            settled: smol::lock::OnceCell::new(),
             sandbox: Vec::new(),
             sandbox_missing: Vec::new(),
             crash: smol::lock::OnceCell::new(),
@@ -107,6 +112,17 @@ impl Worker {
     fn idle_for(&self) -> Duration {
         let since = Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
         self.process.uptime().saturating_sub(since)
+    }
+
+    /// Marks its death as accounted for (see `settled`).
+    fn settle(&self) {
+        let _ = self.settled.set_blocking(());
+    }
+
+    /// Hands it over to a path that ends it without a crash being recorded.
+    fn disown(&self) {
+        self.handled.store(true, Ordering::Release);
+        self.settle();
     }
 
     fn is_alive(&self) -> bool {

@@ -438,7 +438,10 @@ impl Inner {
             match &*slot {
                 Slot::Ready(current) if Arc::ptr_eq(current, worker) => *slot = Slot::Restarting,
                 // Shut down, or already replaced: nothing to supervise.
-                _ => return,
+                _ => {
+                    worker.settle();
+                    return;
+                }
             }
         }
         self.changed.notify(usize::MAX);
@@ -454,6 +457,7 @@ impl Inner {
             let restarts = inner.restarts.load(Ordering::Relaxed);
             let report = worker.shared_report(&inner.spec, &closed, restarts).await;
             inner.after_crash(index, report);
+            worker.settle();
         })
         .detach();
     }
@@ -487,7 +491,7 @@ impl Inner {
                 let mut slot = lock(slot);
                 if !matches!(*slot, Slot::Stopped) {
                     if let Slot::Ready(w) = &*slot {
-                        w.handled.store(true, Ordering::Release);
+                        w.disown();
                     }
                     *slot = Slot::Quarantined(report.clone());
                 }
@@ -537,7 +541,7 @@ impl Inner {
                 return;
             }
             let w = w.clone();
-            w.handled.store(true, Ordering::Release);
+            w.disown();
             *slot = Slot::Idle;
             w
         };
@@ -553,7 +557,7 @@ impl Inner {
 
     /// Lets a replaced worker finish the calls it holds (for up to `grace`), then ends it.
     fn retire(worker: Arc<Worker>, grace: Duration) {
-        worker.handled.store(true, Ordering::Release);
+        worker.disown();
         smol::spawn(async move {
             drain(&worker, Instant::now() + grace).await;
             worker.conn.close(CloseReason::Host);
@@ -571,6 +575,17 @@ impl Inner {
         let report = worker
             .shared_report(&self.spec, closed, self.restarts.load(Ordering::Relaxed))
             .await;
+        // The crash is recorded (status, counters, the `Crashed` event) by the task that
+        // handles the worker's death, right after the report is built: wait for it, so a
+        // caller that looks at the status after its error sees this crash. Bounded: the
+        // exit hook that starts that task runs on reaping, which the report waited for.
+        let settled = async {
+            worker.settled.wait().await;
+        };
+        let limit = async {
+            smol::Timer::after(Duration::from_secs(2)).await;
+        };
+        futures_lite::future::or(settled, limit).await;
         let method = method.to_string();
         match closed.reason {
             CloseReason::Killed(_) => CallError::Killed {
