@@ -123,6 +123,43 @@ fn many_calls_in_flight_fill_the_rings_and_each_gets_its_own_answer() {
     assert_eq!(plugin.status().crashes, 0);
 }
 
+#[test]
+fn a_large_reply_comes_back_in_its_calls_input_buffer_when_that_fits() {
+    // The input's pages are mapped already; a fresh reply buffer would fault each one in
+    // (that was most of a 1 MiB call's time). Both transports read replies the same way.
+    for transport in [Transport::SharedMemory, Transport::Socket] {
+        let plugin = load(&host_with(Some(transport)), 8 << 20);
+        // (payload, spare capacity, whether the reply lands in the input's memory)
+        for (len, capacity, reused) in [
+            (1 << 20, 1 << 20, true),
+            (1 << 20, 3 << 19, true),
+            // Far too large: the caller would hold on to memory it did not ask for.
+            (1 << 20, 3 << 20, false),
+        ] {
+            let mut input = Vec::with_capacity(capacity);
+            input.extend_from_slice(&pattern(len, len as u8));
+            let expected = input.clone();
+            let address = input.as_ptr();
+            let out = run_with_limit(QUICK, plugin.call_raw("echo", input)).unwrap();
+            assert!(
+                out == expected,
+                "{transport:?}: {len} bytes came back changed"
+            );
+            let what = format!("{transport:?}: {len} bytes with a {capacity}-byte input buffer");
+            match reused {
+                true => assert!(
+                    out.as_ptr() == address && out.capacity() == capacity,
+                    "{what}"
+                ),
+                // A buffer of its own (the allocator may reuse the freed input's address,
+                // so the capacity tells).
+                false => assert_eq!(out.capacity(), len, "{what}"),
+            }
+        }
+        assert_eq!(plugin.status().crashes, 0);
+    }
+}
+
 /// CPU time (user + system, in clock ticks) of `pid` and its descendants.
 fn cpu_ticks(pid: u32) -> u64 {
     std::iter::once(pid)

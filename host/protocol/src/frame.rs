@@ -338,6 +338,18 @@ impl FrameBuffer {
 
     /// Takes the next whole frame, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        self.next_frame_with(|_, _| None)
+    }
+
+    /// Like [`next_frame`](Self::next_frame), but a large payload (read straight into
+    /// its own buffer once the header is in) goes into the buffer `buffer_for` returns
+    /// for its message and length, if any, when that buffer's capacity is between the
+    /// length and twice it. A caller can so reuse memory that is already mapped (the
+    /// call's own input, for its reply) instead of faulting in fresh pages.
+    pub fn next_frame_with(
+        &mut self,
+        buffer_for: impl FnOnce(&Message, usize) -> Option<Vec<u8>>,
+    ) -> Result<Option<Frame>, FrameError> {
         if let Some(p) = &self.partial {
             if p.payload.len() < p.len {
                 return Ok(None);
@@ -371,7 +383,13 @@ impl FrameBuffer {
                 if avail >= 8 + head_len {
                     let message = decode_head(&self.buf[body_start + 4..payload_start])?;
                     let len = body_len - 4 - head_len;
-                    let mut payload = Vec::with_capacity(len);
+                    let mut payload = buffer_for(&message, len)
+                        .filter(|b| (len..=len.saturating_mul(2)).contains(&b.capacity()))
+                        .map(|mut b| {
+                            b.clear();
+                            b
+                        })
+                        .unwrap_or_else(|| Vec::with_capacity(len));
                     payload.extend_from_slice(&self.buf[payload_start..self.end]);
                     self.start = self.end;
                     self.partial = Some(Partial {
@@ -476,6 +494,49 @@ mod tests {
             read_frame(&mut &bad_head[..], 1024),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_large_payload_goes_into_the_offered_buffer_only_when_it_fits_snugly() {
+        let len = 200_000;
+        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let bytes = frame(&Message::Reply { id: 9, status: 0 }, &payload);
+        // (offered capacity, whether it is used)
+        for (capacity, used) in [
+            (len, true),
+            (2 * len, true),
+            (len - 1, false),
+            (2 * len + 1, false),
+        ] {
+            let offered = vec![0xAAu8; capacity];
+            let address = offered.as_ptr();
+            let mut offered = Some(offered);
+            let mut asked = None;
+            let mut fb = FrameBuffer::new(1 << 20);
+            let mut frames = Vec::new();
+            for piece in bytes.chunks(4096) {
+                let mut reader = piece;
+                while !reader.is_empty() {
+                    fb.fill(&mut reader).unwrap();
+                }
+                let next = fb.next_frame_with(|message, n| {
+                    asked = Some((message.clone(), n));
+                    offered.take()
+                });
+                frames.extend(next.unwrap());
+            }
+            assert_eq!(asked, Some((Message::Reply { id: 9, status: 0 }, len)));
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].payload, payload, "capacity {capacity}");
+            let got = &frames[0].payload;
+            if used {
+                assert!(got.as_ptr() == address && got.capacity() == capacity);
+            } else {
+                // A buffer of its own (the allocator may hand out the refused one's
+                // address again, so the capacity tells).
+                assert_eq!(got.capacity(), len, "capacity {capacity}");
+            }
+        }
     }
 
     #[test]

@@ -91,6 +91,10 @@ const PING_BIT: u64 = 1 << 63;
 #[cfg(target_os = "linux")]
 const HOST_SPIN: Duration = Duration::from_micros(50);
 
+/// Input buffers at least this large are kept for their call's reply (smaller ones cost
+/// little to allocate and are not worth the lock).
+const SPARE_MIN: usize = 64 * 1024;
+
 /// The shared-memory rings, once the connection moved to them.
 #[cfg(target_os = "linux")]
 struct ShmLink {
@@ -110,6 +114,9 @@ struct Pending {
     cancel: CancelHandle,
     /// A streaming call's items and window.
     stream: Option<StreamState>,
+    /// The call's input buffer, once sent: a large reply is read into it (its pages are
+    /// mapped already; a fresh buffer would fault each one in).
+    spare: Option<Vec<u8>>,
 }
 
 /// The host's side of a streaming call's flow control.
@@ -541,6 +548,7 @@ impl Conn {
             progress,
             cancel: CancelHandle::new(),
             stream,
+            spare: None,
         };
         state.pending.insert(id, pending);
         if id & PING_BIT == 0 {
@@ -606,8 +614,15 @@ impl Conn {
         stop_at_frames: bool,
     ) -> (Vec<Frame>, Option<CloseReason>, bool) {
         let mut frames = Vec::new();
+        // A large reply goes into its call's spare buffer, if it left one.
+        let spare = |message: &Message, _: usize| match message {
+            Message::Reply { id, .. } => {
+                self.lock().pending.get_mut(id).and_then(|p| p.spare.take())
+            }
+            _ => None,
+        };
         loop {
-            match buf.next_frame() {
+            match buf.next_frame_with(spare) {
                 Ok(Some(frame)) => {
                     frames.push(frame);
                     continue;
@@ -1027,6 +1042,17 @@ impl CallGuard {
         let result = poll_fn(|cx| self.poll_reply(cx)).await;
         self.answered = true;
         result
+    }
+
+    /// Hands the call's input buffer over once it is sent: a large reply is read into
+    /// it when it is about the right size (see [`FrameBuffer::next_frame_with`]).
+    pub fn give_buffer(&self, buffer: Vec<u8>) {
+        if buffer.capacity() < SPARE_MIN {
+            return;
+        }
+        if let Some(p) = self.conn.lock().pending.get_mut(&self.id) {
+            p.spare = Some(buffer);
+        }
     }
 
     /// The caller gave up on the call but the guard lives on (to see the worker finish

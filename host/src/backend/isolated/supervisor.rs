@@ -657,7 +657,7 @@ async fn race<T>(
 }
 
 impl Backend for Isolated {
-    fn call(&self, call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>> {
+    fn call(&self, mut call: CallRequest) -> BoxFuture<Result<Vec<u8>, CallError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let plugin = &*inner.spec.plugin;
@@ -712,7 +712,11 @@ impl Backend for Isolated {
                 )
                 .await;
                 match sent {
-                    Race::Done(Ok(guard)) => break (lease, guard),
+                    Race::Done(Ok(guard)) => {
+                        // Sent whole: the input's memory can take the reply.
+                        guard.give_buffer(std::mem::take(&mut call.input));
+                        break (lease, guard);
+                    }
                     // Never reached that worker (it died or was retired before the frame
                     // went out): another worker, or its replacement, takes the call.
                     Race::Done(Err(_)) => continue,
