@@ -1186,7 +1186,8 @@ fn idle_cpu(sides: &[Side], window: Duration) {
 /// protocol and no MessagePack. A child process maps a region made by
 /// [`Region::create`](shm::Region::create) and echoes length-prefixed messages through the
 /// request and reply rings, with the transport's wait strategy on both sides: spin for
-/// [`SPIN`] ([`shm::spin_until`]), then sleep on a socket until the other side's doorbell
+/// [`SPIN`] ([`Region::spin_until`](shm::Region::spin_until), which stops spinning
+/// while both sides share a CPU), then sleep on a socket until the other side's doorbell
 /// byte; the host side announces its sleep in `host_sleep`, the child in `worker_state`
 /// (`SLEEPING`/`READING`), as the host's connection and the worker do.
 #[cfg(target_os = "linux")]
@@ -1263,7 +1264,7 @@ mod pingpong {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            if shm::spin_until(SPIN, || rx.has_data()) {
+            if region.spin_until(shm::Side::Worker, SPIN, || rx.has_data()) {
                 continue;
             }
             if region.worker_may_sleep(|| rx.has_data()) {
@@ -1429,7 +1430,7 @@ mod pingpong {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            if shm::spin_until(SPIN, || rx.has_data()) {
+            if region.spin_until(shm::Side::Host, SPIN, || rx.has_data()) {
                 continue;
             }
             if !region.host_may_sleep(|| rx.has_data()) {

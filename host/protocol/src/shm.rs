@@ -60,6 +60,10 @@ const OFF_REP_HEAD: usize = 256; // host writes
 const OFF_HOST_SLEEP: usize = 320; // host sets, worker clears
 const OFF_WORKER_STATE: usize = 384; // worker sets, host moves SLEEPING -> READING
 const OFF_STANDBY: usize = 448; // futex word: the host bumps it to wake a standby thread
+const OFF_HOST_CPU: usize = 512; // host writes: the CPU its waiting thread last ran on
+const OFF_WORKER_CPU: usize = 576; // worker writes: likewise
+/// No CPU noted yet (a peer that never notes one, as one built before, reads as this).
+const NO_CPU: u32 = u32::MAX;
 /// Where the rings' bytes start.
 const DATA: usize = 4096;
 
@@ -153,6 +157,10 @@ impl Region {
             .word64(OFF_CAPACITY)
             .store(capacity as u64, Ordering::Relaxed);
         region.word32(OFF_LAYOUT).store(LAYOUT, Ordering::Relaxed);
+        region.word32(OFF_HOST_CPU).store(NO_CPU, Ordering::Relaxed);
+        region
+            .word32(OFF_WORKER_CPU)
+            .store(NO_CPU, Ordering::Relaxed);
         region.word64(OFF_MAGIC).store(MAGIC, Ordering::Release);
         Ok((Arc::new(region), fd))
     }
@@ -419,24 +427,58 @@ impl Drop for Region {
     }
 }
 
-/// The wait both sides use before they sleep: spins until `ready` or `limit` passes
-/// (yielding the CPU every 64 rounds, so that on a busy machine the other side gets to
-/// run); returns whether `ready` came true.
-pub fn spin_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
-    let start = std::time::Instant::now();
-    let mut spins = 0u32;
-    loop {
-        if ready() {
-            return true;
+/// Which side of the region a thread waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The host process.
+    Host,
+    /// The worker process.
+    Worker,
+}
+
+impl Region {
+    /// The wait both sides use before they sleep: spins until `ready` or `limit` passes
+    /// (yielding the CPU every 64 rounds); returns whether `ready` came true.
+    ///
+    /// Spinning only pays while the other side runs on another CPU. When both share one
+    /// (the machine's other CPUs are busy), every round spun is taken from the side
+    /// being waited for. So each side notes in the region the CPU it waits on, and stops
+    /// spinning (to sleep, as it would after `limit`) when the other side's CPU is its
+    /// own. What the worker notes is a hint for the host's spin, nothing more: a wrong
+    /// value costs the host a sleep or a spin, never correctness.
+    pub fn spin_until(&self, me: Side, limit: Duration, ready: impl Fn() -> bool) -> bool {
+        let (mine, theirs) = match me {
+            Side::Host => (self.word32(OFF_HOST_CPU), self.word32(OFF_WORKER_CPU)),
+            Side::Worker => (self.word32(OFF_WORKER_CPU), self.word32(OFF_HOST_CPU)),
+        };
+        // Whether the other side was last seen on this thread's CPU (noting it).
+        let shared = || {
+            let here = u32::try_from(rustix::thread::sched_getcpu()).unwrap_or(NO_CPU);
+            mine.store(here, Ordering::Relaxed);
+            here != NO_CPU && theirs.load(Ordering::Relaxed) == here
+        };
+        if shared() {
+            return ready();
         }
-        if start.elapsed() >= limit {
-            return false;
-        }
-        spins = spins.wrapping_add(1);
-        if spins.is_multiple_of(64) {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
+        let start = std::time::Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if ready() {
+                return true;
+            }
+            if start.elapsed() >= limit {
+                return false;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(64) {
+                std::thread::yield_now();
+                // The scheduler may have moved either side meanwhile.
+                if shared() {
+                    return ready();
+                }
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
@@ -640,6 +682,8 @@ pub mod raw {
         ("host_sleep", OFF_HOST_SLEEP),
         ("worker_state", OFF_WORKER_STATE),
         ("standby", OFF_STANDBY),
+        ("host_cpu", OFF_HOST_CPU),
+        ("worker_cpu", OFF_WORKER_CPU),
     ];
 
     /// Stores `value` into the control word `name` (see [`WORDS`]).
@@ -649,7 +693,15 @@ pub mod raw {
             .find(|(n, _)| *n == name)
             .expect("a known word")
             .1;
-        if off == OFF_HOST_SLEEP || off == OFF_WORKER_STATE || off == OFF_STANDBY {
+        if [
+            OFF_HOST_SLEEP,
+            OFF_WORKER_STATE,
+            OFF_STANDBY,
+            OFF_HOST_CPU,
+            OFF_WORKER_CPU,
+        ]
+        .contains(&off)
+        {
             region.word32(off).store(value as u32, Ordering::SeqCst);
         } else {
             region.word64(off).store(value, Ordering::SeqCst);
@@ -671,6 +723,50 @@ mod tests {
     fn pair(capacity: usize) -> (Arc<Region>, Arc<Region>) {
         let (host, fd) = Region::create(capacity).unwrap();
         (host, Region::open(&fd).unwrap())
+    }
+
+    /// Keeps the calling thread on one CPU (so `sched_getcpu` is stable) and says which.
+    fn pin_to_one_cpu() -> u32 {
+        let cpu = rustix::thread::sched_getcpu();
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        rustix::thread::sched_setaffinity(None, &set).unwrap();
+        cpu as u32
+    }
+
+    #[test]
+    fn a_side_spins_only_while_the_other_is_on_another_cpu() {
+        let result = std::thread::spawn(|| {
+            let (host, _worker) = pair(4096);
+            let cpu = pin_to_one_cpu();
+            // The worker's CPU unknown (as with a peer that never notes one): spin until
+            // ready, and note the host's CPU.
+            let rounds = std::sync::atomic::AtomicU32::new(0);
+            let ready = || rounds.fetch_add(1, Ordering::Relaxed) >= 500;
+            assert!(host.spin_until(Side::Host, Duration::from_secs(30), ready));
+            assert_eq!(host.word32(OFF_HOST_CPU).load(Ordering::Relaxed), cpu);
+            // The worker was last on another CPU: the same.
+            raw::poke(&host, "worker_cpu", u64::from(cpu) + 1);
+            rounds.store(0, Ordering::Relaxed);
+            assert!(host.spin_until(Side::Host, Duration::from_secs(30), ready));
+            // The worker is on this CPU: one look, no spin (with a limit of 30 s, a spin
+            // would not end before the test's own limit).
+            raw::poke(&host, "worker_cpu", u64::from(cpu));
+            let looks = std::sync::atomic::AtomicU32::new(0);
+            let never = || {
+                looks.fetch_add(1, Ordering::Relaxed);
+                false
+            };
+            assert!(!host.spin_until(Side::Host, Duration::from_secs(30), never));
+            assert_eq!(looks.load(Ordering::Relaxed), 1);
+            // And the worker's side reads the host's word the same way.
+            raw::poke(&host, "host_cpu", u64::from(cpu));
+            let worker = host.clone();
+            looks.store(0, Ordering::Relaxed);
+            assert!(!worker.spin_until(Side::Worker, Duration::from_secs(30), never));
+            assert_eq!(looks.load(Ordering::Relaxed), 1);
+        });
+        result.join().unwrap();
     }
 
     #[test]

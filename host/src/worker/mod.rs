@@ -281,7 +281,9 @@ impl ShmInput {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 other => return other,
             }
-            if protocol::shm::spin_until(WORKER_SPIN, || self.rx.has_data()) {
+            if region.spin_until(protocol::shm::Side::Worker, WORKER_SPIN, || {
+                self.rx.has_data()
+            }) {
                 continue;
             }
             if region.worker_may_sleep(|| self.rx.has_data()) {

@@ -344,7 +344,9 @@ impl Conn {
         #[cfg(target_os = "linux")]
         if let Some(link) = self.link() {
             let ready = || link.rx.lock().unwrap_or_else(|e| e.into_inner()).has_data();
-            if crate::protocol::shm::spin_until(HOST_SPIN, ready)
+            if link
+                .region
+                .spin_until(crate::protocol::shm::Side::Host, HOST_SPIN, ready)
                 || !link.region.host_may_sleep(ready)
             {
                 return Poll::Ready(Ok(()));
