@@ -62,10 +62,9 @@ pub(crate) struct Worker {
     desc: Descriptor,
     /// Set by whoever handles this worker's death first.
     handled: AtomicBool,
-    /// Set once its death has been recorded in the plugin's status (or once it is known
-    /// that it never will be: retired, reclaimed, quarantined or shut down), so a caller
-    /// whose call it crashed sees the crash in the status too.
-    settled: smol::lock::OnceCell<()>,
+    /// Set (under its slot's lock) when its death is the supervisor's to record: it was
+    /// the slot's current worker, not retired, reclaimed, quarantined or shut down.
+    claimed: AtomicBool,
     /// Sandbox layers in force in the plugin's process.
     sandbox: Vec<String>,
     /// Layers missing (best-effort mode), `layer: why`.
@@ -91,7 +90,7 @@ impl Worker {
             conn,
             desc,
             handled: AtomicBool::new(false),
-            settled: smol::lock::OnceCell::new(),
+            claimed: AtomicBool::new(false),
             sandbox: Vec::new(),
             sandbox_missing: Vec::new(),
             crash: smol::lock::OnceCell::new(),
@@ -114,26 +113,26 @@ impl Worker {
         self.process.uptime().saturating_sub(since)
     }
 
-    /// Marks its death as accounted for (see `settled`).
-    fn settle(&self) {
-        let _ = self.settled.set_blocking(());
-    }
-
-    /// Hands it over to a path that ends it without a crash being recorded.
-    fn disown(&self) {
-        self.handled.store(true, Ordering::Release);
-        self.settle();
-    }
-
     fn is_alive(&self) -> bool {
         self.conn.closed().is_none() && !self.process.has_exited()
     }
 
     /// This worker's crash report: built once (by whoever asks first) when the process has
-    /// been reaped, then shared.
-    async fn shared_report(&self, spec: &Spec, closed: &Closed, restarts: u64) -> Arc<CrashReport> {
+    /// been reaped, then shared. `record` runs once, on the new report, before anyone
+    /// gets it: whoever is handed the report finds the crash recorded.
+    async fn shared_report(
+        &self,
+        spec: &Spec,
+        closed: &Closed,
+        restarts: u64,
+        record: impl FnOnce(&Arc<CrashReport>),
+    ) -> Arc<CrashReport> {
         self.crash
-            .get_or_init(|| async { Arc::new(self.report(spec, closed, restarts).await) })
+            .get_or_init(|| async {
+                let report = Arc::new(self.report(spec, closed, restarts).await);
+                record(&report);
+                report
+            })
             .await
             .clone()
     }

@@ -427,39 +427,53 @@ impl Inner {
     }
 
     /// Starts handling a worker's death, once: its slot becomes `Restarting` at once, and
-    /// a detached task builds the report and applies the restart policy.
+    /// the crash report is built (here in a detached task, or by a caller of the worker
+    /// that asks first), which records the crash and applies the restart policy.
     fn begin_crash(self: &Arc<Self>, worker: &Arc<Worker>) {
-        if worker.handled.swap(true, Ordering::AcqRel) {
-            return;
-        }
         let index = worker.index;
         {
+            // `handled` is taken under the slot's lock, so once any `begin_crash` call has
+            // returned, whether the supervisor claimed this death (`claimed`) is settled.
             let mut slot = lock(&self.slots[index]);
+            if worker.handled.swap(true, Ordering::AcqRel) {
+                return;
+            }
             match &*slot {
-                Slot::Ready(current) if Arc::ptr_eq(current, worker) => *slot = Slot::Restarting,
-                // Shut down, or already replaced: nothing to supervise.
-                _ => {
-                    worker.settle();
-                    return;
+                Slot::Ready(current) if Arc::ptr_eq(current, worker) => {
+                    *slot = Slot::Restarting;
+                    worker.claimed.store(true, Ordering::Release);
                 }
+                // Shut down, or already replaced: nothing to supervise.
+                _ => return,
             }
         }
         self.changed.notify(usize::MAX);
         // A no-op if a reader (or the exit hook's drain) already saw the end; otherwise it
         // records the calls that were in flight.
         worker.conn.close(CloseReason::Eof);
+        let (inner, worker) = (self.clone(), worker.clone());
+        smol::spawn(async move {
+            inner.report(&worker).await;
+        })
+        .detach();
+    }
+
+    /// The report of `worker`'s death, shared by everyone who asks. Whoever builds it
+    /// records the crash first if the supervisor claimed it (see `begin_crash`).
+    async fn report(self: &Arc<Self>, worker: &Arc<Worker>) -> Arc<CrashReport> {
         let closed = worker.conn.closed().unwrap_or(Closed {
             reason: CloseReason::Eof,
             in_flight: Vec::new(),
         });
-        let (inner, worker) = (self.clone(), worker.clone());
-        smol::spawn(async move {
-            let restarts = inner.restarts.load(Ordering::Relaxed);
-            let report = worker.shared_report(&inner.spec, &closed, restarts).await;
-            inner.after_crash(index, report);
-            worker.settle();
-        })
-        .detach();
+        let restarts = self.restarts.load(Ordering::Relaxed);
+        let record = |report: &Arc<CrashReport>| {
+            if worker.claimed.load(Ordering::Acquire) {
+                self.after_crash(worker.index, report.clone());
+            }
+        };
+        worker
+            .shared_report(&self.spec, &closed, restarts, record)
+            .await
     }
 
     /// Counts a crash of instance `index` and applies the restart policy.
@@ -491,7 +505,7 @@ impl Inner {
                 let mut slot = lock(slot);
                 if !matches!(*slot, Slot::Stopped) {
                     if let Slot::Ready(w) = &*slot {
-                        w.disown();
+                        w.handled.store(true, Ordering::Release);
                     }
                     *slot = Slot::Quarantined(report.clone());
                 }
@@ -541,7 +555,7 @@ impl Inner {
                 return;
             }
             let w = w.clone();
-            w.disown();
+            w.handled.store(true, Ordering::Release);
             *slot = Slot::Idle;
             w
         };
@@ -557,7 +571,7 @@ impl Inner {
 
     /// Lets a replaced worker finish the calls it holds (for up to `grace`), then ends it.
     fn retire(worker: Arc<Worker>, grace: Duration) {
-        worker.disown();
+        worker.handled.store(true, Ordering::Release);
         smol::spawn(async move {
             drain(&worker, Instant::now() + grace).await;
             worker.conn.close(CloseReason::Host);
@@ -566,26 +580,21 @@ impl Inner {
         .detach();
     }
 
-    /// Turns a closed connection into the caller's error.
-    async fn closed_error(&self, worker: &Worker, closed: &Closed, method: &str) -> CallError {
+    /// Turns a closed connection into the caller's error. The worker's death is handled
+    /// first (a no-op if it already is), so that the report this caller gets has been
+    /// recorded in the status by the time it returns.
+    async fn closed_error(
+        self: &Arc<Self>,
+        worker: &Arc<Worker>,
+        closed: &Closed,
+        method: &str,
+    ) -> CallError {
         let plugin = self.plugin();
         if matches!(closed.reason, CloseReason::Host) {
             return CallError::Stopped { plugin };
         }
-        let report = worker
-            .shared_report(&self.spec, closed, self.restarts.load(Ordering::Relaxed))
-            .await;
-        // The crash is recorded (status, counters, the `Crashed` event) by the task that
-        // handles the worker's death, right after the report is built: wait for it, so a
-        // caller that looks at the status after its error sees this crash. Bounded: the
-        // exit hook that starts that task runs on reaping, which the report waited for.
-        let settled = async {
-            worker.settled.wait().await;
-        };
-        let limit = async {
-            smol::Timer::after(Duration::from_secs(2)).await;
-        };
-        futures_lite::future::or(settled, limit).await;
+        self.begin_crash(worker);
+        let report = self.report(worker).await;
         let method = method.to_string();
         match closed.reason {
             CloseReason::Killed(_) => CallError::Killed {
