@@ -24,6 +24,14 @@ pub enum ExitInfo {
         /// Whether the system wrote a core file.
         core_dumped: bool,
     },
+    /// Windows: it ended with an exception status, as a crashed process does (its exit
+    /// code is the status: `0xC0000005`, an access violation, and so on).
+    Exception {
+        /// The status, such as `0xC0000005`.
+        code: u32,
+        /// Its name, such as `STATUS_ACCESS_VIOLATION`.
+        name: String,
+    },
 }
 
 impl ExitInfo {
@@ -40,10 +48,26 @@ impl ExitInfo {
                 };
             }
         }
-        ExitInfo::Code(status.code().unwrap_or(-1))
+        let code = status.code().unwrap_or(-1);
+        #[cfg(windows)]
+        if let Some(info) = ExitInfo::from_windows_code(code as u32) {
+            return info;
+        }
+        ExitInfo::Code(code)
+    }
+
+    /// A Windows exit code that is an exception status (its top bits say error or
+    /// warning), as [`ExitInfo::Exception`]; `None` for an ordinary exit code.
+    pub fn from_windows_code(code: u32) -> Option<ExitInfo> {
+        let severe = code & 0xC000_0000 == 0xC000_0000 || code == 0x8000_0003;
+        severe.then(|| ExitInfo::Exception {
+            code,
+            name: exception_name(code),
+        })
     }
 
     /// Killed by SIGKILL, as the host kills a worker.
+    #[cfg(unix)]
     pub(crate) fn sigkill() -> ExitInfo {
         #[cfg(unix)]
         let number = libc::SIGKILL;
@@ -60,7 +84,15 @@ impl ExitInfo {
     pub fn signal_name(&self) -> Option<&str> {
         match self {
             ExitInfo::Signal { name, .. } => Some(name),
-            ExitInfo::Code(_) => None,
+            ExitInfo::Code(_) | ExitInfo::Exception { .. } => None,
+        }
+    }
+
+    /// The exception status's name (Windows), if it ended with one.
+    pub fn exception_name(&self) -> Option<&str> {
+        match self {
+            ExitInfo::Exception { name, .. } => Some(name),
+            ExitInfo::Code(_) | ExitInfo::Signal { .. } => None,
         }
     }
 
@@ -81,7 +113,7 @@ impl ExitInfo {
                     | "SIGXFSZ"
                     | "SIGPIPE"
             ),
-            ExitInfo::Code(_) => false,
+            ExitInfo::Code(_) | ExitInfo::Exception { .. } => false,
         }
     }
 
@@ -89,7 +121,7 @@ impl ExitInfo {
     pub fn code(&self) -> Option<i32> {
         match self {
             ExitInfo::Code(c) => Some(*c),
-            ExitInfo::Signal { .. } => None,
+            ExitInfo::Signal { .. } | ExitInfo::Exception { .. } => None,
         }
     }
 }
@@ -112,8 +144,84 @@ impl fmt::Display for ExitInfo {
                 }
                 write!(f, ")")
             }
+            ExitInfo::Exception { code, name } => {
+                write!(f, "ended by {name} (status {code:#010X}")?;
+                if let Some(meaning) = exception_meaning(*code) {
+                    write!(f, ", {meaning}")?;
+                }
+                write!(f, ")")
+            }
         }
     }
+}
+
+/// Windows exception statuses a crashed process ends with.
+const EXCEPTIONS: [(u32, &str, &str); 14] = [
+    (
+        0xC000_0005,
+        "STATUS_ACCESS_VIOLATION",
+        "invalid memory access",
+    ),
+    (0xC000_00FD, "STATUS_STACK_OVERFLOW", "stack overflow"),
+    (
+        0xC000_0409,
+        "STATUS_STACK_BUFFER_OVERRUN",
+        "fast fail: abort(), a panic that could not unwind, or a failed security check",
+    ),
+    (0xC000_0602, "STATUS_FAIL_FAST_EXCEPTION", "fast fail"),
+    (0xC000_0374, "STATUS_HEAP_CORRUPTION", "heap corruption"),
+    (
+        0xC000_001D,
+        "STATUS_ILLEGAL_INSTRUCTION",
+        "illegal instruction",
+    ),
+    (
+        0xC000_0096,
+        "STATUS_PRIVILEGED_INSTRUCTION",
+        "privileged instruction",
+    ),
+    (
+        0xC000_0094,
+        "STATUS_INTEGER_DIVIDE_BY_ZERO",
+        "integer division by zero",
+    ),
+    (
+        0xC000_0006,
+        "STATUS_IN_PAGE_ERROR",
+        "invalid memory access (paging)",
+    ),
+    (0xC000_0017, "STATUS_NO_MEMORY", "out of memory"),
+    (
+        0xC000_0135,
+        "STATUS_DLL_NOT_FOUND",
+        "a DLL it needs was not found",
+    ),
+    (
+        0xC000_0142,
+        "STATUS_DLL_INIT_FAILED",
+        "a DLL failed to initialise",
+    ),
+    (0xC000_013A, "STATUS_CONTROL_C_EXIT", "ended by Ctrl+C"),
+    (
+        0x8000_0003,
+        "STATUS_BREAKPOINT",
+        "breakpoint hit with no debugger",
+    ),
+];
+
+/// The name of a Windows exception status (`STATUS_0x…` if unknown).
+pub fn exception_name(code: u32) -> String {
+    EXCEPTIONS.iter().find(|(c, _, _)| *c == code).map_or_else(
+        || format!("STATUS_{code:#010X}"),
+        |(_, name, _)| name.to_string(),
+    )
+}
+
+fn exception_meaning(code: u32) -> Option<&'static str> {
+    EXCEPTIONS
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .map(|(_, _, meaning)| *meaning)
 }
 
 /// The conventional name of a signal number on this platform (`SIG?<n>` if unknown).
@@ -370,6 +478,26 @@ mod tests {
             CrashReport::find_panic(&caught).is_none(),
             "a caught panic is not the cause"
         );
+    }
+
+    #[test]
+    fn windows_exception_statuses_have_names_and_plain_codes_stay_codes() {
+        let segv = ExitInfo::from_windows_code(0xC000_0005).unwrap();
+        assert_eq!(segv.exception_name(), Some("STATUS_ACCESS_VIOLATION"));
+        assert_eq!(
+            segv.to_string(),
+            "ended by STATUS_ACCESS_VIOLATION (status 0xC0000005, invalid memory access)"
+        );
+        let abort = ExitInfo::from_windows_code(0xC000_0409).unwrap();
+        assert_eq!(abort.exception_name(), Some("STATUS_STACK_BUFFER_OVERRUN"));
+        assert_eq!(
+            ExitInfo::from_windows_code(0xC0DE_0001)
+                .unwrap()
+                .exception_name(),
+            Some("STATUS_0xC0DE0001")
+        );
+        assert_eq!(ExitInfo::from_windows_code(3), None);
+        assert_eq!(ExitInfo::from_windows_code(0x4000_0000), None);
     }
 
     #[cfg(unix)]

@@ -535,7 +535,7 @@ impl Host {
         }
     }
 
-    #[cfg(unix)]
+    #[cfg(any(unix, windows))]
     async fn load_isolated(
         &self,
         manifest: Manifest,
@@ -576,7 +576,7 @@ impl Host {
         ))
     }
 
-    #[cfg(not(unix))]
+    #[cfg(not(any(unix, windows)))]
     async fn load_isolated(
         &self,
         manifest: Manifest,
@@ -586,7 +586,7 @@ impl Host {
     ) -> Result<Plugin, Error> {
         Err(LoadError::Unsupported {
             plugin: manifest.name.clone(),
-            message: "untrusted plugins need the worker process, which is only implemented on Unix so far".into(),
+            message: "untrusted plugins need the worker process, which is only implemented on Unix and Windows".into(),
         }
         .into())
     }

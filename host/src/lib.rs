@@ -53,6 +53,8 @@ mod status;
 mod stream;
 mod transport;
 mod watch;
+#[cfg(windows)]
+mod winpipe;
 
 /// The wire protocol between the host and its workers (the `plugin-host-protocol` crate).
 pub use plugin_host_protocol as protocol;

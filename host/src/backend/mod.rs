@@ -2,7 +2,7 @@
 //! picks one, and the public API ([`crate::Plugin`]) is the same for both.
 
 pub(crate) mod in_process;
-#[cfg(unix)]
+#[cfg(any(unix, windows))]
 pub(crate) mod isolated;
 
 use std::future::Future;

@@ -68,11 +68,15 @@ pub(super) fn apply(limits: &WireLimits) -> Result<(), String> {
             set(Resource::Core, "core file size", 0)?;
         }
     }
-    #[cfg(not(unix))]
+    // Windows: the host's job object holds the memory and CPU-time limits (the worker
+    // could lift limits of its own); the open-file limit has no counterpart.
+    #[cfg(not(any(unix, windows)))]
     {
         if limits.memory.is_some() || limits.cpu_seconds.is_some() || limits.open_files.is_some() {
-            return Err("resource limits are only enforced on Unix".into());
+            return Err("resource limits are only enforced on Unix and Windows".into());
         }
     }
+    #[cfg(windows)]
+    let _ = limits;
     Ok(())
 }

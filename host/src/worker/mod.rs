@@ -76,11 +76,13 @@ fn run() -> u8 {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
-    if args.iter().any(|a| a == "--help" || a == "-h") || arg("--fd").is_none() {
+    let conn_flag = if cfg!(windows) { "--handle" } else { "--fd" };
+    if args.iter().any(|a| a == "--help" || a == "-h") || arg(conn_flag).is_none() {
         eprintln!(
             "worker-shim: runs one untrusted plugin for plugin-host.\n\
-             Started by the host, not by hand: worker-shim --fd N [--plugin NAME] [--sandbox MODE]\n\
-             (descriptor N is the worker's end of a socket pair the host created)."
+             Started by the host, not by hand: worker-shim {conn_flag} N [--plugin NAME] [--sandbox MODE]\n\
+             (N is the worker's end of the connection the host made: a socket pair's \
+             descriptor on Unix, an inherited pipe handle on Windows)."
         );
         return 2;
     }
@@ -91,6 +93,7 @@ fn run() -> u8 {
     #[cfg(not(target_os = "linux"))]
     let region: Option<Region> = None;
     let sandboxed = arg("--sandbox").as_deref() != Some("off");
+    #[cfg(unix)]
     let fd: i32 = match arg("--fd").unwrap_or_default().parse() {
         Ok(fd) if fd >= 0 => fd,
         _ => return die(EXIT_NO_HOST, "--fd takes a descriptor number"),
@@ -143,18 +146,37 @@ fn run() -> u8 {
             Err(message) => die(EXIT_PROTOCOL, &format!("plugin `{plugin}`: {message}")),
         }
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     {
-        let _ = (fd, version, plugin, region);
+        let handle: usize = match arg("--handle").unwrap_or_default().parse() {
+            Ok(h) if h != 0 => h,
+            _ => return die(EXIT_NO_HOST, "--handle takes a handle number"),
+        };
+        windows::quiet_crashes();
+        use std::os::windows::io::FromRawHandle;
+        // SAFETY: the host made this handle inheritable for this process alone, and
+        // nothing else in this process owns it.
+        let conn = unsafe { std::os::windows::io::OwnedHandle::from_raw_handle(handle as _) };
+        let stream = crate::winpipe::PipeStream::from_handle(conn);
+        match serve(stream, version, sandboxed, region) {
+            Ok(()) => 0,
+            Err(message) => die(EXIT_PROTOCOL, &format!("plugin `{plugin}`: {message}")),
+        }
+    }
+    #[cfg(not(any(unix, windows)))]
+    {
+        let _ = (version, plugin, region);
         die(
             EXIT_NO_HOST,
-            "the worker process is only implemented on Unix so far",
+            "the worker process is only implemented on Unix and Windows",
         )
     }
 }
 
 #[cfg(unix)]
 type Stream = std::os::unix::net::UnixStream;
+#[cfg(windows)]
+type Stream = crate::winpipe::PipeStream;
 
 /// The connection, shared by the reading and the writing side (`&Stream` does both).
 struct SharedStream(Arc<Stream>);
@@ -407,13 +429,14 @@ fn read(reader: &mut Reader, max: u32) -> Result<protocol::frame::Frame, String>
     }
 }
 
-#[cfg(unix)]
+#[cfg(any(unix, windows))]
 fn serve(
     stream: Stream,
     version: Option<String>,
     sandboxed: bool,
     region: Option<Region>,
 ) -> Result<(), String> {
+    #[cfg(unix)]
     protocol::tune_socket(&stream);
     let stream = Arc::new(stream);
     let mut reader = Input::Socket(BufReader::with_capacity(
@@ -469,6 +492,8 @@ fn serve(
         both(protocol::FEATURE_STREAM),
     );
     let region = region.filter(|_| both(protocol::FEATURE_SHM));
+    #[cfg(not(target_os = "linux"))]
+    let _ = region;
     let load = read(&mut reader, protocol::HANDSHAKE_MAX_FRAME.max(16 << 20))?;
     let Message::Load {
         name,
@@ -582,20 +607,22 @@ impl HostServices for LoadServices<'_> {
 }
 
 /// What the worker needs to set up and load the plugin.
-#[cfg(unix)]
+#[cfg(any(unix, windows))]
 struct Setup<'a> {
     name: &'a str,
     library: &'a str,
     config: &'a [u8],
     limits: &'a WireLimits,
     sandbox: Option<&'a WireSandbox>,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     concurrency: u32,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     conn: &'a Stream,
 }
 
 /// Enters the sandbox (if any), applies the limits, opens the library and creates the
 /// plugin. Returns the `Loaded` message, or the `LoadFailed` one.
-#[cfg(unix)]
+#[cfg(any(unix, windows))]
 #[allow(clippy::result_large_err)] // once per worker, never on a call's path
 fn load_plugin(setup: &Setup<'_>, writer: &Writer) -> Result<(Instance, Message), Message> {
     use crate::error::LoadError as E;
@@ -668,7 +695,7 @@ fn confine(setup: &Setup<'_>) -> Result<(Vec<String>, Vec<String>), Refusal> {
 
 /// Elsewhere: no sandbox. A required one refuses the load; best-effort says plainly that
 /// nothing is enforced.
-#[cfg(all(unix, not(target_os = "linux")))]
+#[cfg(not(target_os = "linux"))]
 fn confine(setup: &Setup<'_>) -> Result<(Vec<String>, Vec<String>), Refusal> {
     let mut missing = Vec::new();
     if let Some(spec) = setup.sandbox {
@@ -681,6 +708,10 @@ fn confine(setup: &Setup<'_>) -> Result<(Vec<String>, Vec<String>), Refusal> {
         );
     }
     limits::apply(setup.limits).map_err(|m| ("limits", m))?;
+    // Windows: the host's job object holds the memory and CPU limits; nothing holds this.
+    if cfg!(windows) && setup.limits.open_files.is_some() {
+        missing.push("open-file limit (limits.open_files): not available on Windows".into());
+    }
     Ok((Vec::new(), missing))
 }
 
@@ -1249,5 +1280,21 @@ fn serve_loop(shared: &Arc<Shared>) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(windows)]
+mod windows {
+    /// A crash ends the worker at once with its exception status, which the host reports:
+    /// no error dialog, no debugger (Windows Error Reporting; Wine's winedbg), nothing
+    /// that would keep the dead worker around waiting for a click.
+    pub(super) fn quiet_crashes() {
+        use windows_sys::Win32::System::Diagnostics::Debug::{
+            SetErrorMode, SEM_FAILCRITICALERRORS, SEM_NOGPFAULTERRORBOX, SEM_NOOPENFILEERRORBOX,
+        };
+        // SAFETY: sets this process's error mode; no pointers.
+        unsafe {
+            SetErrorMode(SEM_FAILCRITICALERRORS | SEM_NOGPFAULTERRORBOX | SEM_NOOPENFILEERRORBOX)
+        };
     }
 }

@@ -17,14 +17,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
-use std::io::{self, IoSlice, Write};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use smol::Async;
-
+use super::link::Link;
 use crate::backend::ProgressFn;
 use crate::cancel::CancelHandle;
 use crate::host_fn::{HostCallInfo, Imports};
@@ -198,7 +196,7 @@ struct HostCallRequest {
 }
 
 pub(crate) struct Conn {
-    stream: Async<UnixStream>,
+    stream: Link,
     write_lock: Arc<smol::lock::Mutex<()>>,
     state: Mutex<State>,
     plugin: Arc<str>,
@@ -221,7 +219,7 @@ impl Conn {
     /// Wraps a connected stream. `on_close` runs once when the connection is cut, with
     /// the reason (the backend kills the worker there).
     pub fn new(
-        stream: Async<UnixStream>,
+        stream: Link,
         plugin: Arc<str>,
         max_frame: u32,
         on_close: Box<dyn Fn(&CloseReason) + Send + Sync>,
@@ -294,7 +292,7 @@ impl Conn {
     #[cfg(target_os = "linux")]
     fn kick_worker(&self, link: &ShmLink) {
         if link.region.worker_needs_doorbell() {
-            crate::protocol::shm::ring_doorbell(self.stream.get_ref());
+            crate::protocol::shm::ring_doorbell(self.stream.socket());
         } else if link.region.worker_vacant() {
             let unread = {
                 let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
@@ -312,7 +310,7 @@ impl Conn {
     fn drain_doorbell(&self) -> io::Result<usize> {
         use std::io::Read;
         let mut bytes = [0u8; 4096];
-        (&mut self.stream.get_ref()).read(&mut bytes)
+        (&mut self.stream.socket()).read(&mut bytes)
     }
 
     /// Reads once from the transport into `buf`.
@@ -336,7 +334,7 @@ impl Conn {
                 other => other,
             };
         }
-        buf.fill(&mut self.stream.get_ref())
+        self.stream.fill(buf)
     }
 
     /// Waits until the transport may have something to read.
@@ -390,12 +388,7 @@ impl Conn {
                 }
             }
         }
-        self.stream
-            .write_with(|s| {
-                let mut w: &UnixStream = s;
-                w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-            })
-            .await
+        self.stream.write(a, b).await
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -491,7 +484,7 @@ impl Conn {
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
-            let filled = self.stream.read_with(|s| buf.fill(&mut &*s)).await;
+            let filled = self.stream.fill_wait(&mut buf).await;
             match filled {
                 Ok(0) => {
                     break Err(match buf.partial() {
@@ -527,7 +520,7 @@ impl Conn {
                 w.wake();
             }
         }
-        let _ = self.stream.get_ref().shutdown(std::net::Shutdown::Both);
+        self.stream.shutdown();
     }
 
     /// Registers call `id` as waiting for a reply. Dropping the guard abandons it (a late

@@ -4,6 +4,9 @@
 //! its supervision and the call path are in [`supervisor`].
 
 pub(crate) mod conn;
+#[cfg(windows)]
+mod job;
+mod link;
 pub(crate) mod process;
 mod start;
 mod supervisor;
@@ -44,6 +47,7 @@ pub(crate) struct Spec {
     /// The host functions the plugin may call.
     pub imports: Arc<crate::host_fn::Imports>,
     /// Shared memory or the socket, after the handshake.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub transport: crate::Transport,
 }
 

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
+#[cfg(unix)]
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ const STDERR_CHUNK: usize = 8 << 10;
 /// After the worker exited, the stderr reader stops once the pipe stays quiet this long:
 /// what the worker wrote before it died is in the pipe already, and a process that
 /// escaped the worker and still holds the pipe must not delay the crash report.
+#[cfg(unix)]
 const STDERR_QUIET: Duration = Duration::from_millis(10);
 /// ... and in any case this long after the exit (a process still writing to the pipe).
 const STDERR_AFTER_EXIT: Duration = Duration::from_millis(200);
@@ -51,9 +53,30 @@ struct State {
     on_exit: Option<OnExit>,
 }
 
+/// What the worker gets from the host besides its stderr pipe.
+#[cfg(unix)]
+pub(crate) struct Inherit {
+    /// Its standard input (the connection): `None` for /dev/null.
+    pub stdin: Option<OwnedFd>,
+    /// Its standard output (the shared region, when there is one): `None` for /dev/null.
+    pub stdout: Option<OwnedFd>,
+}
+
+/// What the worker gets from the host besides its stderr pipe.
+#[cfg(windows)]
+pub(crate) struct Inherit {
+    /// Its end of the pipe, inherited (the command line names it).
+    pub conn: std::os::windows::io::OwnedHandle,
+    /// The job the worker is put in before it runs any plugin code.
+    pub job: super::job::Job,
+}
+
 /// A running (or finished) worker process.
 pub(crate) struct WorkerProcess {
     pid: u32,
+    /// The job holding it and what it starts.
+    #[cfg(windows)]
+    job: Arc<super::job::Job>,
     state: Arc<Mutex<State>>,
     exited: async_channel::Receiver<()>,
     stderr: Arc<Mutex<Stderr>>,
@@ -61,25 +84,37 @@ pub(crate) struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    /// Spawns `command` (stdin from `stdin` or /dev/null, stdout to /dev/null, stderr
-    /// captured) in its own process group. `plugin` names it in logs; `stderr_lines` bounds
-    /// the kept stderr tail.
+    /// Spawns `command` (with what `inherit` says, stderr captured): on Unix in its own
+    /// process group, on Windows in its job. `plugin` names it in logs; `stderr_lines`
+    /// bounds the kept stderr tail.
     pub fn spawn(
         mut command: Command,
         plugin: &str,
         stderr_lines: usize,
-        stdin: Option<std::os::fd::OwnedFd>,
-        stdout: Option<std::os::fd::OwnedFd>,
+        inherit: Inherit,
     ) -> std::io::Result<WorkerProcess> {
-        command
-            .stdin(stdin.map_or_else(Stdio::null, Stdio::from))
-            .stdout(stdout.map_or_else(Stdio::null, Stdio::from))
-            .stderr(Stdio::piped());
         #[cfg(unix)]
         {
             use std::os::unix::process::CommandExt;
-            command.process_group(0);
+            command
+                .stdin(inherit.stdin.map_or_else(Stdio::null, Stdio::from))
+                .stdout(inherit.stdout.map_or_else(Stdio::null, Stdio::from))
+                .process_group(0);
         }
+        #[cfg(windows)]
+        let (conn, job) = {
+            use std::os::windows::process::CommandExt;
+            // No console window of its own; errors go to the host, not to dialogs.
+            const CREATE_NO_WINDOW: u32 = 0x0800_0000;
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .creation_flags(CREATE_NO_WINDOW);
+            (inherit.conn, Arc::new(inherit.job))
+        };
+        command.stderr(Stdio::piped());
+        #[cfg(windows)]
+        let thread_job = job.clone();
         let state = Arc::new(Mutex::new(State::default()));
         let stderr = Arc::new(Mutex::new(Stderr::default()));
         let (exited_tx, exited) = async_channel::bounded::<()>(1);
@@ -89,7 +124,11 @@ impl WorkerProcess {
         std::thread::Builder::new()
             .name(format!("plugin-{plugin}-waiter"))
             .spawn(move || {
-                let mut child = match command.spawn() {
+                #[cfg(unix)]
+                let spawned = command.spawn();
+                #[cfg(windows)]
+                let spawned = windows::spawn_in_job(&mut command, conn, &thread_job);
+                let mut child = match spawned {
                     Ok(child) => child,
                     Err(e) => {
                         let _ = spawned_tx.send(Err(e));
@@ -102,6 +141,9 @@ impl WorkerProcess {
                 drop(command);
                 let (drained_tx, drained) = std::sync::mpsc::channel::<()>();
                 // Closed (dropped) when the worker has exited: wakes the stderr reader.
+                #[cfg(windows)]
+                let exit_rx: Option<()> = None;
+                #[cfg(unix)]
                 let (exit_rx, exit_tx) = match std::io::pipe() {
                     Ok((rx, tx)) => (Some(OwnedFd::from(rx)), Some(tx)),
                     Err(e) => {
@@ -129,7 +171,10 @@ impl WorkerProcess {
                 let mut state = thread_state.lock().unwrap_or_else(|e| e.into_inner());
                 if still_ours {
                     // Whatever the plugin started in the worker's group goes with it.
+                    #[cfg(unix)]
                     kill_group(pid);
+                    #[cfg(windows)]
+                    thread_job.terminate();
                     state.exit = child.wait().ok();
                 } else {
                     // Someone else reaped it (the application reaps children itself, or
@@ -140,6 +185,7 @@ impl WorkerProcess {
                 // Let the stderr reader take in the last lines before anyone reads the tail.
                 // Bounded: a process that escaped the worker may still hold the pipe; the
                 // reader stops soon after the exit (see `drain_stderr`).
+                #[cfg(unix)]
                 drop(exit_tx);
                 let _ = drained.recv_timeout(STDERR_AFTER_EXIT + Duration::from_millis(100));
                 drop(exited_tx);
@@ -157,6 +203,8 @@ impl WorkerProcess {
         })??;
         Ok(WorkerProcess {
             pid,
+            #[cfg(windows)]
+            job,
             state,
             exited,
             stderr,
@@ -206,10 +254,22 @@ impl WorkerProcess {
         if state.exit.is_some() || state.reaped_elsewhere || self.exited.is_closed() {
             return;
         }
+        #[cfg(unix)]
         if !has_exited(self.pid) {
             state.killed_by_host = true;
             kill_group(self.pid);
         }
+        #[cfg(windows)]
+        if self.job.active_processes() != Some(0) {
+            state.killed_by_host = true;
+            self.job.terminate();
+        }
+    }
+
+    /// The job's limits this system does not enforce (Wine), one line each.
+    #[cfg(windows)]
+    pub fn limits_not_enforced(&self) -> Vec<String> {
+        self.job.not_enforced().to_vec()
     }
 
     /// How it ended, once reaped (waiting up to `limit`): killed by SIGKILL if the host's
@@ -218,6 +278,11 @@ impl WorkerProcess {
     /// the kill, that clean exit is the kill's doing, not a cause of its own.
     pub async fn wait_exit_info(&self, limit: Duration) -> Option<ExitInfo> {
         let status = self.wait_exit(limit).await?;
+        // Windows has no kill signal: a terminated job's processes end with its exit
+        // code, which is what the status says.
+        #[cfg(windows)]
+        return Some(ExitInfo::from_status(status));
+        #[cfg(unix)]
         Some(match self.killed_by_host() {
             true => ExitInfo::sigkill(),
             false => ExitInfo::from_status(status),
@@ -389,6 +454,7 @@ impl Line {
 /// has exited (`exited` reports end-of-file) and the pipe stays quiet for
 /// [`STDERR_QUIET`] (or at the latest [`STDERR_AFTER_EXIT`] after the exit): a process the
 /// worker left behind may hold the pipe forever, and the report must not wait for it.
+#[cfg(unix)]
 fn drain_stderr(
     mut pipe: std::process::ChildStderr,
     exited: Option<OwnedFd>,
@@ -449,9 +515,48 @@ fn drain_stderr(
     }
 }
 
+/// Windows: reads the worker's stderr until end-of-file, which comes once every process
+/// of its job is gone (the job is terminated when the worker exits), as
+/// [`drain_stderr`] on Unix does for the process group.
+#[cfg(windows)]
+fn drain_stderr(
+    mut pipe: std::process::ChildStderr,
+    _exited: Option<()>,
+    plugin: &str,
+    stderr: &Mutex<Stderr>,
+    keep: usize,
+) {
+    let mut line = Line::default();
+    let mut chunk = vec![0u8; STDERR_CHUNK];
+    let emit = |line: &mut Line| {
+        let text = line.finish();
+        tracing::info!(target: "plugin::stderr", plugin = %plugin, "{text}");
+        lock(stderr).push(text, keep);
+    };
+    loop {
+        let n = match pipe.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let mut data = &chunk[..n];
+        while let Some(end) = data.iter().position(|&b| b == b'\n') {
+            line.add(&data[..end]);
+            emit(&mut line);
+            data = &data[end + 1..];
+        }
+        line.add(data);
+    }
+    if !line.is_empty() {
+        emit(&mut line);
+    }
+}
+
 /// Waits up to `limit` (`Duration::MAX`: forever) until one of `fds` is readable or at
 /// its end; returns which are (all false on timeout), or `None` if interrupted by a
 /// signal.
+#[cfg(unix)]
 fn poll_in<const N: usize>(
     fds: [std::os::fd::BorrowedFd<'_>; N],
     limit: Duration,
@@ -499,6 +604,7 @@ fn wait_without_reaping(pid: u32) -> bool {
     }
     #[cfg(not(unix))]
     {
+        // The waiter's `Child` keeps its process handle open, so the pid is not reused.
         let _ = pid;
         true
     }
@@ -507,6 +613,7 @@ fn wait_without_reaping(pid: u32) -> bool {
 /// Whether our child `pid` has exited (a zombie, not yet reaped), without reaping it. A
 /// pid that is no longer our child (reaped elsewhere) counts as exited: it must not be
 /// signalled.
+#[cfg(unix)]
 fn has_exited(pid: u32) -> bool {
     #[cfg(unix)]
     {
@@ -534,6 +641,7 @@ fn has_exited(pid: u32) -> bool {
 
 /// SIGKILL to the process group `pid` leads, and to `pid` itself in case it left the
 /// group. Only called while `pid` is not yet reaped.
+#[cfg(unix)]
 fn kill_group(pid: u32) {
     #[cfg(unix)]
     {
@@ -545,4 +653,54 @@ fn kill_group(pid: u32) {
     }
     #[cfg(not(unix))]
     let _ = pid;
+}
+
+#[cfg(windows)]
+mod windows {
+    use std::os::windows::io::{AsRawHandle, OwnedHandle};
+    use std::process::{Child, Command};
+    use std::sync::Mutex;
+
+    use windows_sys::Win32::Foundation::{SetHandleInformation, HANDLE, HANDLE_FLAG_INHERIT};
+
+    use crate::backend::isolated::job::Job;
+
+    /// Spawns `command`, which inherits `conn` (and only this spawn: workers are spawned
+    /// one at a time, so no sibling inherits another's connection), then puts the child
+    /// in `job` before the host sends it anything: the worker runs no plugin code before
+    /// the host's `Load`, so nothing it could start escapes the job.
+    pub(super) fn spawn_in_job(
+        command: &mut Command,
+        conn: OwnedHandle,
+        job: &Job,
+    ) -> std::io::Result<Child> {
+        static SPAWNING: Mutex<()> = Mutex::new(());
+        let child = {
+            let _one_at_a_time = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: a valid handle we own.
+            let inheritable = unsafe {
+                SetHandleInformation(
+                    conn.as_raw_handle() as HANDLE,
+                    HANDLE_FLAG_INHERIT,
+                    HANDLE_FLAG_INHERIT,
+                )
+            };
+            if inheritable == 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let child = command.spawn();
+            // Ours goes now: the worker's copy is its only one.
+            drop(conn);
+            child?
+        };
+        if let Err(e) = job.assign(child.as_raw_handle()) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "cannot put the worker in its job object: {e}"
+            )));
+        }
+        Ok(child)
+    }
 }

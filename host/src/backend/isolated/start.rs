@@ -1,15 +1,13 @@
 //! Starting a worker: spawn, accept, handshake, load. Bounded as a whole by the connect
 //! timeout; every way it can fail is a distinct [`LoadError`].
 
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smol::Async;
-
 use super::conn::{CloseReason, Closed, Conn};
-use super::process::WorkerProcess;
+use super::link::{Link, PeerProbe};
+use super::process::{Inherit, WorkerProcess};
 use super::{Spec, Worker};
 use crate::crash::ExitInfo;
 use crate::error::LoadError;
@@ -29,10 +27,50 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The host's end of a new worker connection, and how the worker gets its end.
+#[cfg(unix)]
+fn connection(
+    spec: &Spec,
+    command: &mut Command,
+) -> std::io::Result<(Link, Inherit, Option<Region>)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let (region, region_fd) = shared_region(spec);
+    command.arg("--fd").arg("0");
+    if region_fd.is_some() {
+        // The region arrives as the worker's standard output, which it maps and then
+        // points at its standard error (the plugin never sees the descriptor).
+        command.arg("--shm-fd").arg("1");
+    }
+    let inherit = Inherit {
+        stdin: Some(theirs.into()),
+        stdout: region_fd,
+    };
+    Ok((Link::new(ours)?, inherit, region))
+}
+
+/// The host's end of a new worker connection, and how the worker gets its end.
+#[cfg(windows)]
+fn connection(
+    spec: &Spec,
+    command: &mut Command,
+) -> std::io::Result<(Link, Inherit, Option<Region>)> {
+    use std::os::windows::io::AsRawHandle;
+    let (ours, theirs) = crate::winpipe::PipeStream::pair()?;
+    let job = super::job::Job::new(&spec.limits, spec.sandbox.as_ref())
+        .map_err(|e| std::io::Error::other(format!("cannot create a job object: {e}")))?;
+    command
+        .arg("--handle")
+        .arg((theirs.as_raw_handle() as usize).to_string());
+    let inherit = Inherit { conn: theirs, job };
+    Ok((Link::new(ours)?, inherit, None))
+}
+
 /// Spawns a worker and brings it to `Loaded`, all within the connect timeout.
 ///
-/// The connection is a socket pair: the worker gets its end as standard input, so there
-/// is no name anyone could connect to, no token to steal and no peer to check.
+/// The connection is made by the host before the worker starts, and the worker inherits
+/// its end: a socket pair on Unix (the worker's standard input), a named pipe on Windows
+/// whose one client the host opened itself. There is no name anyone could connect to, no
+/// token to steal and no peer to check.
 pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
     let plugin = spec.plugin.to_string();
     let spawn_error = |reason: String| LoadError::WorkerSpawn {
@@ -40,23 +78,15 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
         shim: spec.shim.program.clone(),
         reason,
     };
-    let (ours, theirs) =
-        UnixStream::pair().map_err(|e| spawn_error(format!("cannot create a socket pair: {e}")))?;
-    let (region, region_fd) = shared_region(spec);
     let mut command = Command::new(&spec.shim.program);
+    command.args(&spec.shim.args);
+    let (link, inherit, region) = connection(spec, &mut command)
+        .map_err(|e| spawn_error(format!("cannot connect to a new worker: {e}")))?;
     command
-        .args(&spec.shim.args)
-        .arg("--fd")
-        .arg("0")
         .arg("--plugin")
         .arg(&plugin)
         .arg("--sandbox")
         .arg(spec.sandbox.as_ref().map_or("off", |s| s.mode.as_str()));
-    if region_fd.is_some() {
-        // The region arrives as the worker's standard output, which it maps and then
-        // points at its standard error (the plugin never sees the descriptor).
-        command.arg("--shm-fd").arg("1");
-    }
     if spec.sandbox.is_some() {
         // The plugin sees only the variables it was granted.
         command.env_clear();
@@ -71,24 +101,14 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
         command.env("MALLOC_ARENA_MAX", "2");
     }
     let process = Arc::new(
-        WorkerProcess::spawn(
-            command,
-            &plugin,
-            spec.limits.stderr_lines as usize,
-            Some(theirs.into()),
-            region_fd,
-        )
-        .map_err(|e| spawn_error(format!("cannot start {}: {e}", spec.shim.program.display())))?,
+        WorkerProcess::spawn(command, &plugin, spec.limits.stderr_lines as usize, inherit)
+            .map_err(|e| {
+                spawn_error(format!("cannot start {}: {e}", spec.shim.program.display()))
+            })?,
     );
     // If this future is dropped before the worker is ready, the worker must not outlive it.
     let mut armed = KillOnDrop(Some(process.clone()));
-    let attempt = async {
-        let stream = Async::new(ours).map_err(|e| LoadError::Handshake {
-            plugin: plugin.clone(),
-            message: format!("cannot register the worker's socket: {e}"),
-        })?;
-        handshake(spec, stream, &process, region).await
-    };
+    let attempt = handshake(spec, link, &process, region);
     let limit = spec.timeouts.connect_timeout();
     let result = futures_lite::future::or(async { Some(attempt.await) }, async {
         smol::Timer::after(limit).await;
@@ -137,7 +157,7 @@ fn shared_region(spec: &Spec) -> (Option<Region>, Option<std::os::fd::OwnedFd>) 
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(all(unix, not(target_os = "linux")))]
 fn shared_region(_: &Spec) -> (Option<Region>, Option<std::os::fd::OwnedFd>) {
     (None, None)
 }
@@ -150,15 +170,14 @@ type Region = ();
 
 async fn handshake(
     spec: &Spec,
-    stream: Async<UnixStream>,
+    stream: Link,
     process: &Arc<WorkerProcess>,
     region: Option<Region>,
 ) -> Result<Worker, LoadError> {
     let plugin = spec.plugin.to_string();
-    protocol::tune_socket(stream.get_ref());
     let on_close_process = process.clone();
-    // A second handle on our end, to see whether the worker's end is already closed.
-    let peer = stream.get_ref().try_clone().ok();
+    // To see, once the connection closes, whether the worker's end is already closed.
+    let peer = stream.probe();
     let conn = Arc::new(Conn::new(
         stream,
         spec.plugin.clone(),
@@ -289,6 +308,8 @@ async fn handshake(
                 let mut worker = Worker::new(process.clone(), conn, desc);
                 worker.sandbox = sandbox;
                 worker.sandbox_missing = sandbox_missing;
+                #[cfg(windows)]
+                worker.sandbox_missing.extend(process.limits_not_enforced());
                 return Ok(worker);
             }
             Ok(Frame {
@@ -351,8 +372,8 @@ const EOF_GRACE: Duration = Duration::from_millis(500);
 /// reason of its own, such as a missed deadline, the moment the plugin process died): then
 /// the worker gets [`EOF_GRACE`] to exit with its own status, and is killed only if it does
 /// not.
-fn on_close(process: &Arc<WorkerProcess>, peer: Option<&UnixStream>, reason: &CloseReason) {
-    if matches!(reason, CloseReason::Eof) || peer.is_some_and(hung_up) {
+fn on_close(process: &Arc<WorkerProcess>, peer: Option<&PeerProbe>, reason: &CloseReason) {
+    if matches!(reason, CloseReason::Eof) || peer.is_some_and(PeerProbe::hung_up) {
         let process = process.clone();
         smol::spawn(async move {
             if process.wait_exit(EOF_GRACE).await.is_none() {
@@ -363,18 +384,6 @@ fn on_close(process: &Arc<WorkerProcess>, peer: Option<&UnixStream>, reason: &Cl
     } else {
         process.kill();
     }
-}
-
-/// Whether the other end of `stream` is closed (every holder of the worker's end closed it:
-/// the plugin process died, or closed it deliberately). Does not block or read.
-fn hung_up(stream: &UnixStream) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut fds = [PollFd::new(stream, PollFlags::IN)];
-    let now = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().contains(PollFlags::HUP)
 }
 
 /// Maps the worker's `LoadFailed` to the same error kinds the in-process loader returns.
@@ -418,21 +427,26 @@ fn load_failure(spec: &Spec, reason: &str, message: String, abi: Option<(u16, u1
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixStream;
 
     /// A stand-in worker: `sh -c script`, and the host's end of a connection.
-    fn worker(script: &str) -> (Arc<WorkerProcess>, UnixStream, UnixStream) {
+    fn worker(script: &str) -> (Arc<WorkerProcess>, PeerProbe, UnixStream) {
         worker_with_stdin(script, None)
     }
 
     fn worker_with_stdin(
         script: &str,
         stdin: Option<std::os::fd::OwnedFd>,
-    ) -> (Arc<WorkerProcess>, UnixStream, UnixStream) {
+    ) -> (Arc<WorkerProcess>, PeerProbe, UnixStream) {
         let mut command = Command::new("sh");
         command.arg("-c").arg(script);
-        let process = WorkerProcess::spawn(command, "test", 10, stdin, None).unwrap();
+        let inherit = Inherit {
+            stdin,
+            stdout: None,
+        };
+        let process = WorkerProcess::spawn(command, "test", 10, inherit).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
-        (Arc::new(process), ours, theirs)
+        (Arc::new(process), PeerProbe::of(ours), theirs)
     }
 
     fn killed(why: &str) -> CloseReason {
