@@ -81,7 +81,7 @@ pub(crate) fn plan(
     }
     if !cfg!(target_os = "linux") && grant.sandbox == SandboxMode::Required {
         return Err(error(
-            "sandboxing is only implemented on Linux; on this platform an untrusted plugin loads only if the app grants sandbox = \"best-effort\", and then runs without a sandbox".into(),
+            "sandboxing is only implemented on Linux; on this platform an untrusted plugin loads only without one: when its manifest asks for sandbox = \"best-effort\" and the app grants that, or when the app grants sandbox = \"off\"".into(),
         ));
     }
     let p = &grant.permissions;

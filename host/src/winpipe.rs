@@ -259,3 +259,46 @@ impl io::Write for PipeStream {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_pair_carries_bytes_both_ways_and_reads_end_of_file_once_the_other_end_closes() {
+        let (host, theirs) = PipeStream::pair().unwrap();
+        let worker = PipeStream::from_handle(theirs);
+        (&worker).write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        (&host).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        (&host).write_all(b"back").unwrap();
+        let mut buf = [0u8; 4];
+        (&worker).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"back");
+        assert!(!host.peer_closed());
+        drop(worker);
+        assert!(host.peer_closed());
+        assert_eq!((&host).read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_read_waiting_on_one_thread_does_not_hold_up_a_write_on_another() {
+        let (host, theirs) = PipeStream::pair().unwrap();
+        let host = std::sync::Arc::new(host);
+        let worker = PipeStream::from_handle(theirs);
+        let reader = host.clone();
+        let waiting = std::thread::spawn(move || {
+            let mut buf = [0u8; 3];
+            (&*reader).read_exact(&mut buf).map(|_| buf)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        (&*host).write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        (&worker).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        (&worker).write_all(b"pon").unwrap();
+        assert_eq!(&waiting.join().unwrap().unwrap(), b"pon");
+    }
+}

@@ -555,6 +555,7 @@ fn crash_latency(
 }
 
 /// How many pairs of processes the shared-memory ping-pong is measured on.
+#[cfg(target_os = "linux")]
 const PING_PONG_PAIRS: usize = 3;
 
 /// The shared-memory ping-pong baseline, where there is one (Linux): the best of

@@ -135,8 +135,16 @@ pub fn run(cli: &Host, dir: &Path) -> ExitCode {
         .function("image.get", image_get)
         // The fault-injection plugin imports it (for its host-call fault); the demo does
         // not use that fault, but grants what the manifest imports.
-        .raw_function("fault.ping", |_, input: Vec<u8>| async move { Ok(input) })
-        .build();
+        .raw_function("fault.ping", |_, input: Vec<u8>| async move { Ok(input) });
+    // Sandboxing is Linux-only: elsewhere the default policy refuses every plugin whose
+    // manifest requires a sandbox (all of the demo's). The demo's own plugins run in
+    // workers without one there: still isolated processes, with the host's rights.
+    #[cfg(not(target_os = "linux"))]
+    let host = host.permissions(|_| plugin_host::permissions::Grant {
+        sandbox: plugin_host::permissions::SandboxMode::Off,
+        ..plugin_host::permissions::Grant::deny_all()
+    });
+    let host = host.build();
     let result = match host {
         Ok(host) => smol::block_on(demo(&host, dir)),
         Err(e) => Err(e),

@@ -1285,16 +1285,36 @@ fn serve_loop(shared: &Arc<Shared>) {
 
 #[cfg(windows)]
 mod windows {
-    /// A crash ends the worker at once with its exception status, which the host reports:
-    /// no error dialog, no debugger (Windows Error Reporting; Wine's winedbg), nothing
-    /// that would keep the dead worker around waiting for a click.
+    use windows_sys::Win32::System::Diagnostics::Debug::{
+        SetErrorMode, SetUnhandledExceptionFilter, EXCEPTION_POINTERS, SEM_FAILCRITICALERRORS,
+        SEM_NOGPFAULTERRORBOX, SEM_NOOPENFILEERRORBOX,
+    };
+    use windows_sys::Win32::System::Threading::{GetCurrentProcess, TerminateProcess};
+
+    /// A crash ends the worker at once with its exception status as the exit code, which
+    /// the host reports: no error dialog, no debugger (Windows Error Reporting, Wine's
+    /// winedbg), nothing that keeps the dead worker around.
     pub(super) fn quiet_crashes() {
-        use windows_sys::Win32::System::Diagnostics::Debug::{
-            SetErrorMode, SEM_FAILCRITICALERRORS, SEM_NOGPFAULTERRORBOX, SEM_NOOPENFILEERRORBOX,
-        };
-        // SAFETY: sets this process's error mode; no pointers.
+        // SAFETY: sets this process's error mode and top-level exception filter; the
+        // filter is a plain function that lives as long as the process.
         unsafe {
-            SetErrorMode(SEM_FAILCRITICALERRORS | SEM_NOGPFAULTERRORBOX | SEM_NOOPENFILEERRORBOX)
+            SetErrorMode(SEM_FAILCRITICALERRORS | SEM_NOGPFAULTERRORBOX | SEM_NOOPENFILEERRORBOX);
+            SetUnhandledExceptionFilter(Some(end_with_status));
+        }
+    }
+
+    /// Runs for an exception nothing handled (after Rust's own stack-overflow message):
+    /// ends the process with the exception's code.
+    unsafe extern "system" fn end_with_status(info: *const EXCEPTION_POINTERS) -> i32 {
+        // SAFETY: the system passes valid exception pointers to the top-level filter.
+        let code = unsafe {
+            info.as_ref()
+                .and_then(|i| i.ExceptionRecord.as_ref())
+                .map_or(0xC000_0001, |r| r.ExceptionCode as u32)
         };
+        // SAFETY: terminating our own process; no pointers.
+        unsafe { TerminateProcess(GetCurrentProcess(), code) };
+        // Not reached; otherwise "execute the handler": the process ends with the code.
+        1
     }
 }

@@ -167,15 +167,24 @@ impl WorkerProcess {
                 let _ = spawned_tx.send(Ok(pid));
                 // Wait for the exit without reaping, so the pid stays reserved while we clean up
                 // under the lock `kill` takes: nobody can signal a recycled pid.
+                // (Windows: the `Child` holds the process handle, so its pid is not reused
+                // before the handle closes; waiting reaps nothing.)
+                #[cfg(windows)]
+                let status = child.wait();
                 let still_ours = wait_without_reaping(pid);
                 let mut state = thread_state.lock().unwrap_or_else(|e| e.into_inner());
                 if still_ours {
-                    // Whatever the plugin started in the worker's group goes with it.
+                    // Whatever the plugin started in the worker's group (job) goes with it.
                     #[cfg(unix)]
-                    kill_group(pid);
+                    {
+                        kill_group(pid);
+                        state.exit = child.wait().ok();
+                    }
                     #[cfg(windows)]
-                    thread_job.terminate();
-                    state.exit = child.wait().ok();
+                    {
+                        thread_job.terminate();
+                        state.exit = status.ok();
+                    }
                 } else {
                     // Someone else reaped it (the application reaps children itself, or
                     // ignores SIGCHLD): its pid may already be reused, so signal nothing.
@@ -604,7 +613,7 @@ fn wait_without_reaping(pid: u32) -> bool {
     }
     #[cfg(not(unix))]
     {
-        // The waiter's `Child` keeps its process handle open, so the pid is not reused.
+        // Windows: the waiter has waited on its `Child` already.
         let _ = pid;
         true
     }

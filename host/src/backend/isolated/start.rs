@@ -87,7 +87,10 @@ pub(super) async fn start(spec: &Spec) -> Result<Worker, LoadError> {
         .arg(&plugin)
         .arg("--sandbox")
         .arg(spec.sandbox.as_ref().map_or("off", |s| s.mode.as_str()));
-    if spec.sandbox.is_some() {
+    // Windows has no sandbox (the worker runs with the host's rights, and says so), and a
+    // process started with an empty environment cannot start there (nor, under Wine, find
+    // its prefix): the environment is filtered on Unix only.
+    if spec.sandbox.is_some() && cfg!(unix) {
         // The plugin sees only the variables it was granted.
         command.env_clear();
         for (name, value) in &spec.env {
