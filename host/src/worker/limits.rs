@@ -23,6 +23,65 @@ pub(super) fn die_with_parent() -> Result<(), String> {
     Ok(())
 }
 
+/// macOS (no parent-death signal): a thread waits in kqueue for the host's exit
+/// (`EVFILT_PROC`/`NOTE_EXIT` on its pid) and ends the worker then, whatever the plugin is
+/// doing. Fails if the host is already gone.
+#[cfg(target_os = "macos")]
+pub(super) fn die_with_parent() -> Result<(), String> {
+    // SAFETY: no arguments.
+    let parent = unsafe { libc::getppid() };
+    if let Ok(expected) = std::env::var(super::PARENT_ENV) {
+        if parent.to_string() != expected {
+            return Err(format!(
+                "the host (pid {expected}) is gone; parent is now {parent}"
+            ));
+        }
+    }
+    // SAFETY: no arguments; returns a new descriptor or -1.
+    let kq = unsafe { libc::kqueue() };
+    if kq < 0 {
+        return Err(format!(
+            "cannot watch the host: kqueue: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let watch = libc::kevent {
+        ident: parent as libc::uintptr_t,
+        filter: libc::EVFILT_PROC,
+        flags: libc::EV_ADD | libc::EV_ONESHOT,
+        fflags: libc::NOTE_EXIT,
+        data: 0,
+        udata: std::ptr::null_mut(),
+    };
+    // SAFETY: `kq` is our kqueue; one valid change, no event list.
+    let added = unsafe { libc::kevent(kq, &watch, 1, std::ptr::null_mut(), 0, std::ptr::null()) };
+    if added < 0 {
+        // ESRCH: the host exited before the watch was set.
+        return Err(format!(
+            "cannot watch the host (pid {parent}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    std::thread::Builder::new()
+        .name("host-watch".into())
+        .spawn(move || loop {
+            // SAFETY: a zeroed kevent is a valid buffer for one event.
+            let mut event: libc::kevent = unsafe { std::mem::zeroed() };
+            // SAFETY: `kq` is our kqueue; no changes, room for one event, no timeout.
+            let n =
+                unsafe { libc::kevent(kq, std::ptr::null(), 0, &mut event, 1, std::ptr::null()) };
+            if n > 0 {
+                // SAFETY: ends this process at once; nothing to unwind for.
+                unsafe { libc::_exit(i32::from(super::EXIT_NO_HOST)) };
+            }
+            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return;
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the thread watching the host: {e}"))
+}
+
 /// Sends the plugin's stdout to stderr, which the host captures for crash reports.
 pub(super) fn stdout_to_stderr() {
     #[cfg(unix)]

@@ -112,6 +112,10 @@ fn run() -> u8 {
             return die(EXIT_NO_HOST, &message);
         }
     }
+    #[cfg(target_os = "macos")]
+    if let Err(message) = limits::die_with_parent() {
+        return die(EXIT_NO_HOST, &message);
+    }
     limits::stdout_to_stderr();
     let version = std::env::var(VERSION_OVERRIDE_ENV).ok();
     if sandboxed {
