@@ -563,23 +563,21 @@ mod tests {
 
     #[test]
     fn placeholders_expand_and_relative_paths_are_refused() {
-        let places = Places {
-            plugin_dir: Path::new("/plugins/x"),
-            data_dir: Path::new("/data/x"),
-            tmp_dir: Path::new("/tmp/x"),
+        // An absolute path on this platform.
+        let abs = |p: &str| match cfg!(windows) {
+            true => std::path::PathBuf::from(format!("C:{p}")),
+            false => std::path::PathBuf::from(p),
         };
-        assert_eq!(
-            expand("$PLUGIN_DIR", &places).unwrap(),
-            Path::new("/plugins/x")
-        );
-        assert_eq!(
-            expand("$DATA_DIR/db", &places).unwrap(),
-            Path::new("/data/x/db")
-        );
-        assert_eq!(
-            expand("/etc/fonts", &places).unwrap(),
-            Path::new("/etc/fonts")
-        );
+        let (plugin_dir, data_dir, tmp_dir) = (abs("/plugins/x"), abs("/data/x"), abs("/tmp/x"));
+        let places = Places {
+            plugin_dir: &plugin_dir,
+            data_dir: &data_dir,
+            tmp_dir: &tmp_dir,
+        };
+        assert_eq!(expand("$PLUGIN_DIR", &places).unwrap(), abs("/plugins/x"));
+        assert_eq!(expand("$DATA_DIR/db", &places).unwrap(), abs("/data/x/db"));
+        let fonts = abs("/etc/fonts");
+        assert_eq!(expand(fonts.to_str().unwrap(), &places).unwrap(), fonts);
         assert!(expand("fonts", &places).unwrap_err().contains("absolute"));
     }
 

@@ -152,3 +152,56 @@ pub(crate) fn wine_version() -> Option<String> {
     };
     Some(version.to_string_lossy().into_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::windows::io::AsRawHandle;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// A process that runs for a few seconds unless killed.
+    fn sleeper() -> Child {
+        Command::new("cmd.exe")
+            .args(["/c", "ping", "-n", "6", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    #[test]
+    fn terminating_the_job_ends_its_process_with_the_job_exit_code() {
+        let job = Job::new(&Limits::default(), None).unwrap();
+        let mut child = sleeper();
+        job.assign(child.as_raw_handle()).unwrap();
+        assert_ne!(job.active_processes(), Some(0));
+        job.terminate();
+        let status = exit_within(&mut child, Duration::from_secs(5)).expect("ended");
+        assert_eq!(status.code(), Some(TERMINATED_EXIT_CODE as i32));
+    }
+
+    #[test]
+    fn closing_the_job_ends_its_process() {
+        let job = Job::new(&Limits::default(), None).unwrap();
+        let mut child = sleeper();
+        job.assign(child.as_raw_handle()).unwrap();
+        drop(job);
+        assert!(
+            exit_within(&mut child, Duration::from_secs(5)).is_some(),
+            "the process outlived its job"
+        );
+    }
+}
