@@ -66,11 +66,18 @@
 //! | `shm_never_reads` | stops reading the request ring for good once the header of the `attack` call is in (however much of its input is still to come); never replies |
 //!
 //! Frames: `[u32 LE body length][u32 LE header length][MessagePack header][payload]`.
+//!
+//! Unix only (it speaks over the socket the host hands it, and `tests/tests/hostile.rs` is
+//! Linux-only): on other targets it compiles to a program that exits with status 2, so that
+//! this package builds for them.
+#![cfg_attr(not(unix), allow(dead_code, unused_imports))]
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+#[cfg(unix)]
 use std::os::fd::FromRawFd;
+#[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -94,6 +101,7 @@ fn frame(message: &Message, payload: &[u8]) -> Vec<u8> {
     raw_frame(&rmp_serde::to_vec_named(message).unwrap(), payload)
 }
 
+#[cfg(unix)]
 fn read_exact_or_exit(stream: &mut UnixStream, buf: &mut [u8]) {
     if stream.read_exact(buf).is_err() {
         // The host closed the connection (or killed us first): nothing left to do.
@@ -102,6 +110,7 @@ fn read_exact_or_exit(stream: &mut UnixStream, buf: &mut [u8]) {
 }
 
 /// Reads one frame (blocking); exits quietly at end of file.
+#[cfg(unix)]
 fn read_frame(stream: &mut UnixStream) -> (Message, Vec<u8>) {
     let mut len = [0u8; 4];
     read_exact_or_exit(stream, &mut len);
@@ -120,6 +129,7 @@ fn read_frame(stream: &mut UnixStream) -> (Message, Vec<u8>) {
 /// Held for each write: frames from different threads must not interleave.
 static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+#[cfg(unix)]
 fn write(stream: &mut UnixStream, bytes: &[u8]) {
     let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
     if stream.write_all(bytes).is_err() {
@@ -159,6 +169,7 @@ struct ReplyWithExtra {
 
 /// Waits for the host to close the connection (or kill us), ignoring what it sends: the
 /// reader thread exits the process at end of file.
+#[cfg(unix)]
 fn drain(_stream: &mut UnixStream) -> ! {
     loop {
         std::thread::park();
@@ -184,6 +195,7 @@ struct Attacker {
     learnt: Option<Vec<u8>>,
 }
 
+#[cfg(unix)]
 impl Attacker {
     /// The next frame from the host: the backlog first.
     fn next(&mut self) -> (Message, Vec<u8>) {
@@ -430,6 +442,7 @@ impl Attacker {
     }
 }
 
+#[cfg(unix)]
 fn misbehave(stream: &mut UnixStream, mode: &str, id: u64, input: &[u8]) {
     let reply = |id: u64| Message::Reply { id, status: 0 };
     match mode {
@@ -533,6 +546,13 @@ fn misbehave(stream: &mut UnixStream, mode: &str, id: u64, input: &[u8]) {
     }
 }
 
+#[cfg(not(unix))]
+fn main() {
+    eprintln!("hostile-worker: Unix only");
+    std::process::exit(2);
+}
+
+#[cfg(unix)]
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |flag: &str| {
