@@ -4,17 +4,27 @@
 //! plugin is untouched, and that the faulty plugin serves the next call. At the end: no
 //! zombie, no extra open file descriptor, no socket file. One test, run in order, alone in
 //! its binary, so the leak counts are exact.
-#![cfg(target_os = "linux")]
+//!
+//! Linux and Windows. The matrix is Linux-only as it stands (signal names in its cases,
+//! leak counts from `/proc`); so are the other tests' signal-name checks (Unix).
+#![cfg(any(target_os = "linux", windows))]
 
 mod common;
 
 use std::time::Duration;
 
-use common::{children, host, manifest, open_fds, run_with_limit, socket_files, wait_until};
-use plugin_host::{CallError, CallOptions, CrashReport, Error, LimitExceeded, Plugin, Trust};
-use serde_json::{json, Value};
+#[cfg(target_os = "linux")]
+use common::{children, open_fds, socket_files};
+use common::{host, manifest, run_with_limit, wait_until};
+use plugin_host::{CallError, CrashReport, Error, Plugin, Trust};
+#[cfg(target_os = "linux")]
+use plugin_host::{CallOptions, LimitExceeded};
+use serde_json::json;
+#[cfg(target_os = "linux")]
+use serde_json::Value;
 
 /// What the 8 innocent calls on the same worker should see.
+#[cfg(target_os = "linux")]
 #[derive(Clone, Copy, Debug)]
 enum Innocents {
     /// They finish normally.
@@ -25,6 +35,7 @@ enum Innocents {
     Killed,
 }
 
+#[cfg(target_os = "linux")]
 struct Case {
     method: &'static str,
     input: Value,
@@ -40,10 +51,12 @@ fn report(err: &Error) -> &CrashReport {
     }
 }
 
+#[cfg(unix)]
 fn signal(err: &Error) -> Option<&str> {
     report(err).exit.as_ref().and_then(|e| e.signal_name())
 }
 
+#[cfg(target_os = "linux")]
 fn cases() -> Vec<Case> {
     let deadline = Some(Duration::from_millis(300));
     vec![
@@ -194,6 +207,7 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+#[cfg(target_os = "linux")]
 fn faulty_plugin() -> Plugin {
     let mut m = manifest("faulty", Trust::Untrusted);
     m.limits.concurrency = 16;
@@ -206,6 +220,7 @@ fn faulty_plugin() -> Plugin {
     run_with_limit(Duration::from_secs(30), host().load_manifest(m)).unwrap()
 }
 
+#[cfg(target_os = "linux")]
 fn call_fault(plugin: &Plugin, case: &Case) -> Error {
     let mut options = CallOptions::new();
     if let Some(t) = case.timeout {
@@ -226,11 +241,13 @@ fn assert_serves(plugin: &Plugin, what: &str) {
     assert_eq!(out.unwrap_or_else(|e| panic!("after {what}: {e}")), b"next");
 }
 
+#[cfg(target_os = "linux")]
 fn idle(plugin: &Plugin, case: &Case) {
     (case.check)(&call_fault(plugin, case));
     assert_serves(plugin, case.method);
 }
 
+#[cfg(target_os = "linux")]
 fn with_innocents(plugin: &Plugin, case: &Case) {
     // Innocents that should see the worker die sleep far longer than any fault takes to
     // strike (a memory bomb on a loaded machine takes over a second), so they are
@@ -272,6 +289,7 @@ fn with_innocents(plugin: &Plugin, case: &Case) {
     assert_serves(plugin, case.method);
 }
 
+#[cfg(target_os = "linux")]
 fn with_neighbour(plugin: &Plugin, neighbour: &Plugin, case: &Case) {
     let n = neighbour.clone();
     let calls = std::thread::spawn(move || {
@@ -293,6 +311,7 @@ fn with_neighbour(plugin: &Plugin, neighbour: &Plugin, case: &Case) {
     assert_serves(plugin, case.method);
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn every_fault_in_every_situation() {
     // Warm up the runtime's long-lived threads and descriptors, then count.
@@ -396,6 +415,7 @@ fn a_crash_report_leaves_out_stderr_from_before_the_crashing_call() {
         Err(Error::Call(CallError::Crashed { report, .. })) => report,
         other => panic!("expected Crashed, got {other:?}"),
     };
+    #[cfg(unix)]
     assert_eq!(
         report.exit.as_ref().and_then(|e| e.signal_name()),
         Some("SIGSEGV")
@@ -454,6 +474,7 @@ fn a_crash_right_after_a_host_call_is_reported_and_the_plugin_restarts() {
         plugin.call::<_, ()>("host_call_then_crash", "fault.ping"),
     );
     let err = crashed.expect_err("the worker aborted");
+    #[cfg(unix)]
     assert_eq!(signal(&err), Some("SIGABRT"), "{err}");
     let report = report(&err);
     assert_eq!(report.plugin, "faulty");
@@ -490,7 +511,10 @@ fn a_crash_right_after_a_host_call_is_reported_and_the_plugin_restarts() {
         Duration::from_secs(30),
         plugin.call::<_, ()>("host_call_then_crash", "fault.ping"),
     );
+    #[cfg(unix)]
     assert_eq!(signal(&again.expect_err("aborted again")), Some("SIGABRT"));
+    #[cfg(not(unix))]
+    again.expect_err("aborted again");
     assert_eq!(pings.load(Ordering::SeqCst), 2);
     assert!(wait_until(Duration::from_secs(10), || {
         plugin.status().state == plugin_host::PluginState::Ready

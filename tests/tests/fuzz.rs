@@ -1164,6 +1164,7 @@ fn the_counting_allocator_sees_allocations() {
 // ---------------------------------------------------------------------------------------
 // The corpus.
 
+#[cfg(target_os = "linux")]
 fn frames(messages: &[(Message, &[u8])]) -> Vec<u8> {
     messages
         .iter()
@@ -1453,6 +1454,7 @@ fn capture_session() -> (Vec<u8>, Vec<u8>) {
 }
 
 /// MessagePack of a map of string keys.
+#[cfg(target_os = "linux")]
 fn msgpack_map(entries: Vec<(&str, Value)>) -> Vec<u8> {
     let map = Value::Map(
         entries
@@ -1541,6 +1543,8 @@ fn capture_callbacks_session() -> (Vec<u8>, Vec<u8>) {
 /// plugin-host-tests --test fuzz golden`.
 #[test]
 fn golden_frames_match_the_encoder() {
+    // The corpus is written on Linux (it records sessions with the worker-shim).
+    #[cfg(target_os = "linux")]
     if std::env::var_os("PLUGIN_HOST_WRITE_CORPUS").is_some() {
         write_corpus();
     }
@@ -1621,6 +1625,7 @@ fn the_corpus_covers_every_kind() {
 }
 
 /// Regenerates `tests/fuzz/corpus/` (see [`golden_frames_match_the_encoder`]).
+#[cfg(target_os = "linux")]
 fn write_corpus() {
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let dir = corpus_dir(target);

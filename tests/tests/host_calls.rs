@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{artifacts, manifest, run_with_limit, script, wait_until, worker_shim};
+#[cfg(unix)]
+use common::script;
+use common::{artifacts, manifest, run_with_limit, wait_until, worker_shim};
+#[cfg(unix)]
 use futures_lite::StreamExt;
 use plugin_host::{
     CallError, CallOptions, ExitInfo, Host, HostBuilder, HostCallContext, HostError, Plugin, Trust,
@@ -542,6 +545,7 @@ fn signal_of(report: &plugin_host::CrashReport) -> Option<&str> {
     }
 }
 
+#[cfg(unix)]
 #[test]
 fn a_worker_crash_during_a_host_call_fails_the_call_and_cancels_the_host_function() {
     let trust = Trust::Untrusted;

@@ -9,7 +9,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{artifacts, manifest, proc_status_bytes, run_with_limit, wait_until, worker_shim};
+#[cfg(target_os = "linux")]
+use common::proc_status_bytes;
+use common::{artifacts, manifest, run_with_limit, wait_until, worker_shim};
 use futures_lite::StreamExt;
 use plugin_host::{CallError, CallOptions, ExitInfo, Host, Plugin, Trust};
 use serde::Serialize;
