@@ -129,7 +129,6 @@ fn assert_crash_then_recovery(method: &str, input: serde_json::Value, check: imp
     );
     let second_pid = plugin.worker_pid().unwrap();
     assert_ne!(first_pid, second_pid);
-    #[cfg(target_os = "linux")]
     assert!(
         common::wait_until(Duration::from_secs(5), || !common::process_exists(
             first_pid
@@ -138,29 +137,25 @@ fn assert_crash_then_recovery(method: &str, input: serde_json::Value, check: imp
     );
 }
 
-#[cfg(unix)]
 #[test]
 fn abort_is_reported_as_sigabrt() {
     assert_crash_then_recovery("abort", json!(null), |e| {
-        assert_eq!(e.signal_name(), Some("SIGABRT"))
+        assert_eq!(common::fault_name(e), Some(common::ABORT), "{e}")
     });
 }
 
-#[cfg(unix)]
 #[test]
 fn segfault_is_reported_as_sigsegv() {
     assert_crash_then_recovery("segfault", json!(null), |e| {
-        assert_eq!(e.signal_name(), Some("SIGSEGV"))
+        assert_eq!(common::fault_name(e), Some(common::SEGFAULT), "{e}")
     });
 }
 
-#[cfg(unix)]
 #[test]
 fn stack_overflow_is_reported_with_its_signal() {
-    // Rust's guard-page handler turns the overflow into an abort; without it, SIGSEGV.
     assert_crash_then_recovery("stack_overflow", json!(null), |e| {
         assert!(
-            matches!(e.signal_name(), Some("SIGABRT" | "SIGSEGV")),
+            common::fault_name(e).is_some_and(|n| common::STACK_OVERFLOW.contains(&n)),
             "{e}"
         )
     });
@@ -204,13 +199,10 @@ fn every_call_in_flight_gets_the_crash_and_other_plugins_are_untouched() {
             .call::<_, ()>("segfault", &json!(null))
             .await
             .unwrap_err();
-        #[cfg(unix)]
         assert_eq!(
-            crash_of(&err).exit.as_ref().and_then(|e| e.signal_name()),
-            Some("SIGSEGV")
+            crash_of(&err).exit.as_ref().and_then(common::fault_name),
+            Some(common::SEGFAULT)
         );
-        #[cfg(not(unix))]
-        let _ = err;
         for s in sleepers {
             let err = s.await.unwrap_err();
             let report = crash_of(&err);
@@ -286,19 +278,18 @@ fn create_failures_have_distinct_kinds() {
     let err = load("create_abort", true.into());
     match &err {
         Error::Load(LoadError::CreateCrashed { report, .. }) => {
-            #[cfg(unix)]
             assert_eq!(
-                report.exit.as_ref().and_then(|e| e.signal_name()),
-                Some("SIGABRT")
+                report.exit.as_ref().and_then(common::fault_name),
+                Some(common::ABORT)
             );
-            #[cfg(not(unix))]
-            let _ = report;
         }
         other => panic!("expected CreateCrashed, got {other}"),
     }
 }
 
 fn c_manifest(library: &str) -> Manifest {
+    // Forward slashes: a Windows path's backslashes would be escapes in a TOML string.
+    let library = library.replace('\\', "/");
     let text =
         format!("name = \"c-echo\"\nversion = \"1.0.0\"\nlibrary = \"{library}\"\napi = \"^1\"\n");
     Manifest::parse(&text, "<test>").unwrap()
@@ -459,7 +450,6 @@ fn a_worker_that_exits_before_connecting_reports_why() {
 #[test]
 fn shutdown_lets_calls_finish_then_ends_the_worker() {
     let plugin = faulty();
-    #[cfg(target_os = "linux")]
     let pid = plugin.worker_pid().unwrap();
     run(async {
         let p = plugin.clone();
@@ -472,14 +462,12 @@ fn shutdown_lets_calls_finish_then_ends_the_worker() {
         run(plugin.call_raw("echo", vec![])),
         Err(Error::Call(CallError::Stopped { .. }))
     ));
-    #[cfg(target_os = "linux")]
     assert!(
         common::wait_until(Duration::from_secs(5), || !common::process_exists(pid)),
         "worker gone"
     );
 }
 
-#[cfg(target_os = "linux")]
 #[test]
 fn dropping_the_plugin_kills_and_reaps_its_worker() {
     let plugin = faulty();
@@ -549,14 +537,21 @@ fn a_manifest_given_as_a_bare_file_name_resolves_its_library() {
     let dir = tempfile::tempdir().unwrap();
     let lib = common::artifacts().join(Manifest::library_file_name("hello"));
     std::fs::copy(&lib, dir.path().join(Manifest::library_file_name("hello"))).unwrap();
+    // Where there is no sandbox, the manifest asks to run without one and the CLI grants
+    // that (--grant); on Linux the default policy runs it in a sandboxed worker.
+    let (ask, grant) = match cfg!(target_os = "linux") {
+        true => ("trust = \"trusted\"\n", None),
+        false => ("sandbox = \"best-effort\"\n", Some("--grant")),
+    };
     std::fs::write(
         dir.path().join("plugin.toml"),
-        "name = \"hello\"\nversion = \"0.1.0\"\nlibrary = \"hello\"\napi = \"^1\"\ntrust = \"trusted\"\n",
+        format!("name = \"hello\"\nversion = \"0.1.0\"\nlibrary = \"hello\"\napi = \"^1\"\n{ask}"),
     )
     .unwrap();
     // Run from the manifest's directory with a path that has no directory part.
     let cli = common::artifacts().join(format!("plugin-host{}", std::env::consts::EXE_SUFFIX));
     let out = std::process::Command::new(cli)
+        .args(grant)
         .args([
             "call",
             "plugin.toml",
@@ -781,34 +776,129 @@ fn a_manifest_cannot_make_itself_trusted() {
         .worker_shim(worker_shim())
         .build()
         .unwrap();
-    let plugin = run(deny_all.load_manifest(m.clone())).unwrap();
-    assert_eq!(plugin.trust(), Trust::Untrusted);
-    assert!(plugin.worker_pid().is_some(), "runs in a worker");
-    assert_eq!(plugin.grant().sandbox, plugin_host::SandboxMode::Required);
-    assert!(!plugin.grant().permissions.network);
-    let info = plugin.info();
-    assert_eq!(
-        info.requested.as_ref().map(|r| r.trust),
-        Some(Trust::Trusted)
+    let loaded = run(deny_all.load_manifest(m.clone()));
+    // Where there is no sandbox, the default policy (sandbox required) refuses it.
+    #[cfg(not(target_os = "linux"))]
+    assert!(
+        matches!(loaded, Err(Error::Load(LoadError::Sandbox { .. }))),
+        "{loaded:?}"
     );
-    assert_eq!(info.granted.trust, Trust::Untrusted);
     #[cfg(target_os = "linux")]
-    let layers = plugin.status().sandbox;
-    #[cfg(target_os = "linux")]
-    for layer in [
-        "seccomp",
-        "landlock filesystem",
-        "pid namespace",
-        "no_new_privs",
-    ] {
-        assert!(
-            layers.iter().any(|l| l == layer),
-            "{layer} missing from {layers:?}"
+    {
+        let plugin = loaded.unwrap();
+        assert_eq!(plugin.trust(), Trust::Untrusted);
+        assert!(plugin.worker_pid().is_some(), "runs in a worker");
+        assert_eq!(plugin.grant().sandbox, plugin_host::SandboxMode::Required);
+        assert!(!plugin.grant().permissions.network);
+        let info = plugin.info();
+        assert_eq!(
+            info.requested.as_ref().map(|r| r.trust),
+            Some(Trust::Trusted)
         );
+        assert_eq!(info.granted.trust, Trust::Untrusted);
+        let layers = plugin.status().sandbox;
+        for layer in [
+            "seccomp",
+            "landlock filesystem",
+            "pid namespace",
+            "no_new_privs",
+        ] {
+            assert!(
+                layers.iter().any(|l| l == layer),
+                "{layer} missing from {layers:?}"
+            );
+        }
     }
     // The app's grant, not the manifest, is what raises trust.
     let trusting = host();
     let plugin = run(trusting.load_manifest(m)).unwrap();
     assert_eq!(plugin.trust(), Trust::Trusted);
     assert_eq!(plugin.worker_pid(), None);
+}
+
+#[test]
+fn sixty_four_calls_in_flight_each_get_their_own_answer() {
+    let mut m = manifest("faulty", Trust::Untrusted);
+    m.limits.concurrency = 64;
+    let plugin = run(host().load_manifest(m)).unwrap();
+    let answers = run(async {
+        let calls: Vec<_> = (0..64u64)
+            .map(|i| {
+                let p = plugin.clone();
+                // Each sleeps a little, so all 64 are in the worker at once.
+                smol::spawn(async move {
+                    let slept: u64 = p.call("sleep", &json!({"ms": 200 + i})).await?;
+                    let echo = p.call_raw("echo", i.to_le_bytes().to_vec()).await?;
+                    Ok::<_, Error>((slept, echo))
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        answers
+    });
+    for (i, (slept, echo)) in answers.into_iter().enumerate() {
+        assert_eq!(slept, 200 + i as u64);
+        assert_eq!(echo, (i as u64).to_le_bytes());
+    }
+    assert_eq!(plugin.status().crashes, 0);
+}
+
+/// The host process is killed outright: its worker must not outlive it (Windows: the
+/// worker's job is closed with the host's handles; Linux: the parent-death signal, in
+/// cli.rs with a stopped worker).
+#[cfg(windows)]
+#[test]
+fn workers_die_when_the_host_process_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("plugin.toml");
+    // With its drive: the manifest is on another one (the temporary directory's).
+    let library =
+        std::path::absolute(common::artifacts().join(Manifest::library_file_name("faulty")))
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"faulty\"\nversion = \"0.1.0\"\nlibrary = \"{library}\"\napi = \"^1\"\nsandbox = \"best-effort\"\n"
+        ),
+    )
+    .unwrap();
+    let cli = common::artifacts().join(format!("plugin-host{}", std::env::consts::EXE_SUFFIX));
+    let mut host = std::process::Command::new(cli)
+        .arg("--grant")
+        .arg("call")
+        .arg(&manifest)
+        .args(["sleep", "--json", r#"{"ms": 20000}"#])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut worker = None;
+    common::wait_until(Duration::from_secs(20), || {
+        worker = common::children_of(host.id())
+            .into_iter()
+            .find(|(_, name)| name.starts_with("worker-shim"))
+            .map(|(pid, _)| pid);
+        worker.is_some()
+    });
+    let Some(worker) = worker else {
+        let _ = host.kill();
+        let out = host.wait_with_output().unwrap();
+        panic!(
+            "the host started no worker: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // TerminateProcess: the host gets no chance to clean up.
+    host.kill().unwrap();
+    host.wait().unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || !common::process_exists(worker)),
+        "worker {worker} outlived its host"
+    );
 }

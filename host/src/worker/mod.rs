@@ -1289,9 +1289,10 @@ fn serve_loop(shared: &Arc<Shared>) {
 
 #[cfg(windows)]
 mod windows {
+    use windows_sys::Win32::Foundation::EXCEPTION_STACK_OVERFLOW;
     use windows_sys::Win32::System::Diagnostics::Debug::{
-        SetErrorMode, SetUnhandledExceptionFilter, EXCEPTION_POINTERS, SEM_FAILCRITICALERRORS,
-        SEM_NOGPFAULTERRORBOX, SEM_NOOPENFILEERRORBOX,
+        AddVectoredExceptionHandler, SetErrorMode, SetUnhandledExceptionFilter, EXCEPTION_POINTERS,
+        SEM_FAILCRITICALERRORS, SEM_NOGPFAULTERRORBOX, SEM_NOOPENFILEERRORBOX,
     };
     use windows_sys::Win32::System::Threading::{GetCurrentProcess, TerminateProcess};
 
@@ -1304,7 +1305,28 @@ mod windows {
         unsafe {
             SetErrorMode(SEM_FAILCRITICALERRORS | SEM_NOGPFAULTERRORBOX | SEM_NOOPENFILEERRORBOX);
             SetUnhandledExceptionFilter(Some(end_with_status));
+            // After Rust's own handler (added at start-up; it prints the overflow message).
+            AddVectoredExceptionHandler(0, Some(end_on_stack_overflow));
         }
+    }
+
+    /// A stack overflow is never handled: end at once, on what is left of the stack (the
+    /// search for a handler that would come next needs more of it than there is; under
+    /// Wine it never finishes).
+    unsafe extern "system" fn end_on_stack_overflow(info: *mut EXCEPTION_POINTERS) -> i32 {
+        // SAFETY: the system passes valid exception pointers to vectored handlers.
+        let code = unsafe {
+            info.as_ref()
+                .and_then(|i| i.ExceptionRecord.as_ref())
+                .map(|r| r.ExceptionCode)
+        };
+        if code == Some(EXCEPTION_STACK_OVERFLOW) {
+            // SAFETY: terminating our own process; no pointers.
+            unsafe { TerminateProcess(GetCurrentProcess(), EXCEPTION_STACK_OVERFLOW as u32) };
+        }
+        // EXCEPTION_CONTINUE_SEARCH: anything else goes on to its handlers (panics that
+        // unwind raise exceptions too).
+        0
     }
 
     /// Runs for an exception nothing handled (after Rust's own stack-overflow message):

@@ -16,7 +16,7 @@
 //! | `output` | `{bytes}` | returns that many bytes (MessagePack binary) |
 //! | `progress` | `{steps}` | reports progress `steps` times, returns `steps` |
 //! | `fail` | `{message}` | returns an error with the message |
-//! | `wire` | `{mode}` | writes to the worker's socket behind its back (Linux; isolated only): `garbage`, `oversized` (a length past any limit), `unknown_reply` (a reply to a call never made), `truncated` (half a frame, then exit) |
+//! | `wire` | `{mode}` | writes to the worker's socket (Windows: pipe) behind its back (Linux, Windows; isolated only): `garbage`, `oversized` (a length past any limit), `unknown_reply` (a reply to a call never made), `truncated` (half a frame, then exit) |
 //! | `stderr_flood` | `{bytes, newline, abort}` | writes `bytes` bytes to stderr (one line without a newline unless `newline`: then lines of 100 bytes); then aborts if `abort` |
 //! | `huge_log` | `{bytes, progress}` | logs one message of `bytes` bytes (and, if `progress`, reports progress with one), returns `bytes` |
 //! | `bogus_output` | `{len}` | returns a 16-byte buffer that claims to hold `len` bytes (the ABI's `len` lies; see [`plugin_api_entry`]) |
@@ -202,15 +202,79 @@ impl Ring {
     }
 }
 
+/// Windows: the worker's pipe, found as a compromised plugin would find it: the handle
+/// number on the worker's command line (`--handle N`).
+#[cfg(windows)]
+struct WireOut {
+    handle: windows_sys::Win32::Foundation::HANDLE,
+}
+
+#[cfg(windows)]
+impl WireOut {
+    fn find() -> Result<WireOut, PluginError> {
+        let args: Vec<String> = std::env::args().collect();
+        let handle = args
+            .iter()
+            .position(|a| a == "--handle")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|h| h.parse::<usize>().ok())
+            .ok_or_else(|| PluginError::new("no --handle: not running in a worker process?"))?;
+        Ok(WireOut {
+            handle: handle as windows_sys::Win32::Foundation::HANDLE,
+        })
+    }
+
+    /// Writes `bytes` (the pipe is opened for overlapped I/O: one overlapped write, waited
+    /// for).
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use windows_sys::Win32::Foundation::{CloseHandle, GetLastError, ERROR_IO_PENDING};
+        use windows_sys::Win32::Storage::FileSystem::WriteFile;
+        use windows_sys::Win32::System::Threading::CreateEventW;
+        use windows_sys::Win32::System::IO::{GetOverlappedResult, OVERLAPPED};
+        // SAFETY: an overlapped write of `bytes` on the worker's own pipe handle (open for
+        // the process's whole life), waited for before `bytes` and `op` go away; the event
+        // is ours and closed at the end.
+        unsafe {
+            let event = CreateEventW(std::ptr::null(), 1, 0, std::ptr::null());
+            if event.is_null() {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut op: OVERLAPPED = std::mem::zeroed();
+            op.hEvent = event;
+            let started = WriteFile(
+                self.handle,
+                bytes.as_ptr(),
+                bytes.len() as u32,
+                std::ptr::null_mut(),
+                &mut op,
+            );
+            let mut result = Ok(());
+            if started == 0 && GetLastError() != ERROR_IO_PENDING {
+                result = Err(std::io::Error::last_os_error());
+            } else {
+                let mut done = 0u32;
+                if GetOverlappedResult(self.handle, &op, &mut done, 1) == 0 {
+                    result = Err(std::io::Error::last_os_error());
+                }
+            }
+            CloseHandle(event);
+            result
+        }
+    }
+}
+
 /// Writes bytes that break the wire protocol, as a compromised plugin could: into the
-/// shared region's reply ring when the connection uses shared memory, else the socket.
-#[cfg(target_os = "linux")]
+/// shared region's reply ring when the connection uses shared memory, else the socket
+/// (on Windows the pipe).
+#[cfg(any(target_os = "linux", windows))]
 fn corrupt_wire(mode: &str) -> Result<(), PluginError> {
-    let socket = worker_socket()?;
+    #[cfg(target_os = "linux")]
     let mut wire = WireOut {
-        socket,
+        socket: worker_socket()?,
         ring: Ring::open(),
     };
+    #[cfg(windows)]
+    let mut wire = WireOut::find()?;
     match mode {
         "garbage" => wire.write_all(&[
             12, 0, 0, 0, 8, 0, 0, 0, 0xc1, 0xc1, 0xc1, 0xc1, 0xde, 0xad, 0xbe, 0xef,
@@ -407,10 +471,13 @@ impl Plugin for Faulty {
                 ]))
             })
             .add("wire", |_: &Faulty, _: &Context<'_>, w: Wire| {
-                #[cfg(target_os = "linux")]
+                #[cfg(any(target_os = "linux", windows))]
                 return corrupt_wire(&w.mode);
-                #[cfg(not(target_os = "linux"))]
-                return Err::<(), _>(PluginError::new(format!("`wire` ({}) needs Linux", w.mode)));
+                #[cfg(not(any(target_os = "linux", windows)))]
+                return Err::<(), _>(PluginError::new(format!(
+                    "`wire` ({}) needs Linux or Windows",
+                    w.mode
+                )));
             })
             .add(
                 "stderr_flood",

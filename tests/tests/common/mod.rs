@@ -93,9 +93,23 @@ pub fn host() -> Host {
     Host::builder()
         .search_path(artifacts())
         .worker_shim(artifacts().join(format!("worker-shim{}", std::env::consts::EXE_SUFFIX)))
-        .grant_requested()
+        .permissions(grant_requested)
         .build()
         .unwrap()
+}
+
+/// What the tests' hosts grant: what each manifest requests, except that where there is
+/// no sandbox (every platform but Linux) the sandbox is off, since the example manifests
+/// require one.
+pub fn grant_requested(request: &plugin_host::PermissionRequest) -> plugin_host::Grant {
+    let grant = plugin_host::Grant::requested(request);
+    match cfg!(target_os = "linux") {
+        true => grant,
+        false => plugin_host::Grant {
+            sandbox: plugin_host::SandboxMode::Off,
+            ..grant
+        },
+    }
 }
 
 /// The manifest of an example plugin, with the trust level overridden.
@@ -142,7 +156,7 @@ pub fn host_with_shim(shim: &Path) -> Host {
     Host::builder()
         .search_path(artifacts())
         .worker_shim(shim)
-        .grant_requested()
+        .permissions(grant_requested)
         .build()
         .unwrap()
 }
@@ -151,6 +165,26 @@ pub fn host_with_shim(shim: &Path) -> Host {
 #[cfg(target_os = "linux")]
 pub fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether process `pid` still runs (Windows: its exit code is still `STILL_ACTIVE`).
+#[cfg(windows)]
+pub fn process_exists(pid: u32) -> bool {
+    use windows_sys::Win32::Foundation::{CloseHandle, STILL_ACTIVE};
+    use windows_sys::Win32::System::Threading::{
+        GetExitCodeProcess, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
+    };
+    // SAFETY: plain calls with a pid and an out pointer; the handle is closed below.
+    unsafe {
+        let handle = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid);
+        if handle.is_null() {
+            return false;
+        }
+        let mut code = 0u32;
+        let ok = GetExitCodeProcess(handle, &mut code);
+        CloseHandle(handle);
+        ok != 0 && code == STILL_ACTIVE as u32
+    }
 }
 
 /// Polls `cond` every 10 ms for up to `limit`; returns whether it became true.
@@ -195,6 +229,53 @@ pub fn children() -> Vec<(u32, String)> {
 #[cfg(target_os = "linux")]
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Running child processes of this process (Windows: a process snapshot; an exited
+/// process is not in it).
+#[cfg(windows)]
+pub fn children() -> Vec<(u32, String)> {
+    children_of(std::process::id())
+}
+
+/// Running child processes of `parent` (Windows), with their executable names.
+#[cfg(windows)]
+pub fn children_of(parent: u32) -> Vec<(u32, String)> {
+    use windows_sys::Win32::Foundation::{CloseHandle, INVALID_HANDLE_VALUE};
+    use windows_sys::Win32::System::Diagnostics::ToolHelp::{
+        CreateToolhelp32Snapshot, Process32FirstW, Process32NextW, PROCESSENTRY32W,
+        TH32CS_SNAPPROCESS,
+    };
+    let mut found = Vec::new();
+    // SAFETY: a snapshot handle, walked with a correctly sized entry, then closed.
+    unsafe {
+        let snapshot = CreateToolhelp32Snapshot(TH32CS_SNAPPROCESS, 0);
+        if snapshot == INVALID_HANDLE_VALUE {
+            return found;
+        }
+        let mut entry: PROCESSENTRY32W = std::mem::zeroed();
+        entry.dwSize = std::mem::size_of::<PROCESSENTRY32W>() as u32;
+        let mut more = Process32FirstW(snapshot, &mut entry) != 0;
+        while more {
+            if entry.th32ParentProcessID == parent {
+                let name = String::from_utf16_lossy(&entry.szExeFile);
+                found.push((entry.th32ProcessID, name.trim_end_matches('\0').to_string()));
+            }
+            more = Process32NextW(snapshot, &mut entry) != 0;
+        }
+        CloseHandle(snapshot);
+    }
+    found
+}
+
+/// Open handles of this process (Windows): the counterpart of open descriptors.
+#[cfg(windows)]
+pub fn open_fds() -> usize {
+    use windows_sys::Win32::System::Threading::{GetCurrentProcess, GetProcessHandleCount};
+    let mut count = 0u32;
+    // SAFETY: the pseudo-handle of this process and a valid out pointer.
+    unsafe { GetProcessHandleCount(GetCurrentProcess(), &mut count) };
+    count as usize
 }
 
 /// Files in the temp directory that look like our socket files.
@@ -468,3 +549,30 @@ pub fn capture_logs(level: tracing::Level, only: Option<&'static str>) -> Logs {
     })
     .clone()
 }
+
+/// How a fault ends a worker on this platform, as `ExitInfo::signal_name` (Unix) or
+/// `ExitInfo::exception_name` (Windows) names it.
+pub fn fault_name(exit: &plugin_host::ExitInfo) -> Option<&str> {
+    exit.signal_name().or(exit.exception_name())
+}
+
+/// A null-pointer write: SIGSEGV, or an access violation.
+#[cfg(unix)]
+pub const SEGFAULT: &str = "SIGSEGV";
+/// A null-pointer write: SIGSEGV, or an access violation.
+#[cfg(windows)]
+pub const SEGFAULT: &str = "STATUS_ACCESS_VIOLATION";
+/// `std::process::abort`: SIGABRT, or a fast fail.
+#[cfg(unix)]
+pub const ABORT: &str = "SIGABRT";
+/// `std::process::abort`: SIGABRT, or a fast fail.
+#[cfg(windows)]
+pub const ABORT: &str = "STATUS_STACK_BUFFER_OVERRUN";
+/// Unbounded recursion: Rust's guard-page handler turns it into an abort (without it,
+/// SIGSEGV); on Windows a stack overflow status.
+#[cfg(unix)]
+pub const STACK_OVERFLOW: &[&str] = &["SIGABRT", "SIGSEGV"];
+/// Unbounded recursion: Rust's guard-page handler turns it into an abort (without it,
+/// SIGSEGV); on Windows a stack overflow status.
+#[cfg(windows)]
+pub const STACK_OVERFLOW: &[&str] = &["STATUS_STACK_OVERFLOW"];
