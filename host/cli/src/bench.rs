@@ -1,8 +1,9 @@
 //! `plugin-host bench`: measures an isolated plugin against raw baselines measured in the
 //! same run, and prints median, p99 and the ratio for each figure.
 //!
-//! Baselines: a raw Unix-socket echo in a child process (length-prefixed frames of the same
-//! sizes, one in flight and 64 in flight); on Linux a shared-memory ping-pong with a child
+//! Baselines: a raw Unix-socket echo in a child process (on Windows a raw named-pipe echo;
+//! length-prefixed frames of the same sizes, one in flight and 64 in flight); on Linux a
+//! shared-memory ping-pong with a child
 //! process (the same messages through the transport's rings, with its wait strategy: the
 //! mechanism alone, no protocol); and a bare spawn-and-connect for cold start.
 //! Host functions and streams (the `callbacks` plugin) are measured against the plugin's
@@ -11,29 +12,67 @@
 //!
 //! `--transport` picks the transport of the isolated plugins (shm by default); `both`
 //! measures each figure with both, side by side, and prints shm-vs-socket ratios. After the
-//! calls: the CPU an idle worker and the host use (Linux), and how long a call that crashes
-//! its worker takes to come back as an error.
+//! calls: the CPU an idle worker and the host use (Linux: `/proc`; Windows:
+//! `GetProcessTimes`), and how long a call that crashes its worker takes to come back as an
+//! error.
 //!
 //! The bench sets its own policies, whatever `--grant` says: the isolated figures are for
 //! the default, an untrusted worker with the sandbox required (deny-all); cold start is
 //! also measured with the sandbox off (a policy granting `SandboxMode::Off`) to show what
 //! the sandbox costs; the in-process figure needs a policy granting trust.
+//!
+//! Where there is no sandbox (anywhere but Linux) the default policy refuses every plugin,
+//! so the isolated figures are for untrusted workers with the sandbox off, and the bench
+//! says so and skips the sandbox-on figures. Where there is no shared memory (anywhere but
+//! Linux) `--transport shm` falls back to the socket (a named pipe on Windows): the bench
+//! says so and measures the socket once.
 
 use std::io::{Read, Write};
+#[cfg(unix)]
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
-use interprocess::local_socket::{
-    prelude::*, GenericNamespaced, Listener, ListenerOptions, Stream,
-};
+use interprocess::local_socket::{prelude::*, GenericNamespaced, Stream};
+#[cfg(unix)]
+use interprocess::local_socket::{Listener, ListenerOptions};
+#[cfg(windows)]
+use interprocess::os::windows::named_pipe;
 use plugin_host::{
     CallOptions, Grant, Host, HostBuilder, HostCallContext, HostError, Manifest, Plugin,
     PluginEvent, SandboxMode, Transport, Trust,
 };
 use serde::Serialize;
+
+/// Whether this system has the sandbox the default policy requires (Linux only).
+const SANDBOX: bool = cfg!(target_os = "linux");
+
+/// Whether this system has the shared-memory transport (Linux only).
+const SHM: bool = cfg!(target_os = "linux");
+
+/// The raw baseline's name in the figures: what it goes through.
+#[cfg(unix)]
+const RAW: &str = "raw socket";
+#[cfg(windows)]
+const RAW: &str = "raw pipe";
+
+/// The stream of the raw baseline: a Unix socket, or on Windows a named pipe.
+#[cfg(unix)]
+type RawStream = UnixStream;
+#[cfg(windows)]
+type RawStream = std::fs::File;
+
+/// Windows: each direction's buffer in the raw baseline's pipe, in bytes: the library's
+/// (`winpipe::PIPE_BUFFER`). The local-socket listener's default (512 bytes) would also
+/// deadlock the 64-in-flight baseline: both sides blocked in a write.
+#[cfg(windows)]
+const PIPE_BUFFER: u32 = 256 << 10;
+
+/// Windows: where named pipes are.
+#[cfg(windows)]
+const PIPE_PREFIX: &str = r"\\.\pipe\";
 
 /// Settings for one run.
 pub struct Settings {
@@ -76,14 +115,31 @@ fn size_name(n: usize) -> String {
 }
 
 /// The child side of the raw baseline: connect, then echo length-prefixed frames.
+/// `socket` is a local socket name; on Windows a path `\\.\pipe\NAME` is opened as a
+/// file instead, for plain blocking reads and writes.
 pub fn echo_server(socket: &str) -> ExitCode {
+    #[cfg(windows)]
+    if socket.starts_with(PIPE_PREFIX) {
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(socket);
+        let Ok(file) = opened else {
+            return ExitCode::from(1);
+        };
+        return echo(&file);
+    }
     let Ok(name) = socket.to_ns_name::<GenericNamespaced>() else {
         return ExitCode::from(2);
     };
     let Ok(stream) = Stream::connect(name) else {
         return ExitCode::from(1);
     };
-    let mut stream = &stream;
+    echo(&stream)
+}
+
+/// Echoes length-prefixed frames until the stream ends.
+fn echo(mut stream: impl Read + Write) -> ExitCode {
     // One buffer holds the length prefix and the body, so each reply is one write.
     let mut buf = vec![0u8; 4];
     loop {
@@ -99,24 +155,33 @@ pub fn echo_server(socket: &str) -> ExitCode {
     }
 }
 
-struct RawPeer {
+struct RawPeer<S = RawStream> {
     child: Child,
-    stream: UnixStream,
+    stream: S,
 }
 
-impl Drop for RawPeer {
+impl<S> Drop for RawPeer<S> {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn listen() -> std::io::Result<(String, UnixListener)> {
-    let name = format!(
+/// A fresh name for a raw baseline's socket or pipe: this process's id and a count (two
+/// peers can be alive at once, and a name is taken until its peer is dropped).
+fn peer_name() -> String {
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
         "plugin-host-bench-{}-{}",
         std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    );
+        MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// A listener for the raw baseline's child, and the name it listens on.
+#[cfg(unix)]
+fn listen() -> std::io::Result<(String, UnixListener)> {
+    let name = peer_name();
     let listener = ListenerOptions::new()
         .name(name.as_str().to_ns_name::<GenericNamespaced>()?)
         .create_sync()?;
@@ -126,6 +191,84 @@ fn listen() -> std::io::Result<(String, UnixListener)> {
         unreachable!()
     };
     Ok((name, UnixListener::from(listener)))
+}
+
+/// A pipe for the raw baseline's child, and the path the child opens (Windows): a named
+/// pipe `\\.\pipe\NAME` with the library's buffers, for plain blocking reads and writes.
+#[cfg(windows)]
+fn listen() -> std::io::Result<(String, rawpipe::Listener)> {
+    let path = format!("{PIPE_PREFIX}{}", peer_name());
+    let listener = rawpipe::Listener::create(&path, PIPE_BUFFER)?;
+    Ok((path, listener))
+}
+
+#[cfg(unix)]
+fn accept(listener: &UnixListener) -> std::io::Result<RawStream> {
+    listener.accept().map(|(stream, _)| stream)
+}
+
+#[cfg(windows)]
+fn accept(listener: &rawpipe::Listener) -> std::io::Result<RawStream> {
+    listener.accept()
+}
+
+/// The raw baseline's named pipe (Windows): one instance, opened without overlapped I/O,
+/// so both ends' reads and writes are plain blocking `ReadFile` and `WriteFile`.
+#[cfg(windows)]
+mod rawpipe {
+    use std::io;
+    use std::os::windows::io::{AsRawHandle, FromRawHandle, OwnedHandle};
+
+    use windows_sys::Win32::Foundation::{
+        GetLastError, ERROR_PIPE_CONNECTED, INVALID_HANDLE_VALUE,
+    };
+    use windows_sys::Win32::Storage::FileSystem::{
+        FILE_FLAG_FIRST_PIPE_INSTANCE, PIPE_ACCESS_DUPLEX,
+    };
+    use windows_sys::Win32::System::Pipes::{
+        ConnectNamedPipe, CreateNamedPipeW, PIPE_READMODE_BYTE, PIPE_REJECT_REMOTE_CLIENTS,
+        PIPE_TYPE_BYTE, PIPE_WAIT,
+    };
+
+    /// The server end, not yet connected.
+    pub struct Listener(OwnedHandle);
+
+    impl Listener {
+        /// Creates the pipe `path` (`\\.\pipe\NAME`) with `buffer` bytes each way.
+        pub fn create(path: &str, buffer: u32) -> io::Result<Listener> {
+            let wide: Vec<u16> = path.encode_utf16().chain([0]).collect();
+            // SAFETY: `wide` is a NUL-terminated UTF-16 string that outlives the call; no
+            // security attributes (null).
+            let handle = unsafe {
+                CreateNamedPipeW(
+                    wide.as_ptr(),
+                    PIPE_ACCESS_DUPLEX | FILE_FLAG_FIRST_PIPE_INSTANCE,
+                    PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS,
+                    1,
+                    buffer,
+                    buffer,
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if handle == INVALID_HANDLE_VALUE {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a valid handle, just created, owned by nothing else.
+            Ok(Listener(unsafe { OwnedHandle::from_raw_handle(handle) }))
+        }
+
+        /// Waits for the client, then returns the server end as a file.
+        pub fn accept(&self) -> io::Result<std::fs::File> {
+            // SAFETY: a valid pipe handle; no OVERLAPPED (a synchronous handle).
+            let ok = unsafe { ConnectNamedPipe(self.0.as_raw_handle(), std::ptr::null_mut()) };
+            // SAFETY: reads the calling thread's last error.
+            if ok == 0 && unsafe { GetLastError() } != ERROR_PIPE_CONNECTED {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(std::fs::File::from(self.0.try_clone()?))
+        }
+    }
 }
 
 /// Spawns the echo child and accepts its connection: the bare spawn-and-connect.
@@ -138,12 +281,12 @@ fn spawn_raw_peer() -> std::io::Result<RawPeer> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()?;
-    let (stream, _) = listener.accept()?;
+    let stream = accept(&listener)?;
     Ok(RawPeer { child, stream })
 }
 
 /// One request/reply. `frame` is the length prefix and payload in one buffer (one write).
-fn raw_round_trip(stream: &mut UnixStream, frame: &[u8], reply: &mut Vec<u8>) {
+fn raw_round_trip(stream: &mut (impl Read + Write), frame: &[u8], reply: &mut Vec<u8>) {
     stream.write_all(frame).unwrap();
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).unwrap();
@@ -159,7 +302,8 @@ fn raw_frame(size: usize) -> Vec<u8> {
 
 /// The raw round trip, measured twice: with blocking reads, and with the same async-io
 /// reactor wait the host uses. The faster of the two is the baseline, so the ratio never
-/// flatters us because of how the baseline waits.
+/// flatters us because of how the baseline waits. On Windows with blocking reads only:
+/// async-io cannot wait on a named pipe.
 fn raw_latency(size: usize, iterations: usize) -> Stats {
     let mut peer = spawn_raw_peer().expect("start the raw echo baseline");
     let payload = raw_frame(size);
@@ -176,17 +320,29 @@ fn raw_latency(size: usize, iterations: usize) -> Stats {
             })
             .collect(),
     );
+    raw_latency_reactor(&peer, &payload, &mut reply, iterations, blocking)
+}
+
+/// The raw round trip on the async-io reactor; returns it or `blocking`, the faster.
+#[cfg(unix)]
+fn raw_latency_reactor(
+    peer: &RawPeer,
+    payload: &[u8],
+    reply: &mut Vec<u8>,
+    iterations: usize,
+    blocking: Stats,
+) -> Stats {
     let stream = smol::Async::new(peer.stream.try_clone().unwrap()).unwrap();
     let reactor = smol::block_on(async {
         use futures_lite::{AsyncReadExt, AsyncWriteExt};
         let mut samples = Vec::with_capacity(iterations);
         for i in 0..iterations + iterations / 10 {
             let t = Instant::now();
-            (&stream).write_all(&payload).await.unwrap();
+            (&stream).write_all(payload).await.unwrap();
             let mut len = [0u8; 4];
             (&stream).read_exact(&mut len).await.unwrap();
             reply.resize(u32::from_le_bytes(len) as usize, 0);
-            (&stream).read_exact(&mut reply).await.unwrap();
+            (&stream).read_exact(reply).await.unwrap();
             if i >= iterations / 10 {
                 samples.push(t.elapsed());
             }
@@ -198,6 +354,59 @@ fn raw_latency(size: usize, iterations: usize) -> Stats {
     } else {
         blocking
     }
+}
+
+/// Windows: async-io cannot wait on a named pipe. Instead the round trip once more
+/// through `interprocess`'s local socket on both ends (a named pipe with overlapped I/O
+/// and completion routines, blocking the caller all the same); returns it or `blocking`,
+/// the faster.
+#[cfg(windows)]
+fn raw_latency_reactor(
+    _: &RawPeer,
+    payload: &[u8],
+    reply: &mut Vec<u8>,
+    iterations: usize,
+    blocking: Stats,
+) -> Stats {
+    let mut peer = spawn_local_socket_peer().expect("start the raw echo baseline");
+    for _ in 0..iterations / 10 + 1 {
+        raw_round_trip(&mut peer.stream, payload, reply);
+    }
+    let overlapped = stats(
+        (0..iterations)
+            .map(|_| {
+                let t = Instant::now();
+                raw_round_trip(&mut peer.stream, payload, reply);
+                t.elapsed()
+            })
+            .collect(),
+    );
+    if overlapped.median < blocking.median {
+        overlapped
+    } else {
+        blocking
+    }
+}
+
+/// Windows: the echo child connected through `interprocess`'s local socket, with the
+/// library's pipe buffers (the local-socket listener's default, 512 bytes, is smaller).
+#[cfg(windows)]
+fn spawn_local_socket_peer(
+) -> std::io::Result<RawPeer<named_pipe::DuplexPipeStream<named_pipe::pipe_mode::Bytes>>> {
+    let name = peer_name();
+    let listener = named_pipe::PipeListenerOptions::new()
+        .path(format!("{PIPE_PREFIX}{name}"))
+        .input_buffer_size_hint(PIPE_BUFFER)
+        .output_buffer_size_hint(PIPE_BUFFER)
+        .create_duplex::<named_pipe::pipe_mode::Bytes>()?;
+    let child = Command::new(std::env::current_exe()?)
+        .arg("bench-echo-server")
+        .arg(&name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let stream = listener.accept()?;
+    Ok(RawPeer { child, stream })
 }
 
 /// Calls per second with `depth` 16-byte requests kept in flight, raw: write `depth`
@@ -605,9 +814,15 @@ struct Side {
 
 pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     // The machine's load as the bench found it (before any of its own work).
-    let loadavg = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into());
+    let loadavg = match cfg!(target_os = "linux") {
+        true => {
+            std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .unwrap_or_else(|_| "unknown".into())
+                + " (1, 5, 15 min; read before the run)"
+        }
+        false => "unknown (read from /proc/loadavg, on Linux only)".into(),
+    };
     let backtrace = std::env::var_os("RUST_BACKTRACE");
     // Errors are mostly not on the measured path (the crash figures are), but measure
     // without backtrace capture anyway: the variable is removed before any thread or
@@ -621,7 +836,7 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         (5_000, 200, 100_000)
     };
     println!(
-        "plugin-host bench: {} CPUs, load average {loadavg} (1, 5, 15 min; read before the run){}",
+        "plugin-host bench: {} CPUs, load average {loadavg}{}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         if settings.warm {
             "; --warm: one CPU kept busy"
@@ -635,16 +850,49 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             "RUST_BACKTRACE={v:?} was set: removed before anything started (measured without backtraces)"
         ),
     }
-    let names: Vec<&str> = settings.transports.iter().map(|t| t.name()).collect();
+    // Without shared memory the library gives a worker asked for it the socket: measure
+    // the socket once, and say so.
+    let mut transports = settings.transports.clone();
+    if !SHM && transports.contains(&Transport::SharedMemory) {
+        transports.retain(|t| *t != Transport::SharedMemory);
+        if transports.is_empty() {
+            transports.push(Transport::Socket);
+        }
+        println!(
+            "transport shm: not available on this system (shared memory is Linux-only); a \
+             worker asked for it uses the socket, measured instead"
+        );
+    }
+    let names: Vec<&str> = transports.iter().map(|t| t.name()).collect();
     println!(
         "transport of the isolated plugins: {}{}",
         names.join(" and "),
         if names.len() > 1 {
             ", side by side in this run (lines tagged [shm] / [socket])"
+        } else if cfg!(windows) {
+            " (on Windows a named pipe)"
         } else {
             ""
         }
     );
+    #[cfg(windows)]
+    {
+        println!(
+            "{RAW}: a named-pipe echo in a child process ({} KiB buffers each way, as the \
+             library's pipe); async-io cannot wait on a named pipe, so one call in flight is \
+             the faster of plain blocking ReadFile/WriteFile and interprocess's local socket \
+             (overlapped I/O), 64 in flight and spawn + connect plain blocking",
+            PIPE_BUFFER >> 10
+        );
+    }
+    if !SANDBOX {
+        println!(
+            "sandbox: not available on this system (Linux only); the default policy would \
+             refuse every plugin here, so the isolated figures are for untrusted workers with \
+             the sandbox off (separate processes, the host's rights) and the sandbox-on \
+             figures are skipped"
+        );
+    }
     println!(
         "one call in flight unless stated; ratios are against baselines measured in this run;\n\
          targets: issue 11's on [shm] lines, the earlier ones on [socket] lines\n"
@@ -697,9 +945,36 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     };
     let mut sides = Vec::new();
     let mut sandbox_off_plugins = Vec::new();
-    for &transport in &settings.transports {
-        let sandboxed = with_policy(Some(transport), &deny_all);
+    for &transport in &transports {
+        // Without a sandbox, the isolated figures are with the sandbox off.
+        let sandboxed = match SANDBOX {
+            true => with_policy(Some(transport), &deny_all),
+            false => with_policy(Some(transport), &sandbox_off),
+        };
         let unsandboxed = with_policy(Some(transport), &sandbox_off);
+        if !SANDBOX {
+            let isolated = match load(&sandboxed, Trust::Untrusted) {
+                Ok(p) => p,
+                Err(e) => {
+                    crate::report::print(&e, Some(&manifest_path));
+                    return ExitCode::from(4);
+                }
+            };
+            println!(
+                "isolated worker{}, sandbox off (no sandbox on this system): transport in use {}; \
+                 layers {}",
+                tag(transport),
+                transport_in_use(&isolated, transport),
+                layers(&isolated)
+            );
+            sides.push(Side {
+                transport,
+                sandboxed,
+                unsandboxed,
+                isolated,
+            });
+            continue;
+        }
         let (isolated, off) = match (
             load(&sandboxed, Trust::Untrusted),
             load(&unsandboxed, Trust::Untrusted),
@@ -751,8 +1026,8 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             Some((best, pairs)) => (Some(best), pairs),
             None => (None, Vec::new()),
         };
-        baseline(&format!("raw socket echo {size_text}"), &raw);
-        let mut bases = vec![("raw socket", &raw)];
+        baseline(&format!("{RAW} echo {size_text}"), &raw);
+        let mut bases = vec![(RAW, &raw)];
         if let Some(ping) = &ping {
             line_vs(
                 &format!("shm ping-pong {size_text}"),
@@ -777,12 +1052,14 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             let vs_ping = ping.as_ref().map(|p| ratio(&ours, p));
             let goal = match (side.transport, size) {
                 (Transport::SharedMemory, 16) => target(
-                    "<= 0.5x raw socket, <= 3x shm ping-pong",
+                    &format!("<= 0.5x {RAW}, <= 3x shm ping-pong"),
                     vs_raw <= 0.5 && vs_ping.into_iter().all(|r| r <= 3.0),
                 ),
-                (Transport::SharedMemory, 1_048_576) => target("<= 1.0x raw socket", vs_raw <= 1.0),
-                (Transport::Socket, 16) => target("<= 1.5x raw socket", vs_raw <= 1.5),
-                (Transport::Socket, 1_048_576) => target("<= 2x raw socket", vs_raw <= 2.0),
+                (Transport::SharedMemory, 1_048_576) => {
+                    target(&format!("<= 1.0x {RAW}"), vs_raw <= 1.0)
+                }
+                (Transport::Socket, 16) => target(&format!("<= 1.5x {RAW}"), vs_raw <= 1.5),
+                (Transport::Socket, 1_048_576) => target(&format!("<= 2x {RAW}"), vs_raw <= 2.0),
                 _ => String::new(),
             };
             line_vs(
@@ -890,15 +1167,15 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     let raw_rate = raw_pipelined(depth, total);
     println!(
         "{:<W$} {:>10.0} calls/s  (baseline)",
-        format!("raw socket, {depth} in flight"),
+        format!("{RAW}, {depth} in flight"),
         raw_rate
     );
     let mut rates = Vec::new();
     for side in &sides {
         let rate = plugin_pipelined(&side.isolated, depth, total);
         let goal = match side.transport {
-            Transport::SharedMemory => target(">= 1.0x raw socket", rate / raw_rate >= 1.0),
-            Transport::Socket => target(">= 0.5x raw socket", rate / raw_rate >= 0.5),
+            Transport::SharedMemory => target(&format!(">= 1.0x {RAW}"), rate / raw_rate >= 1.0),
+            Transport::Socket => target(&format!(">= 0.5x {RAW}"), rate / raw_rate >= 0.5),
         };
         println!(
             "{:<W$} {:>10.0} calls/s  ratio {:>5.2}x  {goal}",
@@ -974,7 +1251,7 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
 
     // Idle CPU: only the sandboxed `hello` of each transport is loaded now, idle after
     // its calls. The spinning thread of --warm is stopped meanwhile.
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", windows))]
     {
         warm.set(false);
         let window = if settings.quick {
@@ -986,6 +1263,11 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         idle_cpu(&sides, window);
         warm.set(settings.warm);
     }
+    #[cfg(not(any(target_os = "linux", windows)))]
+    println!(
+        "\nidle CPU: not measured on this system (read from /proc on Linux, GetProcessTimes \
+         on Windows)"
+    );
 
     // Crash -> error: a call that kills its worker, to the caller's error.
     let rounds = if settings.quick { 3 } else { 10 };
@@ -1046,7 +1328,7 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         (d, layers)
     };
     // Interleaved (sandbox off and on, each transport), so a drift in the machine's speed
-    // affects all alike.
+    // affects all alike. Without a sandbox, off only.
     let mut off_samples = vec![Vec::with_capacity(starts); sides.len()];
     let mut on_samples = vec![Vec::with_capacity(starts); sides.len()];
     let mut on_layers = Vec::new();
@@ -1056,9 +1338,11 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             let (d, l) = cold_start(&side.unsandboxed);
             off_samples[i].push(d);
             off_layers = l;
-            let (d, l) = cold_start(&side.sandboxed);
-            on_samples[i].push(d);
-            on_layers = l;
+            if SANDBOX {
+                let (d, l) = cold_start(&side.sandboxed);
+                on_samples[i].push(d);
+                on_layers = l;
+            }
         }
     }
     baseline("bare spawn + connect + echo", &bare);
@@ -1067,13 +1351,22 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     for (side, (off, on)) in sides.iter().zip(off_samples.into_iter().zip(on_samples)) {
         let t = tag(side.transport);
         let cold_off = stats(off);
-        let cold_on = stats(on);
         line(
             &format!("cold start, sandbox off{t}"),
             &cold_off,
             &bare,
             "(spawn..first reply)",
         );
+        if !SANDBOX {
+            println!(
+                "{:<W$} not available on this system (no sandbox): skipped",
+                format!("cold start, sandbox on{t}")
+            );
+            // The idle wake-up below is compared with the cold start there is.
+            cold_on_stats.push(cold_off);
+            continue;
+        }
+        let cold_on = stats(on);
         line(
             &format!("cold start, sandbox on{t}"),
             &cold_on,
@@ -1091,17 +1384,21 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         cold_on_stats.push(cold_on);
     }
     versus("cold start, sandbox on", &cold_medians, "median");
-    println!(
-        "cold-start worker layers: sandbox on: {}; sandbox off: {}",
-        match on_layers.is_empty() {
-            true => "none".to_string(),
-            false => on_layers.join(", "),
-        },
-        match off_layers.is_empty() {
-            true => "none".to_string(),
-            false => off_layers.join(", "),
-        }
-    );
+    let names = |layers: &[String]| match layers.is_empty() {
+        true => "none".to_string(),
+        false => layers.join(", "),
+    };
+    match SANDBOX {
+        true => println!(
+            "cold-start worker layers: sandbox on: {}; sandbox off: {}",
+            names(&on_layers),
+            names(&off_layers)
+        ),
+        false => println!(
+            "cold-start worker layers: sandbox off: {}",
+            names(&off_layers)
+        ),
+    }
     // A call that finds its worker reclaimed for being idle starts it again: the cost, next
     // to a cold start (load + first call) measured above.
     for (side, cold_on) in sides.iter().zip(&cold_on_stats) {
@@ -1111,7 +1408,10 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
                 &format!("call waking an idle worker{t}"),
                 &wake,
                 cold_on,
-                "(vs cold start, sandbox on)",
+                match SANDBOX {
+                    true => "(vs cold start, sandbox on)",
+                    false => "(vs cold start, sandbox off)",
+                },
             ),
             Err(e) => eprintln!("error: idle wake-up{t}: {e}"),
         }
@@ -1181,6 +1481,133 @@ fn idle_cpu(sides: &[Side], window: Duration) {
          no other plugin loaded; one clock tick is {:.2}% here)",
         100.0 / tps / seconds
     );
+}
+
+/// Prints the CPU used over `window` by each side's idle worker and by this process, as a
+/// share of one CPU (Windows: user + kernel time from `GetProcessTimes`). Without a
+/// sandbox the worker is one process: the plugin runs in it.
+#[cfg(windows)]
+fn idle_cpu(sides: &[Side], window: Duration) {
+    // Let the last call's aftermath (threads going back to sleep) end.
+    std::thread::sleep(Duration::from_millis(500));
+    // Each worker, opened before the window (so its pid cannot be reused meanwhile).
+    let workers: Vec<(Transport, Option<u32>, Option<cpu::Process>)> = sides
+        .iter()
+        .map(|s| {
+            let status = s.isolated.status();
+            let pid = status.instances.first().and_then(|i| i.pid).or(status.pid);
+            (s.transport, pid, pid.and_then(cpu::Process::open))
+        })
+        .collect();
+    let before: Vec<Option<Duration>> = workers
+        .iter()
+        .map(|(_, _, p)| p.as_ref().and_then(cpu::Process::time))
+        .collect();
+    let host_before = cpu::this_process();
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let host_after = cpu::this_process();
+    let after: Vec<Option<Duration>> = workers
+        .iter()
+        .map(|(_, _, p)| p.as_ref().and_then(cpu::Process::time))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let percent = |used: Duration| used.as_secs_f64() / seconds * 100.0;
+    for (((transport, pid), before), after) in workers
+        .iter()
+        .map(|(t, pid, _)| (t, pid))
+        .zip(&before)
+        .zip(&after)
+    {
+        let name = format!("idle worker{}", tag(*transport));
+        let Some(pid) = pid else {
+            println!("{name:<W$} no worker process running");
+            continue;
+        };
+        let (Some(before), Some(after)) = (before, after) else {
+            println!("{name:<W$} unknown  (cannot read the CPU times of pid {pid})");
+            continue;
+        };
+        let p = percent(after.saturating_sub(*before));
+        println!(
+            "{name:<W$} {p:>9.2}% of one CPU  (1 process, pid {pid})  {}",
+            target("< 1%", p < 1.0)
+        );
+    }
+    match (host_before, host_after) {
+        (Some(before), Some(after)) => {
+            let p = percent(after.saturating_sub(before));
+            println!(
+                "{:<W$} {p:>9.2}% of one CPU  (this process, all threads)  {}",
+                "idle host process",
+                target("< 1%", p < 1.0)
+            );
+        }
+        _ => println!(
+            "{:<W$} unknown  (cannot read this process's CPU times)",
+            "idle host process"
+        ),
+    }
+    println!(
+        "  (user + kernel time from GetProcessTimes over {seconds:.1} s, starting 0.5 s after \
+         the last call, no other plugin loaded)"
+    );
+}
+
+/// CPU time from `GetProcessTimes` (Windows): a process's user + kernel time.
+#[cfg(windows)]
+mod cpu {
+    use std::time::Duration;
+
+    use windows_sys::Win32::Foundation::{CloseHandle, FILETIME, HANDLE};
+    use windows_sys::Win32::System::Threading::{
+        GetCurrentProcess, GetProcessTimes, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
+    };
+
+    /// A process opened to read its times; closed on drop.
+    pub struct Process(HANDLE);
+
+    impl Process {
+        /// Opens process `pid`, if it is there and may be queried.
+        pub fn open(pid: u32) -> Option<Process> {
+            // SAFETY: OpenProcess takes no pointers; a null handle is failure.
+            let handle = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
+            (!handle.is_null()).then_some(Process(handle))
+        }
+
+        /// The user + kernel time it has used (all its threads).
+        pub fn time(&self) -> Option<Duration> {
+            times(self.0)
+        }
+    }
+
+    impl Drop for Process {
+        fn drop(&mut self) {
+            // SAFETY: the handle is ours, open since `open`, and closed only here.
+            unsafe { CloseHandle(self.0) };
+        }
+    }
+
+    /// The user + kernel time this process has used (all its threads).
+    pub fn this_process() -> Option<Duration> {
+        // SAFETY: GetCurrentProcess returns a pseudo-handle; it needs no closing.
+        times(unsafe { GetCurrentProcess() })
+    }
+
+    fn times(handle: HANDLE) -> Option<Duration> {
+        let zero = FILETIME {
+            dwLowDateTime: 0,
+            dwHighDateTime: 0,
+        };
+        let (mut created, mut exited, mut kernel, mut user) = (zero, zero, zero, zero);
+        // SAFETY: `handle` is a process handle with query rights; the four pointers are
+        // to FILETIMEs that live through the call.
+        let ok =
+            unsafe { GetProcessTimes(handle, &mut created, &mut exited, &mut kernel, &mut user) };
+        // FILETIMEs count 100 ns units.
+        let units = |t: FILETIME| (u64::from(t.dwHighDateTime) << 32) | u64::from(t.dwLowDateTime);
+        (ok != 0).then(|| Duration::from_nanos((units(kernel) + units(user)) * 100))
+    }
 }
 
 /// The shared-memory ping-pong baseline (Linux): the transport's mechanism alone, with no

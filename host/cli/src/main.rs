@@ -7,7 +7,7 @@
 //! grants what each manifest requests (trust, sandbox mode, permissions). `check` never
 //! grants trust: it loads every plugin in a worker, so no plugin code runs in its process.
 
-#[cfg(unix)]
+#[cfg(any(unix, windows))]
 mod bench;
 mod demo;
 mod doctor;
@@ -120,10 +120,11 @@ enum Command {
         plugins: PathBuf,
     },
     /// Measure call latency, throughput and cold start against raw baselines (a Unix
-    /// socket echo and, on Linux, a shared-memory ping-pong), then an idle worker's CPU use
-    /// and how fast a crash reaches the caller. Sets its own policies (ignores --grant):
-    /// isolated figures are for the default sandboxed worker; cold start is measured with
-    /// the sandbox off and on.
+    /// socket echo, on Windows a named-pipe echo, and, on Linux, a shared-memory
+    /// ping-pong), then an idle worker's CPU use and how fast a crash reaches the caller.
+    /// Sets its own policies (ignores --grant): isolated figures are for the default
+    /// sandboxed worker; cold start is measured with the sandbox off and on. Where there is
+    /// no sandbox (anywhere but Linux) every figure is with the sandbox off, and says so.
     Bench {
         /// Directory holding the example plugins' manifests (uses hello, callbacks and
         /// faulty).
@@ -138,6 +139,8 @@ enum Command {
         warm: bool,
         /// The transport of the isolated plugins measured: `shm` (the library's default),
         /// `socket`, or `both`, side by side in the same run with shm-vs-socket ratios.
+        /// Shared memory is Linux-only: elsewhere the socket is measured, and the bench
+        /// says so.
         #[arg(long, value_enum, default_value = "shm")]
         transport: BenchTransport,
     },
@@ -309,7 +312,7 @@ fn main() -> ExitCode {
         ),
         Command::Check { dir } => check(&host, &dir),
         Command::Demo { plugins } => demo::run(&host, &plugins),
-        #[cfg(unix)]
+        #[cfg(any(unix, windows))]
         Command::Bench {
             plugins,
             quick,
@@ -356,10 +359,12 @@ fn main() -> ExitCode {
         ),
         #[cfg(not(target_os = "linux"))]
         Command::Soak { .. } => usage("soak runs on Linux only"),
-        #[cfg(unix)]
+        #[cfg(any(unix, windows))]
         Command::BenchEchoServer { socket } => bench::echo_server(&socket),
-        #[cfg(not(unix))]
-        Command::Bench { .. } | Command::BenchEchoServer { .. } => usage("bench runs on Unix only"),
+        #[cfg(not(any(unix, windows)))]
+        Command::Bench { .. } | Command::BenchEchoServer { .. } => {
+            usage("bench runs on Unix and Windows only")
+        }
         #[cfg(target_os = "linux")]
         Command::BenchShmEchoServer => bench::shm_echo_server(),
         #[cfg(not(target_os = "linux"))]
