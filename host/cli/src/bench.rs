@@ -203,12 +203,12 @@ fn listen() -> std::io::Result<(String, rawpipe::Listener)> {
 }
 
 #[cfg(unix)]
-fn accept(listener: &UnixListener) -> std::io::Result<RawStream> {
+fn accept(listener: UnixListener) -> std::io::Result<RawStream> {
     listener.accept().map(|(stream, _)| stream)
 }
 
 #[cfg(windows)]
-fn accept(listener: &rawpipe::Listener) -> std::io::Result<RawStream> {
+fn accept(listener: rawpipe::Listener) -> std::io::Result<RawStream> {
     listener.accept()
 }
 
@@ -259,29 +259,33 @@ mod rawpipe {
         }
 
         /// Waits for the client, then returns the server end as a file.
-        pub fn accept(&self) -> io::Result<std::fs::File> {
+        pub fn accept(self) -> io::Result<std::fs::File> {
             // SAFETY: a valid pipe handle; no OVERLAPPED (a synchronous handle).
             let ok = unsafe { ConnectNamedPipe(self.0.as_raw_handle(), std::ptr::null_mut()) };
             // SAFETY: reads the calling thread's last error.
             if ok == 0 && unsafe { GetLastError() } != ERROR_PIPE_CONNECTED {
                 return Err(io::Error::last_os_error());
             }
-            Ok(std::fs::File::from(self.0.try_clone()?))
+            Ok(std::fs::File::from(self.0))
         }
     }
 }
 
 /// Spawns the echo child and accepts its connection: the bare spawn-and-connect.
 fn spawn_raw_peer() -> std::io::Result<RawPeer> {
-    let (name, listener) = listen()?;
+    let context = |what: &'static str| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    let (name, listener) = listen().map_err(context("listen"))?;
     let exe = std::env::current_exe()?;
     let child = Command::new(exe)
         .arg("bench-echo-server")
         .arg(&name)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .spawn()?;
-    let stream = accept(&listener)?;
+        .spawn()
+        .map_err(context("spawn the echo child"))?;
+    let stream = accept(listener).map_err(context("accept its connection"))?;
     Ok(RawPeer { child, stream })
 }
 
@@ -1488,6 +1492,13 @@ fn idle_cpu(sides: &[Side], window: Duration) {
 /// sandbox the worker is one process: the plugin runs in it.
 #[cfg(windows)]
 fn idle_cpu(sides: &[Side], window: Duration) {
+    if cpu::under_wine() {
+        println!(
+            "idle CPU: not measured under Wine (its GetProcessTimes gives a worker the same \
+             time as this process: not the worker's own)"
+        );
+        return;
+    }
     // Let the last call's aftermath (threads going back to sleep) end.
     std::thread::sleep(Duration::from_millis(500));
     // Each worker, opened before the window (so its pid cannot be reused meanwhile).
@@ -1560,6 +1571,7 @@ mod cpu {
     use std::time::Duration;
 
     use windows_sys::Win32::Foundation::{CloseHandle, FILETIME, HANDLE};
+    use windows_sys::Win32::System::LibraryLoader::{GetModuleHandleW, GetProcAddress};
     use windows_sys::Win32::System::Threading::{
         GetCurrentProcess, GetProcessTimes, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
     };
@@ -1586,6 +1598,18 @@ mod cpu {
             // SAFETY: the handle is ours, open since `open`, and closed only here.
             unsafe { CloseHandle(self.0) };
         }
+    }
+
+    /// Whether this runs under Wine (its ntdll exports `wine_get_version`).
+    pub fn under_wine() -> bool {
+        let ntdll: Vec<u16> = "ntdll.dll".encode_utf16().chain([0]).collect();
+        // SAFETY: a NUL-terminated UTF-16 name that outlives the call; the module is not
+        // freed (ntdll stays loaded), and the handle is not closed (it needs no closing).
+        let module = unsafe { GetModuleHandleW(ntdll.as_ptr()) };
+        // SAFETY: a module handle from GetModuleHandleW and a NUL-terminated name; the
+        // address found is not called.
+        !module.is_null()
+            && unsafe { GetProcAddress(module, c"wine_get_version".as_ptr().cast()) }.is_some()
     }
 
     /// The user + kernel time this process has used (all its threads).
