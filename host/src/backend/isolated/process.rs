@@ -471,15 +471,10 @@ fn drain_stderr(
     stderr: &Mutex<Stderr>,
     keep: usize,
 ) {
-    let mut line = Line::default();
+    let mut sink = Lines::new(plugin, stderr, keep);
     let mut chunk = vec![0u8; STDERR_CHUNK];
     let mut exited = exited;
     let mut exit_seen: Option<Instant> = None;
-    let emit = |line: &mut Line| {
-        let text = line.finish();
-        tracing::info!(target: "plugin::stderr", plugin = %plugin, "{text}");
-        lock(stderr).push(text, keep);
-    };
     loop {
         if let Some(since) = exit_seen {
             // The worker is gone: read what it left, stop when the pipe goes quiet.
@@ -511,17 +506,9 @@ fn drain_stderr(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        let mut data = &chunk[..n];
-        while let Some(end) = data.iter().position(|&b| b == b'\n') {
-            line.add(&data[..end]);
-            emit(&mut line);
-            data = &data[end + 1..];
-        }
-        line.add(data);
+        sink.take(&chunk[..n]);
     }
-    if !line.is_empty() {
-        emit(&mut line);
-    }
+    sink.finish();
 }
 
 /// Windows: reads the worker's stderr until end-of-file, which comes once every process
@@ -535,13 +522,8 @@ fn drain_stderr(
     stderr: &Mutex<Stderr>,
     keep: usize,
 ) {
-    let mut line = Line::default();
+    let mut sink = Lines::new(plugin, stderr, keep);
     let mut chunk = vec![0u8; STDERR_CHUNK];
-    let emit = |line: &mut Line| {
-        let text = line.finish();
-        tracing::info!(target: "plugin::stderr", plugin = %plugin, "{text}");
-        lock(stderr).push(text, keep);
-    };
     loop {
         let n = match pipe.read(&mut chunk) {
             Ok(0) => break,
@@ -549,16 +531,50 @@ fn drain_stderr(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        let mut data = &chunk[..n];
+        sink.take(&chunk[..n]);
+    }
+    sink.finish();
+}
+
+/// Where the stderr reader's bytes go: split into lines, each logged and kept.
+struct Lines<'a> {
+    line: Line,
+    plugin: &'a str,
+    stderr: &'a Mutex<Stderr>,
+    keep: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn new(plugin: &'a str, stderr: &'a Mutex<Stderr>, keep: usize) -> Self {
+        Lines {
+            line: Line::default(),
+            plugin,
+            stderr,
+            keep,
+        }
+    }
+
+    /// Takes a chunk as read: every line it completes is logged and kept.
+    fn take(&mut self, mut data: &[u8]) {
         while let Some(end) = data.iter().position(|&b| b == b'\n') {
-            line.add(&data[..end]);
-            emit(&mut line);
+            self.line.add(&data[..end]);
+            self.emit();
             data = &data[end + 1..];
         }
-        line.add(data);
+        self.line.add(data);
     }
-    if !line.is_empty() {
-        emit(&mut line);
+
+    /// The last line, if it had no newline.
+    fn finish(mut self) {
+        if !self.line.is_empty() {
+            self.emit();
+        }
+    }
+
+    fn emit(&mut self) {
+        let text = self.line.finish();
+        tracing::info!(target: "plugin::stderr", plugin = %self.plugin, "{text}");
+        lock(self.stderr).push(text, self.keep);
     }
 }
 
