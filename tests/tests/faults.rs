@@ -258,7 +258,21 @@ fn with_innocents(plugin: &Plugin, case: &Case) {
             std::thread::spawn(move || p.call_blocking::<_, u64>("sleep", &json!({ "ms": ms })))
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    // All 8 in the worker before the fault (a fixed pause can be too short on a loaded
+    // machine, or under Wine).
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            plugin
+                .status()
+                .instances
+                .iter()
+                .map(|i| i.in_flight)
+                .sum::<usize>()
+                >= 8
+        }),
+        "the innocent calls never all started: {:?}",
+        plugin.status()
+    );
     (case.check)(&call_fault(plugin, case));
     for innocent in innocents {
         let result = innocent.join().unwrap();

@@ -454,7 +454,15 @@ fn shutdown_lets_calls_finish_then_ends_the_worker() {
     run(async {
         let p = plugin.clone();
         let call = smol::spawn(async move { p.call::<_, u64>("sleep", &json!({"ms": 300})).await });
-        smol::Timer::after(Duration::from_millis(50)).await;
+        // Shut down once the call is in the worker (a fixed pause was too short under Wine).
+        let started = std::time::Instant::now();
+        while plugin.status().instances[0].in_flight == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the call never started"
+            );
+            smol::Timer::after(Duration::from_millis(5)).await;
+        }
         plugin.shutdown().await;
         assert_eq!(call.await.unwrap(), 300, "the call in flight finished");
     });
