@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{artifacts, run, worker_shim};
+use common::run;
 use futures_lite::StreamExt;
 use plugin_host::{CallError, Error, Host, HostError, Manifest, Plugin, Trust};
 use serde_json::json;
@@ -19,14 +19,7 @@ const TRUSTS: [Trust; 2] = [Trust::Trusted, Trust::Untrusted];
 
 /// The test host (as `common::host`), with `functions` registered on its builder.
 fn host_with(functions: impl FnOnce(plugin_host::HostBuilder) -> plugin_host::HostBuilder) -> Host {
-    functions(
-        Host::builder()
-            .search_path(artifacts())
-            .worker_shim(worker_shim())
-            .grant_requested(),
-    )
-    .build()
-    .unwrap()
+    functions(common::builder()).build().unwrap()
 }
 
 /// A host that offers `echo` (its input back, unchanged), counting its calls in `calls`.

@@ -467,10 +467,7 @@ fn a_crash_right_after_a_host_call_is_reported_and_the_plugin_restarts() {
 
     let pings = Arc::new(AtomicUsize::new(0));
     let seen = pings.clone();
-    let host = plugin_host::Host::builder()
-        .search_path(common::artifacts())
-        .worker_shim(common::worker_shim())
-        .permissions(common::grant_requested)
+    let host = common::builder()
         .raw_function("fault.ping", move |ctx, input| {
             seen.fetch_add(1, Ordering::SeqCst);
             let from = format!("{}.{}", ctx.plugin(), ctx.method());

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 #[cfg(unix)]
 use common::script;
-use common::{artifacts, manifest, run_with_limit, wait_until, worker_shim};
+use common::{manifest, run_with_limit, wait_until};
 #[cfg(unix)]
 use futures_lite::StreamExt;
 use plugin_host::{
-    CallError, CallOptions, ExitInfo, Host, HostBuilder, HostCallContext, HostError, Plugin, Trust,
+    CallError, CallOptions, Host, HostBuilder, HostCallContext, HostError, Plugin, Trust,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -32,10 +32,7 @@ const QUICK: Duration = Duration::from_secs(10);
 /// A host that finds the example plugins and grants what they request; the test adds its
 /// host functions.
 fn builder() -> HostBuilder {
-    Host::builder()
-        .search_path(artifacts())
-        .worker_shim(worker_shim())
-        .grant_requested()
+    common::builder()
 }
 
 async fn load(host: &Host, trust: Trust) -> Plugin {
@@ -537,12 +534,9 @@ fn a_host_function_slower_than_the_deadline_times_the_call_out_and_sees_cancella
     }
 }
 
-/// The crash reports' signal name, if the worker died of a signal.
+/// The crash report's signal (Unix) or exception status (Windows), if it names one.
 fn signal_of(report: &plugin_host::CrashReport) -> Option<&str> {
-    match &report.exit {
-        Some(ExitInfo::Signal { name, .. }) => Some(name),
-        _ => None,
-    }
+    report.exit.as_ref().and_then(common::fault_name)
 }
 
 #[cfg(unix)]
@@ -680,7 +674,7 @@ fn a_plugin_that_crashes_after_a_host_call_reports_the_crash_and_the_function_ra
         match err.as_call() {
             Some(CallError::Crashed { method, report, .. }) => {
                 assert_eq!(method, "ask_then_crash");
-                assert_eq!(signal_of(report), Some("SIGABRT"), "{report}");
+                assert_eq!(signal_of(report), Some(common::ABORT), "{report}");
                 assert!(
                     report
                         .stderr_tail
@@ -715,15 +709,12 @@ fn a_worker_that_predates_host_calls_and_streams_still_serves_plain_calls() {
         &format!(
             "PLUGIN_HOST_TEST_PROTOCOL_VERSION=0.2.0 \
              PLUGIN_HOST_TEST_PROTOCOL_FEATURES=cancel,progress,log,ping exec {} \"$@\"",
-            worker_shim().display()
+            common::worker_shim().display()
         ),
     );
     let runs = Arc::new(AtomicU64::new(0));
     let counter = runs.clone();
-    let host = Host::builder()
-        .search_path(artifacts())
-        .worker_shim(&shim)
-        .grant_requested()
+    let host = common::builder_with_shim(&shim)
         .raw_function("echo", move |_: HostCallContext, input: Vec<u8>| {
             counter.fetch_add(1, Ordering::SeqCst);
             async move { Ok(input) }

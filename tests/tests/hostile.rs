@@ -148,8 +148,6 @@ async fn attack(plugin: &Plugin) -> (Outcome, Duration) {
     call_method(plugin, "attack", b"input").await
 }
 
-/// A streaming call of `attack`: the items that arrived, then how the stream ended (its
-/// output, or the error it ended with).
 /// A streaming call of `attack`: its items and how it ended. The consumer waits `pause`
 /// after the first item before it polls again (so everything the worker wrote meanwhile
 /// is read before the consumer takes anything more).
@@ -212,10 +210,7 @@ fn shm_host() -> Host {
 }
 
 fn hostile_builder() -> plugin_host::HostBuilder {
-    Host::builder()
-        .search_path(common::artifacts())
-        .worker_shim(hostile_worker())
-        .grant_requested()
+    common::builder_with_shim(std::path::Path::new(hostile_worker()))
         .raw_function("echo", |_, input| async move { Ok(input) })
         .raw_function("hold", |ctx, _| async move {
             ctx.cancelled().await;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 #[cfg(target_os = "linux")]
 use common::proc_status_bytes;
-use common::{artifacts, manifest, run_with_limit, wait_until, worker_shim};
+use common::{manifest, run_with_limit, wait_until};
 use futures_lite::StreamExt;
-use plugin_host::{CallError, CallOptions, ExitInfo, Host, Plugin, Trust};
+use plugin_host::{CallError, CallOptions, Host, Plugin, Trust};
 use serde::Serialize;
 
 const BOTH: [Trust; 2] = [Trust::Trusted, Trust::Untrusted];
@@ -22,12 +22,7 @@ const BOTH: [Trust; 2] = [Trust::Trusted, Trust::Untrusted];
 const QUICK: Duration = Duration::from_secs(10);
 
 fn host() -> Host {
-    Host::builder()
-        .search_path(artifacts())
-        .worker_shim(worker_shim())
-        .grant_requested()
-        .build()
-        .unwrap()
+    common::host()
 }
 
 async fn load(host: &Host, trust: Trust) -> Plugin {
@@ -165,7 +160,7 @@ fn a_crash_mid_stream_ends_it_with_exactly_one_crashed_error() {
             Some(CallError::Crashed { method, report, .. }) => {
                 assert_eq!(method, "count_then_crash");
                 assert!(
-                    matches!(&report.exit, Some(ExitInfo::Signal { name, .. }) if name == "SIGABRT"),
+                    report.exit.as_ref().and_then(common::fault_name) == Some(common::ABORT),
                     "{report}"
                 );
                 assert!(

@@ -8,16 +8,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{artifacts, descendants, run_with_limit, script, worker_shim};
+use common::{descendants, run_with_limit, script, worker_shim};
 use plugin_host::{Host, Plugin, Transport, Trust};
 
 const QUICK: Duration = Duration::from_secs(60);
 
 fn host_with(transport: Option<Transport>) -> Host {
-    let mut builder = Host::builder()
-        .search_path(artifacts())
-        .worker_shim(worker_shim())
-        .grant_requested();
+    let mut builder = common::builder();
     if let Some(t) = transport {
         builder = builder.transport(t);
     }
@@ -69,10 +66,7 @@ fn a_worker_that_cannot_use_shared_memory_falls_back_to_the_socket() {
             worker_shim().display()
         ),
     );
-    let host = Host::builder()
-        .search_path(artifacts())
-        .worker_shim(&shim)
-        .grant_requested()
+    let host = common::builder_with_shim(&shim)
         .transport(Transport::SharedMemory)
         .build()
         .unwrap();

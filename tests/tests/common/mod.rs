@@ -90,12 +90,20 @@ pub fn stage_for_other_users() -> (tempfile::TempDir, PathBuf) {
 /// what its manifest requests (trust included: tests pick the backend through
 /// [`manifest`]'s trust override).
 pub fn host() -> Host {
+    builder().build().unwrap()
+}
+
+/// [`host`]'s builder, for a test that adds host functions or a transport.
+pub fn builder() -> plugin_host::HostBuilder {
+    builder_with_shim(&worker_shim())
+}
+
+/// [`builder`] with `shim` as the worker-shim.
+pub fn builder_with_shim(shim: &Path) -> plugin_host::HostBuilder {
     Host::builder()
         .search_path(artifacts())
-        .worker_shim(artifacts().join(format!("worker-shim{}", std::env::consts::EXE_SUFFIX)))
+        .worker_shim(shim)
         .permissions(grant_requested)
-        .build()
-        .unwrap()
 }
 
 /// What the tests' hosts grant: what each manifest requests, except that where there is
@@ -153,12 +161,7 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 /// A host whose worker-shim is `shim`.
 pub fn host_with_shim(shim: &Path) -> Host {
-    Host::builder()
-        .search_path(artifacts())
-        .worker_shim(shim)
-        .permissions(grant_requested)
-        .build()
-        .unwrap()
+    builder_with_shim(shim).build().unwrap()
 }
 
 /// Whether process `pid` still exists (running or zombie).
