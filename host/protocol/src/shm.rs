@@ -333,6 +333,11 @@ impl Region {
         }
     }
 
+    /// Whether a standby thread was woken for the vacant role and has not taken it yet.
+    pub fn standby_claimed(&self) -> bool {
+        self.worker_state().load(Ordering::SeqCst) == worker_state::WAKING
+    }
+
     /// Wakes one of the worker's standby threads, unconditionally.
     pub fn wake_standby(&self) {
         let word = self.word32(OFF_STANDBY);
@@ -408,9 +413,15 @@ impl Region {
 
     /// Copies `src` into ring data starting at ring offset `at`, wrapping.
     fn copy_in(&self, data: usize, at: usize, src: &[u8]) {
+        // What keeps the copy inside the ring (the callers' positions are reduced modulo
+        // the capacity and their lengths bounded by the free space).
+        assert!(at < self.capacity && src.len() <= self.capacity);
         let first = src.len().min(self.capacity - at);
-        // SAFETY: as in `copy_out`: both ranges lie inside this ring's data, which only
-        // this side's single writer writes.
+        // SAFETY: by the assertion, `first <= capacity - at` and `len - first <= capacity`:
+        // both destination ranges lie inside this ring's data, inside the mapping. The
+        // other side may scribble on these bytes at the same time (a hostile worker): they
+        // are never seen through a Rust reference, only copied, so that is a race on
+        // plain bytes whose result the reader treats as untrusted input.
         unsafe {
             let dst = self.base.as_ptr().add(data);
             std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(at), first);

@@ -917,6 +917,11 @@ impl Shared {
             drop(reader);
             if waiting {
                 region.claim_and_wake_standby();
+            } else if region.standby_claimed() {
+                // The host woke a standby while this thread still held the role: that
+                // standby found it taken and went back to sleep. Wake one again, or the
+                // frame waits for a standby's timeout.
+                region.wake_standby();
             }
             return;
         }
