@@ -69,10 +69,7 @@ impl ExitInfo {
     /// Killed by SIGKILL, as the host kills a worker.
     #[cfg(unix)]
     pub(crate) fn sigkill() -> ExitInfo {
-        #[cfg(unix)]
         let number = libc::SIGKILL;
-        #[cfg(not(unix))]
-        let number = 9;
         ExitInfo::Signal {
             number,
             name: signal_name(number),
@@ -211,17 +208,19 @@ const EXCEPTIONS: [(u32, &str, &str); 14] = [
 
 /// The name of a Windows exception status (`STATUS_0x…` if unknown).
 pub fn exception_name(code: u32) -> String {
-    EXCEPTIONS.iter().find(|(c, _, _)| *c == code).map_or_else(
-        || format!("STATUS_{code:#010X}"),
-        |(_, name, _)| name.to_string(),
-    )
+    known_exception(code).map_or_else(|| format!("STATUS_{code:#010X}"), |(name, _)| name.into())
 }
 
 fn exception_meaning(code: u32) -> Option<&'static str> {
+    known_exception(code).map(|(_, meaning)| meaning)
+}
+
+/// The name and meaning of a status in [`EXCEPTIONS`].
+fn known_exception(code: u32) -> Option<(&'static str, &'static str)> {
     EXCEPTIONS
         .iter()
         .find(|(c, _, _)| *c == code)
-        .map(|(_, _, meaning)| *meaning)
+        .map(|&(_, name, meaning)| (name, meaning))
 }
 
 /// The conventional name of a signal number on this platform (`SIG?<n>` if unknown).

@@ -276,7 +276,7 @@ impl Conn {
     /// Whether frames travel through shared memory.
     pub fn uses_shm(&self) -> bool {
         #[cfg(target_os = "linux")]
-        return self.shm.get().is_some();
+        return self.link().is_some();
         #[cfg(not(target_os = "linux"))]
         false
     }

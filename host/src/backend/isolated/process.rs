@@ -640,27 +640,19 @@ fn wait_without_reaping(pid: u32) -> bool {
 /// signalled.
 #[cfg(unix)]
 fn has_exited(pid: u32) -> bool {
-    #[cfg(unix)]
-    {
-        use rustix::process::{waitid, Pid, WaitId, WaitIdOptions};
-        let Some(pid) = Pid::from_raw(pid as i32) else {
-            return true;
-        };
-        let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
-        loop {
-            match waitid(WaitId::Pid(pid), options) {
-                Err(rustix::io::Errno::INTR) => continue,
-                Ok(status) => return status.is_some(),
-                Err(rustix::io::Errno::CHILD) => return true,
-                // Cannot tell: it is still ours (not reaped), so killing it is safe.
-                Err(_) => return false,
-            }
+    use rustix::process::{waitid, Pid, WaitId, WaitIdOptions};
+    let Some(pid) = Pid::from_raw(pid as i32) else {
+        return true;
+    };
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+    loop {
+        match waitid(WaitId::Pid(pid), options) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(status) => return status.is_some(),
+            Err(rustix::io::Errno::CHILD) => return true,
+            // Cannot tell: it is still ours (not reaped), so killing it is safe.
+            Err(_) => return false,
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = pid;
-        false
     }
 }
 
@@ -668,16 +660,11 @@ fn has_exited(pid: u32) -> bool {
 /// group. Only called while `pid` is not yet reaped.
 #[cfg(unix)]
 fn kill_group(pid: u32) {
-    #[cfg(unix)]
-    {
-        use rustix::process::{kill_process, kill_process_group, Pid, Signal};
-        if let Some(pid) = Pid::from_raw(pid as i32) {
-            let _ = kill_process_group(pid, Signal::KILL);
-            let _ = kill_process(pid, Signal::KILL);
-        }
+    use rustix::process::{kill_process, kill_process_group, Pid, Signal};
+    if let Some(pid) = Pid::from_raw(pid as i32) {
+        let _ = kill_process_group(pid, Signal::KILL);
+        let _ = kill_process(pid, Signal::KILL);
     }
-    #[cfg(not(unix))]
-    let _ = pid;
 }
 
 #[cfg(windows)]
@@ -690,8 +677,10 @@ mod windows {
 
     use crate::backend::isolated::job::Job;
 
-    /// Spawns `command`, which inherits `conn` (and only this spawn: workers are spawned
-    /// one at a time, so no sibling inherits another's connection), then puts the child
+    /// Spawns `command`, which inherits `conn` (workers are spawned one at a time, so no
+    /// sibling worker inherits another's connection; a process the application spawns
+    /// through std's `Command` at this very moment could, since std has no handle list on
+    /// stable: see docs/platforms.md), then puts the child
     /// in `job` before the host sends it anything: the worker runs no plugin code before
     /// the host's `Load`, so nothing it could start escapes the job.
     pub(super) fn spawn_in_job(
