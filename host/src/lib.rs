@@ -71,7 +71,7 @@ pub use error::{CallError, Error, LoadError, ManifestError, ManifestErrorKind};
 pub use host::{DirLoad, Host, HostBuilder};
 pub use host_fn::{HostCallContext, HostError};
 pub use locate::WORKER_SHIM_ENV;
-pub use manifest::{Manifest, Trust};
+pub use manifest::{Manifest, Runtime, Trust};
 pub use permissions::{Grant, GrantStore, PermissionRequest, Permissions, SandboxMode};
 pub use plugin::{CallOptions, Plugin, PluginInfo, Progress};
 pub use status::{EventReceiver, InstanceStatus, PluginEvent, PluginState, Status};

@@ -20,6 +20,32 @@ pub enum Trust {
     Untrusted,
 }
 
+/// What kind of code a plugin's library is, which picks the engine that runs it
+/// (`runtime` in the manifest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// A native shared library (`"native"`, the default): loaded into the host or into a
+    /// worker process, as [`Trust`] says.
+    #[default]
+    Native,
+    /// A WebAssembly module (`"wasm"`), run inside the host by an interpreter: the engine,
+    /// not a process, contains it, so [`Trust`] does not apply.
+    Wasm,
+}
+
+impl Runtime {
+    /// The file name a base library name stands for under this runtime: for
+    /// [`Runtime::Native`], the platform's shared library name
+    /// ([`Manifest::library_file_name`]: `libNAME.so`, `libNAME.dylib`, `NAME.dll`); for
+    /// [`Runtime::Wasm`], `NAME.wasm` on every platform.
+    pub fn library_file_name(self, base: &str) -> String {
+        match self {
+            Runtime::Native => Manifest::library_file_name(base),
+            Runtime::Wasm => format!("{base}.wasm"),
+        }
+    }
+}
+
 /// What to do when a plugin's worker crashes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestartMode {
@@ -176,13 +202,19 @@ pub struct Manifest {
     pub version: semver::Version,
     /// A one-line description (`description`, optional).
     pub description: Option<String>,
-    /// The library (`library`): a base name (`thumbnail` -> `libthumbnail.so`) or a path.
+    /// The library (`library`): a base name (`thumbnail` -> `libthumbnail.so`, or
+    /// `thumbnail.wasm` for [`Runtime::Wasm`]) or a path.
     pub library: String,
     /// Which plugin ABI versions the plugin was built for (`api`, a semver requirement).
     pub api: semver::VersionReq,
     /// Where the plugin asks to run (`trust`, default untrusted). A request: the app's
     /// policy decides (see [`Grant`](crate::Grant)).
     pub trust: Trust,
+    /// What the library is (`runtime`): `"native"` (default: a shared library, run
+    /// in-process or in a worker per `trust`) or `"wasm"` (a WebAssembly module run in the
+    /// host by an interpreter, contained by the engine rather than by a process; `trust`
+    /// does not apply).
+    pub runtime: Runtime,
     /// The sandbox mode it asks for (`sandbox`, default `"required"`). A request: the
     /// app's policy decides.
     pub sandbox: SandboxMode,
@@ -506,6 +538,12 @@ pub fn parse_size(text: &str) -> Option<u64> {
     number.checked_mul(factor)
 }
 
+/// The extensions that make `library` a path to a native shared library.
+const NATIVE_EXTENSIONS: [&str; 3] = [".so", ".dylib", ".dll"];
+
+/// The extension that makes `library` a path to a WebAssembly module.
+const WASM_EXTENSION: &str = ".wasm";
+
 const TOP_LEVEL: &[&str] = &[
     "name",
     "version",
@@ -513,6 +551,7 @@ const TOP_LEVEL: &[&str] = &[
     "library",
     "api",
     "trust",
+    "runtime",
     "sandbox",
     "permissions",
     "config",
@@ -606,6 +645,41 @@ impl Manifest {
                 ))
             }
         };
+        let runtime = match top.string(&table, "runtime")? {
+            None | Some("native") => Runtime::Native,
+            Some("wasm") => Runtime::Wasm,
+            Some(other) => {
+                return Err(top.err(
+                    "runtime",
+                    ManifestErrorKind::InvalidValue,
+                    format!("`{other}` is not a runtime; expected \"native\" or \"wasm\""),
+                ))
+            }
+        };
+        match runtime {
+            Runtime::Native if library.ends_with(WASM_EXTENSION) => {
+                return Err(top.err(
+                    "library",
+                    ManifestErrorKind::InvalidValue,
+                    format!(
+                        "`{library}` is a WebAssembly module; add `runtime = \"wasm\"` to load \
+                         it, or name a shared library"
+                    ),
+                ))
+            }
+            Runtime::Wasm if NATIVE_EXTENSIONS.iter().any(|e| library.ends_with(e)) => {
+                return Err(top.err(
+                    "library",
+                    ManifestErrorKind::InvalidValue,
+                    format!(
+                        "`{library}` is a native shared library; a `runtime = \"wasm\"` plugin \
+                         needs a `.wasm` module (a base name such as \"hello\" stands for \
+                         `hello.wasm`)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
         let sandbox = match top.string(&table, "sandbox")? {
             None => SandboxMode::Required,
             Some(text) => SandboxMode::parse(text).ok_or_else(|| {
@@ -794,6 +868,7 @@ impl Manifest {
             library: library.to_string(),
             api,
             trust,
+            runtime,
             sandbox,
             permissions,
             config,
@@ -818,8 +893,9 @@ impl Manifest {
         })
     }
 
-    /// The platform file name for a base library name: `libNAME.so` on Linux,
-    /// `libNAME.dylib` on macOS, `NAME.dll` on Windows.
+    /// The platform file name for a base library name of a native plugin: `libNAME.so` on
+    /// Linux, `libNAME.dylib` on macOS, `NAME.dll` on Windows. For either runtime, see
+    /// [`Runtime::library_file_name`].
     pub fn library_file_name(base: &str) -> String {
         format!(
             "{}{base}{}",
@@ -828,17 +904,20 @@ impl Manifest {
         )
     }
 
-    /// Whether `library` is a path (has a separator or a library extension) rather than a
-    /// base name.
+    /// Whether `library` is a path (has a separator, or a library or module extension:
+    /// `.so`, `.dylib`, `.dll`, `.wasm`) rather than a base name.
     fn library_is_path(&self) -> bool {
         let l = &self.library;
         l.contains('/')
             || l.contains('\\')
-            || [".so", ".dylib", ".dll"].iter().any(|e| l.ends_with(e))
+            || l.ends_with(WASM_EXTENSION)
+            || NATIVE_EXTENSIONS.iter().any(|e| l.ends_with(e))
     }
 
     /// Finds the library file: a path is taken relative to the manifest's directory; a base
-    /// name is looked up next to the manifest, then in each of `search_paths` in order.
+    /// name stands for the file [`Runtime::library_file_name`] gives for `runtime`
+    /// (`libNAME.so` and the like for a native plugin, `NAME.wasm` for a WebAssembly one),
+    /// looked up next to the manifest, then in each of `search_paths` in order.
     pub fn resolve_library(&self, search_paths: &[PathBuf]) -> Result<PathBuf, LoadError> {
         let mut searched = Vec::new();
         if self.library_is_path() {
@@ -852,7 +931,7 @@ impl Manifest {
             }
             searched.push(candidate);
         } else {
-            let file = Self::library_file_name(&self.library);
+            let file = self.runtime.library_file_name(&self.library);
             let dirs = self
                 .dir()
                 .map(Path::to_path_buf)
@@ -962,5 +1041,11 @@ mod tests {
             assert_eq!(name, "libthumbnail.so");
         }
         assert!(name.contains("thumbnail"));
+        assert_eq!(Runtime::Native.library_file_name("thumbnail"), name);
+        assert_eq!(
+            Runtime::Wasm.library_file_name("thumbnail"),
+            "thumbnail.wasm"
+        );
+        assert_eq!(Runtime::default(), Runtime::Native);
     }
 }

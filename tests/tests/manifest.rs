@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use plugin_host::manifest::{RestartMode, Trust};
+use plugin_host::manifest::{RestartMode, Runtime, Trust};
 use plugin_host::{Manifest, ManifestErrorKind};
 
 const MINIMAL: &str = r#"
@@ -19,6 +19,7 @@ fn minimal_manifest_gets_safe_defaults() {
     assert_eq!(m.name, "thumbnail");
     assert_eq!(m.version, plugin_host::semver::Version::new(1, 2, 3));
     assert_eq!(m.trust, Trust::Untrusted, "untrusted is the default");
+    assert_eq!(m.runtime, Runtime::Native, "native is the default");
     assert!(m.config.is_empty());
     assert_eq!(m.timeouts.call, Duration::from_secs(30));
     assert_eq!(m.timeouts.connect, None, "unset: environment or default");
@@ -374,6 +375,109 @@ fn library_resolution_searches_manifest_dir_then_search_paths() {
         manifest_dir.join(&file),
         "manifest dir wins"
     );
+}
+
+#[test]
+fn runtime_is_native_or_wasm() {
+    let m = Manifest::parse(&with("runtime = \"wasm\""), "w.toml").unwrap();
+    assert_eq!(m.runtime, Runtime::Wasm);
+    let m = Manifest::parse(&with("runtime = \"native\""), "n.toml").unwrap();
+    assert_eq!(m.runtime, Runtime::Native);
+    assert_eq!(Runtime::default(), Runtime::Native);
+    assert_eq!(Runtime::Wasm.library_file_name("hello"), "hello.wasm");
+    assert_eq!(
+        Runtime::Native.library_file_name("hello"),
+        Manifest::library_file_name("hello")
+    );
+}
+
+#[test]
+fn bad_runtimes_are_named() {
+    use ManifestErrorKind::*;
+    assert_rejected(
+        &with("runtime = \"jvm\""),
+        "runtime",
+        InvalidValue,
+        "\"native\" or \"wasm\"",
+    );
+    assert_rejected(&with("runtime = 3"), "runtime", WrongType, "a string");
+}
+
+#[test]
+fn library_kind_must_match_the_runtime() {
+    use ManifestErrorKind::*;
+    for library in ["hello.wasm", "../modules/hello.wasm"] {
+        let native = MINIMAL.replace("\"thumbnail\"\napi", &format!("\"{library}\"\napi"));
+        assert_rejected(&native, "library", InvalidValue, "runtime = \"wasm\"");
+    }
+    for library in ["libhello.so", "hello.dll", "lib/libhello.dylib"] {
+        let wasm = MINIMAL.replace("\"thumbnail\"\napi", &format!("\"{library}\"\napi"));
+        assert_rejected(
+            &format!("{wasm}\nruntime = \"wasm\""),
+            "library",
+            InvalidValue,
+            "needs a `.wasm` module",
+        );
+    }
+    let wasm_path = MINIMAL.replace("\"thumbnail\"\napi", "\"hello.wasm\"\napi");
+    let m = Manifest::parse(&format!("{wasm_path}\nruntime = \"wasm\""), "w.toml").unwrap();
+    assert_eq!(m.library, "hello.wasm");
+}
+
+#[test]
+fn wasm_library_resolution_looks_for_name_dot_wasm() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest_dir = dir.path().join("p");
+    let search = dir.path().join("lib");
+    std::fs::create_dir_all(&manifest_dir).unwrap();
+    std::fs::create_dir_all(&search).unwrap();
+    std::fs::write(manifest_dir.join("plugin.toml"), with("runtime = \"wasm\"")).unwrap();
+    let m = Manifest::from_file(manifest_dir.join("plugin.toml")).unwrap();
+    assert_eq!(m.runtime, Runtime::Wasm);
+
+    // A native library of that name does not count.
+    std::fs::write(search.join(Manifest::library_file_name("thumbnail")), b"x").unwrap();
+    let err = m
+        .resolve_library(std::slice::from_ref(&search))
+        .unwrap_err();
+    let plugin_host::LoadError::LibraryNotFound { searched, .. } = &err else {
+        panic!("expected LibraryNotFound, got {err}");
+    };
+    assert_eq!(
+        searched,
+        &[
+            manifest_dir.join("thumbnail.wasm"),
+            search.join("thumbnail.wasm")
+        ],
+        "the searched `.wasm` paths, in order"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&search.join("thumbnail.wasm").display().to_string()),
+        "{text}"
+    );
+
+    std::fs::write(search.join("thumbnail.wasm"), b"\0asm").unwrap();
+    assert_eq!(
+        m.resolve_library(std::slice::from_ref(&search)).unwrap(),
+        search.join("thumbnail.wasm")
+    );
+    std::fs::write(manifest_dir.join("thumbnail.wasm"), b"\0asm").unwrap();
+    assert_eq!(
+        m.resolve_library(std::slice::from_ref(&search)).unwrap(),
+        manifest_dir.join("thumbnail.wasm"),
+        "manifest dir wins"
+    );
+
+    // A `.wasm` path is taken relative to the manifest's directory, search paths unused.
+    let wasm_path = with("runtime = \"wasm\"").replace("\"thumbnail\"\napi", "\"sub/x.wasm\"\napi");
+    std::fs::write(manifest_dir.join("plugin.toml"), wasm_path).unwrap();
+    let m = Manifest::from_file(manifest_dir.join("plugin.toml")).unwrap();
+    let err = m.resolve_library(&[search]).unwrap_err();
+    let plugin_host::LoadError::LibraryNotFound { searched, .. } = &err else {
+        panic!("expected LibraryNotFound, got {err}");
+    };
+    assert_eq!(searched, &[manifest_dir.join("sub/x.wasm")]);
 }
 
 #[test]
