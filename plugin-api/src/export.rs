@@ -222,7 +222,8 @@ unsafe extern "C" fn destroy<P: Plugin>(instance: *mut c_void) {
 ///
 /// Use it once, at the crate root of a `cdylib` crate. It defines the `extern "C"` symbol
 /// `plugin_api_entry` that hosts look up; the plugin's name and version are the crate's
-/// (`CARGO_PKG_NAME`, `CARGO_PKG_VERSION`).
+/// (`CARGO_PKG_NAME`, `CARGO_PKG_VERSION`). Built for a wasm target, the library also
+/// exports what a WebAssembly host calls ([`wasm_exports!`](crate::wasm_exports)).
 #[macro_export]
 macro_rules! export_plugin {
     ($plugin:ty) => {
@@ -238,5 +239,60 @@ macro_rules! export_plugin {
                 env!("CARGO_PKG_VERSION"),
             )
         }
+        $crate::wasm_exports!(plugin_api_entry);
+    };
+}
+
+/// Emits the WebAssembly exports for a library whose entry function is `$entry`
+/// (`plugin_api_entry`). [`export_plugin!`] calls it for you; a
+/// library that writes its own entry function calls it once, at its crate root. On
+/// targets other than wasm it emits nothing.
+///
+/// The exports (`plugin_api_alloc`, `plugin_api_dealloc`, `plugin_api_create`,
+/// `plugin_api_call`, `plugin_api_free_buffer`) are described in `docs/abi.md`.
+#[macro_export]
+macro_rules! wasm_exports {
+    ($entry:path) => {
+        #[cfg(target_family = "wasm")]
+        const _: () = {
+            #[no_mangle]
+            extern "C" fn plugin_api_alloc(len: usize) -> *mut u8 {
+                $crate::wasm::alloc(len)
+            }
+
+            #[no_mangle]
+            unsafe extern "C" fn plugin_api_dealloc(ptr: *mut u8, len: usize) {
+                // SAFETY: the host gives back what `plugin_api_alloc` returned, once.
+                unsafe { $crate::wasm::dealloc(ptr, len) }
+            }
+
+            #[no_mangle]
+            unsafe extern "C" fn plugin_api_create(
+                config: *const u8,
+                config_len: usize,
+                error: *mut $crate::abi::Buffer,
+            ) -> i32 {
+                // SAFETY: the host passes memory it allocated with `plugin_api_alloc`.
+                unsafe { $crate::wasm::create($entry, config, config_len, error) }
+            }
+
+            #[no_mangle]
+            unsafe extern "C" fn plugin_api_call(
+                method: *const u8,
+                method_len: usize,
+                input: *const u8,
+                input_len: usize,
+                output: *mut $crate::abi::Buffer,
+            ) -> i32 {
+                // SAFETY: as above.
+                unsafe { $crate::wasm::call($entry, method, method_len, input, input_len, output) }
+            }
+
+            #[no_mangle]
+            unsafe extern "C" fn plugin_api_free_buffer(ptr: *mut u8, len: usize, cap: usize) {
+                // SAFETY: the host gives back a buffer `create`/`call` wrote, once.
+                unsafe { $crate::wasm::free_buffer($entry, ptr, len, cap) }
+            }
+        };
     };
 }

@@ -49,6 +49,9 @@ mod config;
 pub mod export;
 mod host_call;
 mod stream;
+#[cfg(target_family = "wasm")]
+#[doc(hidden)]
+pub mod wasm;
 
 pub use host_call::{HostCallError, HostCallErrorKind};
 pub use stream::{EmitError, EmitErrorKind};

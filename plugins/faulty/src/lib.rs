@@ -625,3 +625,6 @@ pub extern "C" fn plugin_api_entry() -> *const PluginDescriptor {
         None => std::ptr::null(),
     }
 }
+
+// The WebAssembly exports for this hand-written entry (nothing on native targets).
+plugin_api::wasm_exports!(plugin_api_entry);
