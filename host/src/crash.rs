@@ -32,6 +32,15 @@ pub enum ExitInfo {
         /// Its name, such as `STATUS_ACCESS_VIOLATION`.
         name: String,
     },
+    /// WebAssembly (`runtime = "wasm"`): the instance trapped, or the host stopped it. The
+    /// instance is dropped; nothing else in the process is affected.
+    Trap {
+        /// A short name: `unreachable` (a panic or abort), `out of bounds memory access`,
+        /// `stack overflow`, `out of memory`, `interrupted` (stopped by the host), ...
+        kind: String,
+        /// What it means.
+        message: String,
+    },
 }
 
 impl ExitInfo {
@@ -81,7 +90,7 @@ impl ExitInfo {
     pub fn signal_name(&self) -> Option<&str> {
         match self {
             ExitInfo::Signal { name, .. } => Some(name),
-            ExitInfo::Code(_) | ExitInfo::Exception { .. } => None,
+            ExitInfo::Code(_) | ExitInfo::Exception { .. } | ExitInfo::Trap { .. } => None,
         }
     }
 
@@ -89,7 +98,15 @@ impl ExitInfo {
     pub fn exception_name(&self) -> Option<&str> {
         match self {
             ExitInfo::Exception { name, .. } => Some(name),
-            ExitInfo::Code(_) | ExitInfo::Signal { .. } => None,
+            ExitInfo::Code(_) | ExitInfo::Signal { .. } | ExitInfo::Trap { .. } => None,
+        }
+    }
+
+    /// The trap's kind, if a WebAssembly instance trapped (or was stopped).
+    pub fn trap_kind(&self) -> Option<&str> {
+        match self {
+            ExitInfo::Trap { kind, .. } => Some(kind),
+            _ => None,
         }
     }
 
@@ -110,7 +127,7 @@ impl ExitInfo {
                     | "SIGXFSZ"
                     | "SIGPIPE"
             ),
-            ExitInfo::Code(_) | ExitInfo::Exception { .. } => false,
+            ExitInfo::Code(_) | ExitInfo::Exception { .. } | ExitInfo::Trap { .. } => false,
         }
     }
 
@@ -118,7 +135,7 @@ impl ExitInfo {
     pub fn code(&self) -> Option<i32> {
         match self {
             ExitInfo::Code(c) => Some(*c),
-            ExitInfo::Signal { .. } | ExitInfo::Exception { .. } => None,
+            ExitInfo::Signal { .. } | ExitInfo::Exception { .. } | ExitInfo::Trap { .. } => None,
         }
     }
 }
@@ -148,6 +165,7 @@ impl fmt::Display for ExitInfo {
                 }
                 write!(f, ")")
             }
+            ExitInfo::Trap { kind, message } => write!(f, "trapped ({kind}: {message})"),
         }
     }
 }
@@ -399,7 +417,10 @@ impl CrashReport {
 
 impl fmt::Display for CrashReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "worker for plugin `{}` ", self.plugin)?;
+        match &self.exit {
+            Some(ExitInfo::Trap { .. }) => write!(f, "wasm instance of plugin `{}` ", self.plugin)?,
+            _ => write!(f, "worker for plugin `{}` ", self.plugin)?,
+        }
         match &self.exit {
             Some(exit) => write!(f, "{exit}")?,
             None => write!(f, "ended (exit status unknown)")?,

@@ -505,6 +505,9 @@ impl Host {
             &manifest.imports,
             Arc::downgrade(&self.shared),
         ));
+        if manifest.runtime == crate::Runtime::Wasm {
+            return self.load_wasm(manifest, library, grant, imports).await;
+        }
         match grant.trust {
             Trust::Trusted => {
                 if manifest.instances.is_some_and(|n| n > 1) || manifest.idle_timeout.is_some() {
@@ -533,6 +536,46 @@ impl Host {
                     .await
             }
         }
+    }
+
+    /// Loads a WebAssembly module (`runtime = "wasm"`) into the interpreter.
+    #[cfg(feature = "wasm")]
+    async fn load_wasm(
+        &self,
+        manifest: Manifest,
+        library: PathBuf,
+        grant: Grant,
+        imports: Arc<crate::host_fn::Imports>,
+    ) -> Result<Plugin, Error> {
+        use crate::backend::wasm::Wasm;
+        let path = library.clone();
+        let (backend, info, manifest) = blocking::unblock(move || {
+            Wasm::load(&manifest, &path, imports).map(|(b, i)| (b, i, manifest))
+        })
+        .await?;
+        tracing::info!(plugin = %info.name, version = %info.version, "loaded as WebAssembly");
+        Ok(Plugin::new(
+            manifest,
+            library,
+            info,
+            grant,
+            Box::new(backend),
+        ))
+    }
+
+    #[cfg(not(feature = "wasm"))]
+    async fn load_wasm(
+        &self,
+        manifest: Manifest,
+        _library: PathBuf,
+        _grant: Grant,
+        _imports: Arc<crate::host_fn::Imports>,
+    ) -> Result<Plugin, Error> {
+        Err(LoadError::Unsupported {
+            plugin: manifest.name.clone(),
+            message: "`runtime = \"wasm\"` needs plugin-host built with its `wasm` feature (on by default)".into(),
+        }
+        .into())
     }
 
     #[cfg(any(unix, windows))]

@@ -232,11 +232,11 @@ impl Library {
 }
 
 /// Most methods a plugin may declare (the protocol's limit for `Loaded`).
-const METHODS_MAX: usize = 4096;
+pub(crate) const METHODS_MAX: usize = 4096;
 /// Longest plugin name, version or method name, in bytes (the protocol's limit).
-const NAME_MAX: usize = 4096;
+pub(crate) const NAME_MAX: usize = 4096;
 /// Most bytes of method names in all: `Loaded` must fit in a frame header (256 KiB).
-const METHOD_NAMES_MAX: usize = 128 << 10;
+pub(crate) const METHOD_NAMES_MAX: usize = 128 << 10;
 
 /// The most of one message from a plugin (a log record, a progress message, `create`'s
 /// error) that is read, in bytes; the rest is cut, with a marker that says how much

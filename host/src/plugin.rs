@@ -236,6 +236,13 @@ impl Plugin {
         self.inner.grant.trust
     }
 
+    /// What kind of code it is: a native library ([`Runtime::Native`], run in-process or in a
+    /// worker per [`trust`](Self::trust)) or a WebAssembly module ([`Runtime::Wasm`], run
+    /// in this process by an interpreter that contains it; `trust` does not apply).
+    pub fn runtime(&self) -> crate::Runtime {
+        self.inner.manifest.runtime
+    }
+
     /// What the plugin got: the intersection of its manifest's request and the app's
     /// grant. Compare with [`manifest().permissions`](Manifest::permissions) for what it
     /// asked.

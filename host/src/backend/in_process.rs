@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{
-    cancelled as cancelled_error, outcome, timeout, Backend, BackendStatus, BoxFuture, CallRequest,
-    ProgressFn, StreamSink,
+    cancelled as cancelled_error, outcome, until_deadline, Backend, BackendStatus, BoxFuture,
+    CallRequest, ProgressFn, StreamSink,
 };
 use crate::cancel::CancelHandle;
 use crate::error::{CallError, LoadError};
@@ -16,21 +16,6 @@ use crate::loader::Descriptor;
 use crate::status::InstanceStatus;
 use plugin_api::abi::{emit_status, host_status};
 
-/// Cancels the call (its `is_cancelled` flag, its host calls, its stream) when the call's
-/// future ends before the plugin returned (dropped, timed out or cancelled).
-struct CancelOnDrop {
-    flag: CancelHandle,
-    /// Cleared once the plugin returned: nothing left to tell it.
-    armed: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            self.flag.cancel();
-        }
-    }
-}
 use crate::loader::{emit_log, HostServices, Instance, Library};
 use crate::manifest::Manifest;
 use crate::plugin::{PluginInfo, Progress};
@@ -198,7 +183,7 @@ impl Backend for InProcess {
             let error = cancelled_error(&self.name, &call.method);
             return Box::pin(async move { Err(error) });
         }
-        let method = call.method.clone();
+        let (method, deadline, cancel) = (call.method.clone(), call.deadline, call.cancel.clone());
         let work = blocking::unblock(move || {
             let services = CallServices {
                 plugin: &name,
@@ -222,37 +207,9 @@ impl Backend for InProcess {
         let name = self.name.clone();
         // Dropping the call's future (or cancelling it) tells the plugin: the thread
         // cannot be stopped, but `is_cancelled` turns true.
-        let guard = CancelOnDrop {
-            flag: cancelled,
-            armed: true,
-        };
-        Box::pin(async move {
-            let mut guard = guard;
-            let cancel = call.cancel.clone();
-            let stop = async {
-                futures_lite::future::or(
-                    async {
-                        smol::Timer::after(call.deadline).await;
-                        Some(timeout(&name, &method, call.deadline))
-                    },
-                    async {
-                        crate::cancel::cancelled(cancel.as_ref()).await;
-                        Some(cancelled_error(&name, &method))
-                    },
-                )
-                .await
-            };
-            let result =
-                futures_lite::future::or(async { Err(work.await) }, async { Ok(stop.await) }).await;
-            match result {
-                Err(result) => {
-                    guard.armed = false;
-                    result
-                }
-                Ok(Some(error)) => Err(error),
-                Ok(None) => unreachable!("the stop future only ends with an error"),
-            }
-        })
+        Box::pin(until_deadline(
+            name, method, deadline, cancel, cancelled, work,
+        ))
     }
 
     fn shutdown(&self, _grace: Duration) -> BoxFuture<()> {

@@ -4,6 +4,8 @@
 pub(crate) mod in_process;
 #[cfg(any(unix, windows))]
 pub(crate) mod isolated;
+#[cfg(feature = "wasm")]
+pub(crate) mod wasm;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -175,6 +177,59 @@ pub(crate) async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::
         .into_iter()
         .map(|o| o.expect("every future finished"))
         .collect()
+}
+
+/// Cancels the call (its `is_cancelled` flag, its host calls, its stream) when the call's
+/// future ends before the plugin returned (dropped, timed out or cancelled).
+struct CancelOnDrop {
+    flag: CancelHandle,
+    /// Cleared once the plugin returned: nothing left to tell it.
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flag.cancel();
+        }
+    }
+}
+
+/// Runs `work` (a call running in the host process) until it answers, its deadline passes
+/// (`Timeout`) or `cancel` fires (`Cancelled`). However the returned future ends before
+/// `work` answered (those two, or dropped), `flag` is cancelled, which the plugin sees
+/// through `is_cancelled`.
+pub(crate) async fn until_deadline(
+    name: std::sync::Arc<str>,
+    method: String,
+    deadline: Duration,
+    cancel: Option<CancelHandle>,
+    flag: CancelHandle,
+    work: impl Future<Output = Result<Vec<u8>, CallError>>,
+) -> Result<Vec<u8>, CallError> {
+    let mut guard = CancelOnDrop { flag, armed: true };
+    let stop = async {
+        futures_lite::future::or(
+            async {
+                smol::Timer::after(deadline).await;
+                timeout(&name, &method, deadline)
+            },
+            async {
+                crate::cancel::cancelled(cancel.as_ref()).await;
+                cancelled(&name, &method)
+            },
+        )
+        .await
+    };
+    let result =
+        futures_lite::future::or(async { Ok(work.await) }, async { Err(stop.await) }).await;
+    match result {
+        Ok(result) => {
+            guard.armed = false;
+            result
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// The error for a call its caller cancelled.
