@@ -127,6 +127,51 @@ pub fn manifest(name: &str, trust: Trust) -> Manifest {
     m
 }
 
+/// Where `tests/build.rs` put the example plugins built as WebAssembly modules.
+pub fn wasm_dir() -> PathBuf {
+    PathBuf::from(env!("PLUGIN_HOST_WASM_DIR"))
+}
+
+/// The manifest of an example plugin as a WebAssembly plugin (`runtime = "wasm"`), its
+/// module `NAME.wasm` taken from [`wasm_dir`]. Fails with how to build it when missing.
+pub fn wasm_manifest(name: &str) -> Manifest {
+    let mut m = Manifest::from_file(repo().join("plugins").join(name).join("plugin.toml")).unwrap();
+    let module = wasm_dir().join(format!("{name}.wasm"));
+    assert!(
+        module.is_file(),
+        "{} is missing: tests/build.rs builds it (it needs `rustup target add wasm32-unknown-unknown`)",
+        module.display()
+    );
+    m.runtime = plugin_host::Runtime::Wasm;
+    m.library = module.display().to_string();
+    m
+}
+
+/// Where a plugin runs: the three backends behind one API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// In the host process, as a native library (trusted).
+    InProcess,
+    /// In a sandboxed worker process (untrusted).
+    Isolated,
+    /// In the host process, as a WebAssembly module.
+    Wasm,
+}
+
+impl Backend {
+    /// Every backend.
+    pub const ALL: [Backend; 3] = [Backend::InProcess, Backend::Isolated, Backend::Wasm];
+
+    /// The example plugin `name`'s manifest for this backend.
+    pub fn manifest(self, name: &str) -> Manifest {
+        match self {
+            Backend::InProcess => manifest(name, Trust::Trusted),
+            Backend::Isolated => manifest(name, Trust::Untrusted),
+            Backend::Wasm => wasm_manifest(name),
+        }
+    }
+}
+
 /// Runs a future to completion on smol, failing the test if it takes longer than `limit`.
 pub fn run_with_limit<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
     smol::block_on(async {
