@@ -362,10 +362,12 @@ impl Instance {
     }
 
     fn read_u32s<const N: usize>(&self, addr: u32) -> Option<[u32; N]> {
-        let bytes = self.read(addr, (4 * N) as u32)?;
+        let data = self.memory.data(&*self.store);
+        let start = addr as usize;
+        let bytes = data.get(start..start.checked_add(4 * N)?)?;
         let mut out = [0u32; N];
-        for (i, chunk) in bytes.chunks_exact(4).enumerate() {
-            out[i] = u32::from_le_bytes(chunk.try_into().ok()?);
+        for (word, chunk) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
         }
         Some(out)
     }

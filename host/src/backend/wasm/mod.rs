@@ -16,7 +16,7 @@ mod instance;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -43,11 +43,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The module in use, numbered so instances of a module replaced by `reload` are not
-/// reused.
+/// The module in use. Instances remember theirs, so those of a module replaced by
+/// `reload` are not reused.
 struct Generation {
     code: Code,
-    number: u64,
+}
+
+/// Instances between calls, and the module new ones are made from (one lock: the only
+/// one on a call's path).
+struct Pool {
+    idle: Vec<Instance>,
+    current: Arc<Generation>,
 }
 
 #[derive(Default)]
@@ -72,9 +78,10 @@ struct Inner {
     load_limit: Duration,
     restart: RestartPolicy,
     imports: Arc<Imports>,
-    current: Mutex<Arc<Generation>>,
-    /// Instances between calls, with their generation.
-    idle: Mutex<Vec<(u64, Instance)>>,
+    pool: Mutex<Pool>,
+    /// Stopped or quarantined (the details are in `state`): checked before every call
+    /// without taking a lock.
+    closed: AtomicBool,
     /// One permit per instance the pool may run at once.
     permits: Arc<smol::lock::Semaphore>,
     state: Mutex<State>,
@@ -134,8 +141,11 @@ impl Wasm {
             load_limit,
             restart: manifest.restart.clone(),
             imports,
-            current: Mutex::new(Arc::new(Generation { code, number: 0 })),
-            idle: Mutex::new(vec![(0, first)]),
+            pool: Mutex::new(Pool {
+                idle: vec![first],
+                current: Arc::new(Generation { code }),
+            }),
+            closed: AtomicBool::new(false),
             permits: Arc::new(smol::lock::Semaphore::new(size)),
             state: Mutex::new(State::default()),
             events: EventHub::default(),
@@ -282,8 +292,9 @@ impl Inner {
         if policy.mode == RestartMode::Never || recent > policy.max_crashes {
             tracing::error!(plugin = %self.name, "quarantined after {recent} crashes");
             state.quarantined = Some(report.clone());
+            self.closed.store(true, Ordering::Release);
             drop(state);
-            lock(&self.idle).clear();
+            lock(&self.pool).idle.clear();
             self.events.emit(PluginEvent::Quarantined(report.clone()));
             return report;
         }
@@ -299,6 +310,9 @@ impl Inner {
 
     /// Why calls cannot run now, if they cannot.
     fn refusal(&self) -> Option<CallError> {
+        if !self.closed.load(Ordering::Acquire) {
+            return None;
+        }
         let state = lock(&self.state);
         if state.stopped {
             return Some(CallError::Stopped {
@@ -316,16 +330,17 @@ impl Inner {
 
     /// An idle instance of the current module, or a fresh one (after the backoff, if a
     /// crash asked for one).
-    async fn instance(self: &Arc<Self>, method: &str) -> Result<(u64, Instance), CallError> {
-        let generation = lock(&self.current).clone();
-        {
-            let mut idle = lock(&self.idle);
-            while let Some((number, instance)) = idle.pop() {
-                if number == generation.number {
-                    return Ok((number, instance));
-                }
+    async fn instance(
+        self: &Arc<Self>,
+        method: &str,
+    ) -> Result<(Arc<Generation>, Instance), CallError> {
+        let generation = {
+            let mut pool = lock(&self.pool);
+            if let Some(instance) = pool.idle.pop() {
+                return Ok((pool.current.clone(), instance));
             }
-        }
+            pool.current.clone()
+        };
         let wait = lock(&self.state).not_before;
         if let Some(at) = wait {
             if at > Instant::now() {
@@ -344,7 +359,7 @@ impl Inner {
                 Err(Started::Trap(t)) => return Err(Ok(t)),
             };
             match instance.create_plugin(&inner.config, inner.load_limit) {
-                Ok(Ok(())) => Ok((generation.number, instance)),
+                Ok(Ok(())) => Ok((generation, instance)),
                 Ok(Err((_, message))) => Err(Err(LoadError::CreateFailed { plugin, message })),
                 Err(trap) => Err(Ok(trap)),
             }
@@ -391,7 +406,7 @@ impl Inner {
     fn end(
         &self,
         method: &str,
-        generation: u64,
+        generation: Arc<Generation>,
         running: Running,
         end: End,
     ) -> Result<Vec<u8>, CallError> {
@@ -399,13 +414,15 @@ impl Inner {
             End::Done(code, bytes) => {
                 if let Some(mut instance) = running.finish() {
                     instance.guest().call = None;
-                    let keep =
-                        !lock(&self.state).stopped && lock(&self.current).number == generation;
-                    if keep {
-                        lock(&self.idle).push((generation, instance));
+                    // Not after a shutdown or a quarantine, nor into a newer module's pool.
+                    let mut pool = lock(&self.pool);
+                    if !self.closed.load(Ordering::Acquire)
+                        && Arc::ptr_eq(&pool.current, &generation)
+                    {
+                        pool.idle.push(instance);
                     }
                 }
-                let methods = &lock(&self.current).code.descriptor.methods;
+                let methods = &generation.code.descriptor.methods;
                 outcome(&self.name, method, methods, code, bytes)
             }
             End::Trapped(trap) => {
@@ -604,6 +621,16 @@ impl Backend for Wasm {
             let error = cancelled_error(&self.inner.name, &call.method);
             return Box::pin(async move { Err(error) });
         }
+        let size = u64::try_from(call.input.len()).unwrap_or(u64::MAX);
+        if size > self.inner.max_frame {
+            let error = CallError::InputTooLarge {
+                plugin: self.inner.name.to_string(),
+                method: call.method,
+                size: call.input.len(),
+                limit: self.inner.max_frame,
+            };
+            return Box::pin(async move { Err(error) });
+        }
         let flag = CancelHandle::new();
         let work = self.inner.clone().run(
             call.id,
@@ -627,12 +654,13 @@ impl Backend for Wasm {
         let inner = self.inner.clone();
         Box::pin(async move {
             lock(&inner.state).stopped = true;
+            inner.closed.store(true, Ordering::Release);
             let deadline = Instant::now() + grace;
             while inner.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
                 smol::Timer::after(Duration::from_millis(2)).await;
             }
             inner.halt.cancel();
-            lock(&inner.idle).clear();
+            lock(&inner.pool).idle.clear();
             inner.events.emit(PluginEvent::Stopped);
         })
     }
@@ -687,6 +715,7 @@ impl Backend for Wasm {
                 return false;
             }
             state.crash_times.clear();
+            inner.closed.store(false, Ordering::Release);
             state.not_before = None;
             state.replacing = false;
             drop(state);
@@ -714,16 +743,11 @@ impl Backend for Wasm {
             match loaded {
                 Ok((code, first)) => {
                     let descriptor = code.descriptor.clone();
-                    let number = {
-                        let mut current = lock(&inner.current);
-                        let number = current.number + 1;
-                        *current = Arc::new(Generation { code, number });
-                        number
-                    };
                     {
-                        let mut idle = lock(&inner.idle);
-                        idle.clear();
-                        idle.push((number, first));
+                        let mut pool = lock(&inner.pool);
+                        pool.current = Arc::new(Generation { code });
+                        pool.idle.clear();
+                        pool.idle.push(first);
                     }
                     inner.events.emit(PluginEvent::Reloaded {
                         version: descriptor.version.clone(),
