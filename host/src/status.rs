@@ -89,9 +89,10 @@ pub type EventReceiver = async_channel::Receiver<PluginEvent>;
 pub enum PluginEvent {
     /// The worker crashed (or was killed by the host); the report says how.
     Crashed(Arc<CrashReport>),
-    /// A fresh worker is serving after a crash.
+    /// A fresh worker (for a WebAssembly plugin, a fresh instance) is serving after a crash.
     Restarted {
-        /// The new worker's process id.
+        /// The new worker's process id (a WebAssembly plugin's instances run in this
+        /// process: its id).
         pid: u32,
         /// Restarts so far.
         restarts: u64,

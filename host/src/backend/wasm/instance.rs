@@ -42,6 +42,8 @@ const TEXT_MAX: usize = 64 << 10;
 /// Fuel (about one unit per instruction) a call runs on the caller's thread before it
 /// moves to a thread of its own: a fraction of a millisecond.
 pub(crate) const INLINE_FUEL: u64 = 200_000;
+/// Fuel for a module's start function (it cannot be paused): tens of milliseconds.
+const START_FUEL: u64 = 50_000_000;
 /// Fuel between two looks at the deadline once a call runs on its own thread: about a
 /// millisecond.
 pub(crate) const SLICE_FUEL: u64 = 2_000_000;
@@ -254,7 +256,7 @@ impl Code {
         let mut store = Box::new(Store::new(self.module.engine(), guest));
         store.limiter(|guest| &mut guest.limiter);
         store
-            .set_fuel(INLINE_FUEL)
+            .set_fuel(START_FUEL)
             .map_err(|e| Started::Load(internal(plugin, e)))?;
         let instance = self
             .linker

@@ -262,14 +262,20 @@ impl Inner {
     /// returns the report.
     fn crashed(&self, method: &str, trap: &Trap, uptime: Duration) -> Arc<CrashReport> {
         let restarts = self.restarts.load(Ordering::Relaxed);
-        let report = Arc::new(report(
+        self.record(report(
             &self.name,
             method,
             trap,
             uptime,
             restarts,
             self.memory_limit,
-        ));
+        ))
+    }
+
+    /// Counts a crash (a trap, or a replacement instance that failed to start) and
+    /// applies the restart policy; returns the report, shared.
+    fn record(&self, report: CrashReport) -> Arc<CrashReport> {
+        let report = Arc::new(report);
         tracing::warn!(plugin = %self.name, "{}", report.headline());
         self.crashes.fetch_add(1, Ordering::Relaxed);
         self.events.emit(PluginEvent::Crashed(report.clone()));
@@ -388,10 +394,7 @@ impl Inner {
             }
             Err(Err(error)) => {
                 let restarts = self.restarts.load(Ordering::Relaxed);
-                let report = Arc::new(CrashReport::start_failure(&self.name, &error, restarts));
-                self.crashes.fetch_add(1, Ordering::Relaxed);
-                lock(&self.state).last_crash = Some(report.clone());
-                self.events.emit(PluginEvent::Crashed(report.clone()));
+                let report = self.record(CrashReport::start_failure(&self.name, &error, restarts));
                 Err(CallError::Crashed {
                     plugin: self.name.to_string(),
                     method: method.to_string(),
