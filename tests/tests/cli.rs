@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{artifacts, repo};
+use common::{artifacts, repo, wasm_dir};
 
 /// Runs `plugin-host ARGS` from the repository root with a deadline, stdin empty.
 fn cli(args: &[&str]) -> Output {
@@ -992,6 +992,271 @@ fn a_missing_library_comes_with_the_command_that_builds_it() {
             lone.join("liblone.so").display(),
             lone.join("lone.c").display()
         )),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A manifest for the example plugin `name` as a WebAssembly plugin, in `dir/name`: its
+/// module from [`wasm_dir`] (built by tests/build.rs), `body` after the required fields.
+fn write_wasm_manifest(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+    let module = wasm_dir().join(format!("{name}.wasm"));
+    assert!(module.is_file(), "{} is missing", module.display());
+    write_manifest(
+        &dir.join(name),
+        name,
+        module.to_str().unwrap(),
+        &format!("runtime = \"wasm\"\n{body}"),
+    )
+}
+
+#[test]
+fn inspect_and_call_a_wasm_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let hello = write_wasm_manifest(dir.path(), "hello", "\n[config]\ngreeting = \"Hi\"\n");
+    let hello = hello.to_str().unwrap();
+
+    let o = cli(&["inspect", hello]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    for line in [
+        "name:     hello\n",
+        "methods:  greet, echo\n",
+        "runtime:  wasm (a WebAssembly module, run by the wasmi interpreter)\n",
+        "trust:    does not apply (the engine contains the plugin)\n",
+        "runs:      webassembly, in this process (wasmi; contained by the engine: no imports \
+         beyond the host services, memory cap, fuel)\n",
+        "sandbox:   webassembly: no imports beyond the host services (no WASI), webassembly: \
+         memory capped at 1024 MiB per instance, webassembly: deadlines enforced by fuel\n",
+        "missing:   none\n",
+    ] {
+        assert!(out.contains(line), "{line:?} not in\n{out}");
+    }
+    assert!(
+        out.contains(&format!(
+            "library:  {} (hello)",
+            wasm_dir()
+                .join("hello.wasm")
+                .canonicalize()
+                .unwrap()
+                .display()
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("worker"), "{out}");
+    // Native plugins say what they are too.
+    let o = cli(&["inspect", "plugins/hello/plugin.toml"]);
+    assert_code(&o, 0);
+    assert!(
+        stdout(&o).contains("runtime:  native (a shared library)"),
+        "{}",
+        stdout(&o)
+    );
+
+    // call: JSON in and out, raw bytes through unchanged.
+    let o = cli(&["call", hello, "greet", "--json", r#"{"name":"wasm"}"#]);
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "{\n  \"message\": \"Hi, wasm!\"\n}\n");
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let o = run(
+        plugin_host(&["call", hello, "echo", "--raw"]),
+        Some(bytes.clone()),
+    );
+    assert_code(&o, 0);
+    assert_eq!(o.stdout, bytes);
+    // A plugin error is 5, as in the other backends.
+    let o = cli(&["call", hello, "greet", "--json", r#"{"name":""}"#]);
+    assert_code(&o, 5);
+
+    // A base name (`library = "hello"`) is found where cargo puts the modules of the
+    // workspace plugin-host was built in: ../wasm32-unknown-unknown/release from it.
+    assert_eq!(
+        wasm_dir(),
+        artifacts()
+            .parent()
+            .unwrap()
+            .join("wasm32-unknown-unknown")
+            .join("release")
+    );
+    let by_name = write_manifest(
+        &dir.path().join("by-name"),
+        "hello",
+        "hello",
+        "runtime = \"wasm\"\n",
+    );
+    let o = cli(&["inspect", by_name.to_str().unwrap()]);
+    assert_code(&o, 0);
+    assert!(
+        stdout(&o).contains(&format!(
+            "library:  {} (hello)",
+            wasm_dir()
+                .join("hello.wasm")
+                .canonicalize()
+                .unwrap()
+                .display()
+        )),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_wasm_trap_exits_6_like_a_crash_and_a_spinning_call_7() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = write_wasm_manifest(
+        dir.path(),
+        "faulty",
+        "\n[limits]\nmemory = \"64MiB\"\n\n[timeouts]\ncancel_grace = \"100ms\"\n",
+    );
+    let faulty = faulty.to_str().unwrap();
+    let call = |args: &[&str]| cli(&[&["call", faulty][..], args].concat());
+
+    // A panic is a trap in wasm, with the panic's message in the report.
+    let o = call(&["panic", "--json", r#"{"message": "wasm boom"}"#]);
+    assert_code(&o, 6);
+    let err = stderr(&o);
+    assert!(
+        err.contains("error: plugin `faulty` crashed during `panic`: wasm instance of plugin `faulty` trapped (unreachable")
+            && err.contains("panic: wasm boom at "),
+        "{err}"
+    );
+    let o = call(&["abort"]);
+    assert_code(&o, 6);
+    assert!(
+        stderr(&o).contains("trapped (unreachable"),
+        "{}",
+        stderr(&o)
+    );
+    let o = call(&["stack_overflow"]);
+    assert_code(&o, 6);
+    assert!(
+        stderr(&o).contains("trapped (stack overflow")
+            || stderr(&o).contains("trapped (out of bounds memory access"),
+        "{}",
+        stderr(&o)
+    );
+    // The memory bomb hits limits.memory.
+    let o = call(&["alloc", "--json", r#"{"chunk": 1048576}"#]);
+    assert_code(&o, 6);
+    assert!(
+        stderr(&o).contains("cause: out of memory: hit its memory limit of 64 MiB"),
+        "{}",
+        stderr(&o)
+    );
+    // A null write is no fault in wasm.
+    let o = call(&["segfault"]);
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "null\n");
+    // A plugin error is 5; a call spinning past its deadline is 7.
+    assert_code(&call(&["fail"]), 5);
+    let started = std::time::Instant::now();
+    let o = call(&["infinite_loop", "--timeout", "200ms"]);
+    assert_code(&o, 7);
+    assert!(
+        stderr(&o).contains("timed out after 200ms"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn check_loads_wasm_plugins_in_the_interpreter_and_survives_one_that_traps() {
+    let dir = tempfile::tempdir().unwrap();
+    write_wasm_manifest(dir.path(), "hello", "trust = \"trusted\"\n");
+    let o = cli(&["--grant", "check", dir.path().to_str().unwrap()]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains(
+            "hello/plugin.toml: loads, 2 methods; webassembly, in this process (wasmi; contained \
+             by the engine: no imports beyond the host services, memory cap, fuel)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("note: requests trust, which does not apply to a WebAssembly plugin")
+            && !out.contains("checked in a worker process"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "WebAssembly plugins were checked in this process, in the wasmi interpreter, which \
+             contains them: a trap ends the instance, not check (1 of these manifests are \
+             runtime = \"wasm\")"
+        ),
+        "{out}"
+    );
+
+    // A module that traps in its create: reported, and check goes on to the next.
+    write_wasm_manifest(dir.path(), "faulty", "\n[config]\ncreate_abort = true\n");
+    let o = cli(&["check", dir.path().to_str().unwrap()]);
+    // 8, not a signal: the trap ended an instance, not check.
+    assert_code(&o, 8);
+    let out = stdout(&o);
+    let line = out
+        .lines()
+        .find(|l| l.contains("faulty/plugin.toml"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("FAILED")
+            && line.contains(
+                "plugin `faulty`: its WebAssembly instance trapped while creating the plugin: \
+                 wasm instance of plugin `faulty` trapped (unreachable"
+            ),
+        "{out}"
+    );
+    assert!(out.contains("2 manifests, 1 with problems"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("hello/plugin.toml")),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_missing_wasm_module_comes_with_the_cargo_command_that_builds_it() {
+    // A Cargo workspace with one plugin package whose module is not built.
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path().canonicalize().unwrap();
+    std::fs::write(
+        root.join("Cargo.toml"),
+        "[workspace]\nmembers = [\"plugins/*\"]\n",
+    )
+    .unwrap();
+    let package = root.join("plugins").join("wasmless");
+    let manifest = write_manifest(&package, "wasmless", "wasmless", "runtime = \"wasm\"\n");
+    std::fs::write(
+        package.join("Cargo.toml"),
+        "[package]\nname = \"wasm-less\"\nversion = \"0.1.0\"\n",
+    )
+    .unwrap();
+    let out_dir = root.join("target/wasm32-unknown-unknown/release");
+    let build = "cargo build --release --target wasm32-unknown-unknown -p wasm-less";
+
+    let o = cli(&["check", root.join("plugins").to_str().unwrap()]);
+    assert_code(&o, 8);
+    let out = stdout(&o);
+    for line in [
+        "WebAssembly module `wasmless` not found; looked in: ".to_string(),
+        format!("hint: build it: cd {} && {build}\n", root.display()),
+        format!(
+            "hint: it lands in {}; pass that directory with -L {}",
+            out_dir.join("wasm_less.wasm").display(),
+            out_dir.display()
+        ),
+        "hint: the target, once: rustup target add wasm32-unknown-unknown\n".to_string(),
+    ] {
+        assert!(out.contains(&line), "{line:?} not in\n{out}");
+    }
+
+    // From the workspace's root: no `cd`; `call` gives the same hints, and exits 4.
+    let mut command = plugin_host(&["call", manifest.to_str().unwrap(), "echo", "--raw"]);
+    command.current_dir(&root);
+    let o = run(command, None);
+    assert_code(&o, 4);
+    assert!(
+        stderr(&o).contains(&format!("hint: build it: {build}\n")),
         "{}",
         stderr(&o)
     );

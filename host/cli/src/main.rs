@@ -5,7 +5,14 @@
 //! Policy: like the library, deny-all by default. Every plugin runs untrusted, in a worker
 //! with the sandbox required and no permissions, whatever its manifest says; `--grant`
 //! grants what each manifest requests (trust, sandbox mode, permissions). `check` never
-//! grants trust: it loads every plugin in a worker, so no plugin code runs in its process.
+//! grants trust: it loads every native plugin in a worker, so no native plugin code runs in
+//! its process.
+//!
+//! A WebAssembly plugin (`runtime = "wasm"` in its manifest) runs in this process, in the
+//! wasmi interpreter, whatever the policy: the engine contains it (it reaches nothing but
+//! its own memory and the host services it imports; its memory is capped and it runs on
+//! fuel), and a trap ends that one instance, never the command. Trust, the sandbox mode
+//! and permissions do not apply to it.
 
 #[cfg(any(unix, windows))]
 mod bench;
@@ -21,24 +28,31 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use plugin_host::{manifest, CallError, CallOptions, Error, Grant, Host, Manifest, Plugin, Trust};
+use plugin_host::{
+    manifest, CallError, CallOptions, Error, Grant, Host, Manifest, Plugin, Runtime, Trust,
+};
 
 const EXIT_CODES: &str = "Policy: deny-all by default: every plugin runs untrusted, in a \
 sandboxed worker, with no permissions, whatever its manifest requests. --grant grants what \
 each manifest requests (trust, sandbox mode, permissions); use it only for plugins you trust. \
-`check` grants everything but trust: it loads every plugin in a worker process.
+`check` grants everything but trust: it loads every native plugin in a worker process. A \
+WebAssembly plugin (runtime = \"wasm\") runs in this process, in the wasmi interpreter, which \
+contains it: trust, sandbox and permissions do not apply to it.
 
 Exit codes: 0 success, 1 I/O or other error, 2 usage, 3 invalid manifest, 4 plugin failed to \
 load (a sandbox this system cannot enforce included: see `plugin-host doctor`), 5 the call \
-failed (plugin error, bad input, unknown method), 6 the plugin crashed (or was killed, or is \
-quarantined), 7 the call timed out, 8 `check` found problems, 9 `soak` found a violation, \
+failed (plugin error, bad input, unknown method), 6 the plugin crashed (a WebAssembly \
+plugin: trapped), or was killed, or is quarantined, 7 the call timed out, 8 `check` found problems, 9 `soak` found a violation, \
 10 `doctor`: this system cannot enforce the default sandbox (a layer is missing).";
 
 #[derive(Parser)]
 #[command(name = "plugin-host", version, about = "Load, inspect and call plugin-host plugins.", after_help = EXIT_CODES)]
 struct Cli {
-    /// Extra directory to look for plugin libraries in (repeatable). The directory of this
-    /// executable is always searched last.
+    /// Extra directory to look for plugin libraries and WebAssembly modules in (repeatable).
+    /// The directory of this executable is always searched last, then
+    /// `../wasm32-unknown-unknown/release` from it (where `cargo build --release --target
+    /// wasm32-unknown-unknown` puts the modules of the workspace this executable was built
+    /// in).
     #[arg(short = 'L', long = "search-path", global = true)]
     search_paths: Vec<PathBuf>,
 
@@ -67,8 +81,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Load a plugin and print its name, version, ABI, methods, what its manifest requests,
-    /// what was granted, and the sandbox layers in force.
+    /// Load a plugin and print its name, version, ABI, methods, runtime, what its manifest
+    /// requests, what was granted, where it runs and what contains it (the sandbox layers
+    /// in force; for a WebAssembly plugin, the engine's limits).
     Inspect {
         /// The plugin's manifest.
         manifest: PathBuf,
@@ -103,11 +118,14 @@ enum Command {
         #[arg(long)]
         timeout: Option<String>,
     },
-    /// Validate every manifest under DIR and load each plugin once, in a worker process:
-    /// check never runs plugin code in its own process, so a plugin that crashes on load is
-    /// reported, not fatal. With --grant, trusted plugins get what they request except
-    /// trust. A missing library is reported with the command that builds it, where the
-    /// plugin's directory says how (build.sh, Makefile, Cargo.toml, one C file).
+    /// Validate every manifest under DIR and load each plugin once: a native plugin in a
+    /// worker process (check never runs native plugin code in its own process), a
+    /// WebAssembly plugin in this process, in the wasmi interpreter, which contains it. So a
+    /// plugin that crashes (or traps) on load is reported, not fatal. With --grant, trusted
+    /// plugins get what they request except trust. A missing library is reported with the
+    /// command that builds it, where the plugin's directory says how (build.sh, Makefile,
+    /// Cargo.toml, one C file); a missing `.wasm` module with its `cargo build --target
+    /// wasm32-unknown-unknown` command and where the module lands.
     Check {
         /// Directory to search (three levels deep).
         #[arg(default_value = ".")]
@@ -241,13 +259,30 @@ fn host(cli_paths: &[PathBuf], policy: Policy) -> Result<Host, Error> {
     for path in cli_paths {
         builder = builder.search_path(path);
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
+    for dir in default_search_paths() {
         builder = builder.search_path(dir);
     }
     builder.build()
+}
+
+/// The target triple WebAssembly plugins are built for.
+pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+/// The directories searched after `-L`'s: this executable's, then
+/// `../wasm32-unknown-unknown/release` from it: in a Cargo target directory
+/// (`target/release/plugin-host`), where `cargo build --release --target
+/// wasm32-unknown-unknown` puts the workspace's WebAssembly modules.
+fn default_search_paths() -> Vec<PathBuf> {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    else {
+        return Vec::new();
+    };
+    let wasm = dir
+        .parent()
+        .map(|target| target.join(WASM_TARGET).join("release"));
+    std::iter::once(dir).chain(wasm).collect()
 }
 
 fn main() -> ExitCode {
@@ -400,8 +435,15 @@ fn describe(
     )
 }
 
+/// Where a WebAssembly plugin runs and what contains it.
+pub const WASM_PLACEMENT: &str = "webassembly, in this process (wasmi; contained by the \
+engine: no imports beyond the host services, memory cap, fuel)";
+
 /// Where a loaded plugin runs, in a few words.
 fn placement(plugin: &Plugin) -> String {
+    if plugin.runtime() == Runtime::Wasm {
+        return WASM_PLACEMENT.into();
+    }
     let status = plugin.status();
     match (plugin.trust(), status.pid) {
         (Trust::Trusted, _) => "in-process (trusted)".into(),
@@ -476,11 +518,21 @@ fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
             println!("version:  {}", info.version);
             println!(
                 "library:  {} ({})",
-                plugin.manifest().library,
+                plugin.library_path().display(),
                 info.library_name
             );
             println!("abi:      {}.{}", info.abi.0, info.abi.1);
-            println!("trust:    {:?}", plugin.trust());
+            let wasm = plugin.runtime() == Runtime::Wasm;
+            match wasm {
+                true => {
+                    println!("runtime:  wasm (a WebAssembly module, run by the wasmi interpreter)");
+                    println!("trust:    does not apply (the engine contains the plugin)");
+                }
+                false => {
+                    println!("runtime:  native (a shared library)");
+                    println!("trust:    {:?}", plugin.trust());
+                }
+            }
             println!("methods:  {}", info.methods.join(", "));
             let granted = plugin.grant();
             println!(
@@ -491,6 +543,17 @@ fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
                 "granted:   {}",
                 describe(granted.trust, granted.sandbox, &granted.permissions)
             );
+            if wasm {
+                println!(
+                    "           (none of it applies to a WebAssembly plugin: it runs in this \
+                     process, reaches no file, network or process, only the host functions it \
+                     imports: {})",
+                    match plugin.manifest().imports.is_empty() {
+                        true => "none".to_string(),
+                        false => plugin.manifest().imports.join(", "),
+                    }
+                );
+            }
             println!(
                 "policy:    {}",
                 if grant {
@@ -501,7 +564,7 @@ fn inspect(host: &Host, manifest: &Path, grant: bool) -> ExitCode {
             );
             println!("runs:      {}", placement(&plugin));
             let status = plugin.status();
-            if plugin.trust() == Trust::Untrusted {
+            if wasm || plugin.trust() == Trust::Untrusted {
                 let none = |v: &[String]| match v.is_empty() {
                     true => "none".to_string(),
                     false => v.join(", "),
@@ -664,8 +727,10 @@ fn write_output(plugin: &Plugin, method: &str, io: &CallIo, output: &[u8]) -> Ex
 }
 
 /// Validates and loads every manifest under `dir`. `host`'s policy never grants trust, so
-/// every plugin is loaded in a worker process: a plugin that crashes while it loads takes
-/// its worker down, not `check`.
+/// every native plugin is loaded in a worker process: a plugin that crashes while it loads
+/// takes its worker down, not `check`. A WebAssembly plugin is loaded in this process, in
+/// the interpreter, which contains it: a trap while it loads ends its instance, not
+/// `check`.
 fn check(host: &Host, dir: &Path) -> ExitCode {
     let found = match manifest::discover(dir) {
         Ok(f) => f,
@@ -676,13 +741,16 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
     };
     let mut problems = 0;
     let mut trusted = 0;
+    let mut wasm = 0;
     for (path, result) in &found {
         let mut hints = Vec::new();
         let mut asks_trust = false;
+        let mut is_wasm = false;
         let outcome = match result {
             Err(e) => Err(e.to_string()),
             Ok(m) => {
                 asks_trust = m.trust == Trust::Trusted;
+                is_wasm = m.runtime == Runtime::Wasm;
                 match futures_lite::future::block_on(host.load_manifest(m.clone())) {
                     Ok(plugin) => {
                         let methods = plugin.methods().len();
@@ -708,12 +776,26 @@ fn check(host: &Host, dir: &Path) -> ExitCode {
         for hint in hints {
             println!("         hint: {hint}");
         }
-        if asks_trust {
+        if is_wasm {
+            wasm += 1;
+            if asks_trust {
+                println!(
+                    "         note: requests trust, which does not apply to a WebAssembly plugin"
+                );
+            }
+        } else if asks_trust {
             trusted += 1;
             println!("         note: requests trust; checked in a worker process, not in-process");
         }
     }
     println!("{} manifests, {problems} with problems", found.len());
+    if wasm > 0 {
+        println!(
+            "WebAssembly plugins were checked in this process, in the wasmi interpreter, which \
+             contains them: a trap ends the instance, not check ({wasm} of these manifests are \
+             runtime = \"wasm\")"
+        );
+    }
     if trusted > 0 {
         println!(
             "trusted plugins were checked in a worker process: check runs no plugin code in its \

@@ -5,12 +5,14 @@
 //! `cargo build -p plugin-host`, `Plugin::enable`). A user of the command has flags and
 //! environment variables instead, so for those error kinds the message is rebuilt from the
 //! error's fields and followed by hints that speak the command's language (`-L DIR`,
-//! `PLUGIN_HOST_WORKER_SHIM=...`, the command that builds a missing library). Every other
-//! error is printed as the library displays it.
+//! `PLUGIN_HOST_WORKER_SHIM=...`, the command that builds a missing library or WebAssembly
+//! module). Every other error is printed as the library displays it.
 
 use std::path::{Path, PathBuf};
 
-use plugin_host::{CallError, Error, LoadError, Manifest, WORKER_SHIM_ENV};
+use plugin_host::{CallError, Error, ExitInfo, LoadError, Manifest, WORKER_SHIM_ENV};
+
+use crate::WASM_TARGET;
 
 /// An error in the command's words: one message, then zero or more hints.
 pub struct Report {
@@ -37,7 +39,13 @@ pub fn explain(err: &Error, manifest: Option<&Path>) -> Report {
             let plugin_dir = manifest
                 .map(manifest_dir)
                 .or_else(|| searched.first().and_then(|p| p.parent()).map(nonempty));
-            if let Some(command) = plugin_dir.and_then(|dir| build_command(&dir, searched)) {
+            let wasm = library.ends_with(".wasm")
+                || searched
+                    .first()
+                    .is_some_and(|p| p.extension().is_some_and(|e| e == "wasm"));
+            if wasm {
+                hints.extend(wasm_build_hints(plugin_dir.as_deref(), library, searched));
+            } else if let Some(command) = plugin_dir.and_then(|dir| build_command(&dir, searched)) {
                 hints.push(format!("build it: {command}"));
             } else {
                 let file = searched.first().map_or_else(
@@ -52,11 +60,24 @@ pub fn explain(err: &Error, manifest: Option<&Path>) -> Report {
             );
             Report {
                 message: format!(
-                    "plugin `{plugin}`: library `{library}` not found; looked in: {}",
+                    "plugin `{plugin}`: {} `{library}` not found; looked in: {}",
+                    match wasm {
+                        true => "WebAssembly module",
+                        false => "library",
+                    },
                     list(searched)
                 ),
                 hints,
             }
+        }
+        // The library says "the worker"; a WebAssembly plugin has none.
+        Error::Load(LoadError::CreateCrashed { plugin, report })
+            if matches!(report.exit, Some(ExitInfo::Trap { .. })) =>
+        {
+            plain(format!(
+                "plugin `{plugin}`: its WebAssembly instance trapped while creating the plugin: \
+                 {report}"
+            ))
         }
         Error::Load(LoadError::WorkerSpawn { plugin, shim, .. }) if !shim.is_file() => {
             worker_missing(plugin)
@@ -190,6 +211,85 @@ fn build_command(dir: &Path, searched: &[PathBuf]) -> Option<String> {
         quote(output),
         quote(source)
     ))
+}
+
+/// How to build a missing WebAssembly module: the `cargo build --target
+/// wasm32-unknown-unknown` command (for the Cargo package in the plugin's directory, else
+/// for a package named after the module), where the module lands, and whether the command
+/// looks there.
+fn wasm_build_hints(plugin_dir: Option<&Path>, library: &str, searched: &[PathBuf]) -> Vec<String> {
+    let stem = |p: &Path| p.file_stem().and_then(|s| s.to_str()).map(str::to_string);
+    let package = plugin_dir.and_then(|dir| {
+        let cargo_toml = dir.join("Cargo.toml");
+        let text = std::fs::read_to_string(&cargo_toml).ok()?;
+        let value: plugin_host::toml::Table = text.parse().ok()?;
+        let name = value.get("package")?.get("name")?.as_str()?.to_string();
+        Some((name, dir.to_path_buf()))
+    });
+    let target = format!("--release --target {WASM_TARGET}");
+    let Some((name, dir)) = package else {
+        let name = searched
+            .first()
+            .and_then(|p| stem(p))
+            .or_else(|| stem(Path::new(library)))
+            .unwrap_or_else(|| library.to_string());
+        return vec![
+            format!(
+                "build it: cargo build {target} -p PACKAGE (in the plugin's Cargo workspace; \
+                 PACKAGE is the plugin's crate, a cdylib, whose module is `{name}.wasm`)"
+            ),
+            format!(
+                "it lands in target/{WASM_TARGET}/release/ of that workspace; point the \
+                 manifest's `library` at it, or pass that directory with -L DIR"
+            ),
+            format!("the target, once: rustup target add {WASM_TARGET}"),
+        ];
+    };
+    // The workspace the package builds in: the nearest directory up from it whose
+    // Cargo.toml has a [workspace] (else the package's own directory).
+    let absolute = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+    let root = absolute
+        .ancestors()
+        .find(|d| {
+            std::fs::read_to_string(d.join("Cargo.toml"))
+                .ok()
+                .and_then(|t| t.parse::<plugin_host::toml::Table>().ok())
+                .is_some_and(|t| t.contains_key("workspace"))
+        })
+        .unwrap_or(&absolute)
+        .to_path_buf();
+    let here = std::env::current_dir()
+        .ok()
+        .and_then(|d| d.canonicalize().ok());
+    let cd = match here.as_deref() == Some(root.as_path()) {
+        true => String::new(),
+        false => format!("cd {} && ", quote(&root)),
+    };
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|v| !v.is_empty())
+        .map(|d| root.join(d))
+        .unwrap_or_else(|| root.join("target"));
+    let out_dir = target_dir.join(WASM_TARGET).join("release");
+    let module = out_dir.join(format!("{}.wasm", name.replace('-', "_")));
+    let out_canonical = out_dir.canonicalize().unwrap_or_else(|_| out_dir.clone());
+    let looked_there = searched.iter().any(|p| {
+        p.parent()
+            .is_some_and(|d| d == out_dir || d.canonicalize().is_ok_and(|d| d == out_canonical))
+    });
+    let lands = match looked_there {
+        true => format!("it lands in {}, where plugin-host looks", module.display()),
+        false => format!(
+            "it lands in {}; pass that directory with -L {} (or point the manifest's `library` \
+             at the module)",
+            module.display(),
+            quote(&out_dir)
+        ),
+    };
+    vec![
+        format!("build it: {cd}cargo build {target} -p {name}"),
+        lands,
+        format!("the target, once: rustup target add {WASM_TARGET}"),
+    ]
 }
 
 /// `cargo build` for the package at `cargo_toml`, in the profile this executable was built
