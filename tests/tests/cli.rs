@@ -418,6 +418,123 @@ fn the_demo_crashes_a_plugin_and_recovers() {
         "{out}"
     );
     assert!(out.contains("never stopped"), "{out}");
+
+    // The same plugin in the three backends (faulty.wasm is found beside the executable's
+    // target directory: tests/build.rs builds it there).
+    let row = |backend: &str, fault: &str| table_row(&out, backend, fault);
+    let (got, next) = row("in-process", "panic");
+    assert!(got.starts_with("Panicked \"boom\""), "{out}");
+    assert!(
+        next.contains("echo \"ok\"") && next.contains("same instance"),
+        "{out}"
+    );
+    let (got, next) = row("isolated", "panic");
+    assert!(got.starts_with("Panicked \"boom\""), "{out}");
+    assert!(
+        next.contains("echo \"ok\"") && next.contains("same worker"),
+        "{out}"
+    );
+    let (got, next) = row("wasm", "panic");
+    assert_eq!(got, "Crashed: trap (unreachable), panic \"boom\"", "{out}");
+    assert!(
+        next.contains("echo \"ok\"") && next.contains("instance replaced"),
+        "{out}"
+    );
+    for fault in ["segfault", "abort", "stack_overflow"] {
+        let (got, next) = row("in-process", fault);
+        assert!(
+            got.starts_with("not run: a crash in-process takes the host down"),
+            "{out}"
+        );
+        assert_eq!(next, "-", "{out}");
+        let (got, next) = row("isolated", fault);
+        assert!(got.starts_with("Crashed: killed by SIG"), "{out}");
+        assert!(
+            next.contains("echo \"ok\"") && next.contains("worker restarted"),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        row("isolated", "segfault").0,
+        "Crashed: killed by SIGSEGV",
+        "{out}"
+    );
+    assert_eq!(
+        row("isolated", "abort").0,
+        "Crashed: killed by SIGABRT",
+        "{out}"
+    );
+    // In wasm a null write is no fault; abort and unbounded recursion trap.
+    let (got, next) = row("wasm", "segfault");
+    assert_eq!(got, "Ok(null): no fault", "{out}");
+    assert!(next.contains("same instance"), "{out}");
+    assert_eq!(
+        row("wasm", "abort").0,
+        "Crashed: trap (unreachable)",
+        "{out}"
+    );
+    let (got, next) = row("wasm", "stack_overflow");
+    assert!(
+        got == "Crashed: trap (stack overflow)"
+            || got == "Crashed: trap (out of bounds memory access)",
+        "{out}"
+    );
+    assert!(next.contains("instance replaced"), "{out}");
+    assert!(!out.contains("faulty.wasm not found"), "{out}");
+}
+
+/// The side-by-side table's row for `backend` and `fault` in the demo's output: (what the
+/// caller got, next call).
+#[track_caller]
+fn table_row(out: &str, backend: &str, fault: &str) -> (String, String) {
+    let row = out
+        .lines()
+        .map(|l| l.split(" | ").map(str::trim).collect::<Vec<_>>())
+        .find(|cells| cells.len() == 4 && cells[0] == backend && cells[1] == fault)
+        .unwrap_or_else(|| panic!("no row for {backend} {fault} in\n{out}"));
+    (row[2].to_string(), row[3].to_string())
+}
+
+#[test]
+fn the_demo_without_faulty_wasm_says_how_to_build_it_and_shows_the_other_backends() {
+    // plugin-host alone in a directory: no wasm32-unknown-unknown beside it, and the test
+    // artifacts it is pointed at hold native libraries only.
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("bin");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(artifacts().join("plugin-host"), alone.join("plugin-host")).unwrap();
+    assert!(!artifacts().join("faulty.wasm").exists());
+    let mut command = Command::new(alone.join("plugin-host"));
+    command
+        .args(["-L", artifacts().to_str().unwrap(), "demo"])
+        .current_dir(repo())
+        .env_remove("RUST_LOG")
+        .env_remove("PLUGIN_HOST_WORKER_SHIM");
+    let o = run(command, None);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains("faulty.wasm not found")
+            && out.contains(
+                "rustup target add wasm32-unknown-unknown && cargo build --release --target \
+                 wasm32-unknown-unknown -p faulty -p hello"
+            ),
+        "{out}"
+    );
+    assert!(
+        table_row(&out, "in-process", "panic")
+            .0
+            .starts_with("Panicked"),
+        "{out}"
+    );
+    assert!(
+        table_row(&out, "isolated", "segfault")
+            .1
+            .contains("worker restarted"),
+        "{out}"
+    );
+    assert!(!out.lines().any(|l| l.starts_with("wasm ")), "{out}");
+    assert!(out.contains("never stopped"), "{out}");
 }
 
 #[test]

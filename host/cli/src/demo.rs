@@ -2,7 +2,10 @@
 //! shows a plugin calling back into the app (a host function) and streaming its output,
 //! crashes one on purpose and shows the host surviving and the plugin recovering; then a
 //! call that never returns (timeout, then the worker is killed and restarted) and a plugin
-//! that keeps crashing (quarantined, then re-enabled).
+//! that keeps crashing (quarantined, then re-enabled). Last, the same plugin (`faulty`) in
+//! the three backends side by side, in-process (trusted), isolated (a sandboxed worker)
+//! and WebAssembly, given the same faults where each backend contains them, with a table of
+//! what the caller got and whether the next call was served.
 //!
 //! Host: the demo plays the app, so it builds its own host: the CLI's search paths, the
 //! library's default policy (deny-all), and one host function, `image.get` (an image by
@@ -14,15 +17,21 @@
 //! one's sandbox layers once. A bundled plugin that requested trust or permissions would
 //! need the app to grant it, e.g. a host built with `HostBuilder::grant_requested()`,
 //! which is acceptable only for plugins the app ships.
+//!
+//! The three-backend part builds one more host, whose policy grants trust to the one
+//! plugin the demo itself marks trusted (`faulty`, which it ships), and nothing else. Its
+//! WebAssembly column needs `faulty.wasm`, looked for in the CLI's search paths (`-L`, then
+//! beside the executable and in `../wasm32-unknown-unknown/release` from it); without it
+//! the demo says how to build it and shows the other two columns.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use plugin_host::{
-    CallError, CallOptions, Error, Host, HostCallContext, HostError, Manifest, Plugin, PluginEvent,
-    PluginState, Trust,
+    CallError, CallOptions, Error, ExitInfo, Grant, Host, HostCallContext, HostError, Manifest,
+    Plugin, PluginEvent, PluginState, Runtime, SandboxMode, Trust,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -145,8 +154,17 @@ pub fn run(cli: &Host, dir: &Path) -> ExitCode {
         ..plugin_host::permissions::Grant::deny_all()
     });
     let host = host.build();
+    let search_paths = cli.search_paths().to_vec();
     let result = match host {
-        Ok(host) => smol::block_on(demo(&host, dir)),
+        Ok(host) => smol::block_on(async {
+            demo(&host, dir).await?;
+            three_backends(&search_paths, dir).await?;
+            println!(
+                "\nall plugins shut down; the host (pid {}) never stopped",
+                std::process::id()
+            );
+            Ok(())
+        }),
         Err(e) => Err(e),
     };
     match result {
@@ -351,11 +369,218 @@ async fn demo(host: &Host, dir: &Path) -> Result<(), Error> {
     for plugin in [hello, thumbnail, callbacks, faulty, stuck, flaky] {
         plugin.shutdown().await;
     }
-    println!(
-        "\nall plugins shut down; the host (pid {}) never stopped",
-        std::process::id()
-    );
     Ok(())
+}
+
+/// One backend's `faulty` in the side-by-side part.
+struct Column {
+    /// `in-process`, `isolated`, `wasm`.
+    backend: &'static str,
+    plugin: Plugin,
+}
+
+/// One row of the side-by-side table.
+struct Row {
+    backend: &'static str,
+    fault: &'static str,
+    got: String,
+    next: String,
+}
+
+/// The faults of the side-by-side part: `faulty`'s method, and whether it crashes a
+/// native plugin (so it is not run in-process).
+const FAULTS: [(&str, bool); 4] = [
+    ("panic", false),
+    ("segfault", true),
+    ("abort", true),
+    ("stack_overflow", true),
+];
+
+/// The same plugin, `faulty`, in the three backends side by side: the same faults where
+/// each backend contains them, then a call that must be served.
+async fn three_backends(search_paths: &[PathBuf], dir: &Path) -> Result<(), Error> {
+    println!("\n-- 7. the same plugin crashing in the three backends");
+    // A host per backend, so each copy keeps the name `faulty` (a host's names are unique).
+    // The demo ships `faulty` and marks the in-process copy trusted itself; the policy
+    // grants trust to what asks for it and nothing else (no permissions; a worker's sandbox
+    // required where there is one).
+    let host = || {
+        search_paths
+            .iter()
+            .fold(Host::builder(), |b, path| b.search_path(path))
+            .raw_function("fault.ping", |_, input: Vec<u8>| async move { Ok(input) })
+            .permissions(|request| Grant {
+                trust: request.trust,
+                sandbox: match cfg!(target_os = "linux") {
+                    true => SandboxMode::Required,
+                    false => SandboxMode::Off,
+                },
+                ..Grant::deny_all()
+            })
+            .build()
+    };
+    // Kept for as long as their plugins are (host functions reach the app through them).
+    let hosts = [host()?, host()?, host()?];
+    let base = Manifest::from_file(dir.join("faulty/plugin.toml"))?;
+    let mut columns = Vec::new();
+    for (i, (backend, trust)) in [
+        ("in-process", Trust::Trusted),
+        ("isolated", Trust::Untrusted),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut manifest = base.clone();
+        manifest.trust = trust;
+        let plugin = hosts[i].load_manifest(manifest).await?;
+        columns.push(Column { backend, plugin });
+    }
+    match crate::find_wasm(search_paths, "faulty") {
+        Some(module) => {
+            let mut manifest = base.clone();
+            manifest.runtime = Runtime::Wasm;
+            manifest.library = module.display().to_string();
+            let plugin = hosts[2].load_manifest(manifest).await?;
+            columns.push(Column {
+                backend: "wasm",
+                plugin,
+            });
+        }
+        None => println!(
+            "faulty.wasm not found (looked in: {}); the wasm column is skipped. Build it \
+             with:\n  {}",
+            search_paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            crate::wasm_build_hint(&["faulty", "hello"])
+        ),
+    }
+    for column in &columns {
+        println!("{:<10} {}", column.backend, where_it_runs(&column.plugin));
+    }
+    let mut rows = Vec::new();
+    for (fault, crashes) in FAULTS {
+        for column in &columns {
+            if crashes && column.backend == "in-process" {
+                rows.push(Row {
+                    backend: column.backend,
+                    fault,
+                    got: "not run: a crash in-process takes the host down with it".into(),
+                    next: "-".into(),
+                });
+                continue;
+            }
+            rows.push(fault_then_echo(column, fault).await?);
+        }
+    }
+    print_table(&rows);
+    if columns.iter().any(|c| c.backend == "wasm") {
+        println!(
+            "wasm: a panic traps like any other fault (the instance is dropped and replaced, \
+             not caught); a null write is no fault (address 0 is ordinary linear memory); the \
+             next call waited for the restart backoff, as a worker's restart does"
+        );
+    }
+    for column in columns {
+        column.plugin.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Where a plugin of the side-by-side part runs.
+fn where_it_runs(plugin: &Plugin) -> String {
+    match (plugin.runtime(), plugin.trust(), plugin.worker_pid()) {
+        (Runtime::Wasm, _, _) => {
+            "a WebAssembly instance in the host process (wasmi, the engine contains it)".into()
+        }
+        (_, Trust::Trusted, _) => "native, in the host process (trusted)".into(),
+        (_, Trust::Untrusted, Some(pid)) => format!("native, in worker process {pid} (sandboxed)"),
+        (_, Trust::Untrusted, None) => "native, in a worker process (sandboxed)".into(),
+    }
+}
+
+/// Runs `fault` on a column's plugin, then `echo`; the row says what each call got.
+async fn fault_then_echo(column: &Column, fault: &'static str) -> Result<Row, Error> {
+    let plugin = &column.plugin;
+    let pid = plugin.worker_pid();
+    let restarts = plugin.status().restarts;
+    let input = rmp_serde::to_vec_named(&json!({"message": "boom"})).expect("encode the input");
+    let got = match plugin.call_raw(fault, input).await {
+        Ok(output) => format!(
+            "Ok({}): no fault",
+            crate::json::from_msgpack(&output).map_or_else(|e| e, |v| v.to_string())
+        ),
+        Err(Error::Call(CallError::Panicked { message, .. })) => {
+            format!("Panicked {message:?} (caught)")
+        }
+        Err(Error::Call(CallError::Crashed { report, .. })) => {
+            let panic = report
+                .panic
+                .as_ref()
+                .map_or(String::new(), |p| format!(", panic {p:?}"));
+            match &report.exit {
+                Some(ExitInfo::Trap { kind, .. }) => format!("Crashed: trap ({kind}){panic}"),
+                Some(exit) => match exit.signal_name() {
+                    Some(signal) => format!("Crashed: killed by {signal}{panic}"),
+                    None => format!("Crashed: {exit}{panic}"),
+                },
+                None => format!("Crashed{panic}"),
+            }
+        }
+        Err(e) => first_line(&e.to_string()),
+    };
+    let started = Instant::now();
+    let echoed = plugin.call_raw("echo", b"ok".to_vec()).await?;
+    let took = started.elapsed();
+    let what = match (plugin.runtime(), pid, plugin.worker_pid()) {
+        (Runtime::Wasm, _, _) if plugin.status().restarts > restarts => "instance replaced",
+        (Runtime::Wasm, _, _) => "same instance",
+        (_, Some(before), Some(after)) if before != after => {
+            return Ok(Row {
+                backend: column.backend,
+                fault,
+                got,
+                next: format!(
+                    "echo {:?} in {took:.1?} (worker restarted: pid {before} -> {after})",
+                    String::from_utf8_lossy(&echoed)
+                ),
+            })
+        }
+        (_, Some(_), _) => "same worker",
+        (_, None, _) => "same instance",
+    };
+    Ok(Row {
+        backend: column.backend,
+        fault,
+        got,
+        next: format!(
+            "echo {:?} in {took:.1?} ({what})",
+            String::from_utf8_lossy(&echoed)
+        ),
+    })
+}
+
+/// Prints the side-by-side table, columns aligned.
+fn print_table(rows: &[Row]) {
+    let head = ("backend", "fault", "what the caller got", "next call");
+    let width = |f: fn(&Row) -> usize, min: usize| rows.iter().map(f).max().unwrap_or(0).max(min);
+    let w0 = width(|r| r.backend.len(), head.0.len());
+    let w1 = width(|r| r.fault.len(), head.1.len());
+    let w2 = width(|r| r.got.chars().count(), head.2.len());
+    println!(
+        "{:<w0$} | {:<w1$} | {:<w2$} | {}",
+        head.0, head.1, head.2, head.3
+    );
+    let w3 = width(|r| r.next.chars().count(), head.3.len());
+    println!("{}", "-".repeat(w0 + w1 + w2 + w3 + 9));
+    for row in rows {
+        println!(
+            "{:<w0$} | {:<w1$} | {:<w2$} | {}",
+            row.backend, row.fault, row.got, row.next
+        );
+    }
 }
 
 /// The sandbox layers in force in an untrusted plugin's worker, and any missing.

@@ -131,7 +131,10 @@ enum Command {
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
-    /// Load the example plugins, call them, crash one and show the host recover.
+    /// Load the example plugins, call them, crash one and show the host recover; then the
+    /// same faults in the three backends side by side (in-process, isolated worker,
+    /// WebAssembly). The WebAssembly part needs `faulty.wasm` (looked for in the search
+    /// paths); without it, the demo says how to build it and shows the other two.
     Demo {
         /// Directory holding the example plugins' manifests.
         #[arg(long, default_value = "plugins")]
@@ -283,6 +286,26 @@ fn default_search_paths() -> Vec<PathBuf> {
         .parent()
         .map(|target| target.join(WASM_TARGET).join("release"));
     std::iter::once(dir).chain(wasm).collect()
+}
+
+/// The WebAssembly module `NAME.wasm` of an example plugin, from the first of `search_paths`
+/// that has it (the CLI's: `-L`, then [`default_search_paths`]).
+pub fn find_wasm(search_paths: &[PathBuf], name: &str) -> Option<PathBuf> {
+    let file = plugin_host::Runtime::Wasm.library_file_name(name);
+    search_paths
+        .iter()
+        .map(|dir| dir.join(&file))
+        .find(|p| p.is_file())
+}
+
+/// How to build the example plugins' WebAssembly modules, for the demo and the bench when
+/// one is missing.
+pub fn wasm_build_hint(packages: &[&str]) -> String {
+    let packages: Vec<String> = packages.iter().map(|p| format!("-p {p}")).collect();
+    format!(
+        "rustup target add {WASM_TARGET} && cargo build --release --target {WASM_TARGET} {}",
+        packages.join(" ")
+    )
 }
 
 fn main() -> ExitCode {
