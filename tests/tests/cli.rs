@@ -551,10 +551,36 @@ fn the_bench_command_runs_and_prints_ratios() {
         "host call from isolated plugin",
         "host call from in-process plugin",
         "stream of 16 B items, isolated",
+        "wasm call 16 B",
+        "wasm call 4 KiB",
+        "wasm call 1 MiB",
+        "wasm 16 B vs Extism",
+        "cold start, wasm (load + first call)",
     ] {
         assert!(out.contains(line), "missing {line:?} in\n{out}");
     }
     assert!(out.matches("ratio").count() >= 8, "{out}");
+    // The WebAssembly lines: a mean beside the median, ratios to the raw socket and the
+    // isolated call, and their targets.
+    let wasm_16 = out
+        .lines()
+        .find(|l| l.starts_with("wasm call 16 B "))
+        .unwrap_or_else(|| panic!("{out}"));
+    for word in [
+        "median",
+        "mean",
+        "x raw socket",
+        "x isolated [shm]",
+        "target <= 1.5 us median: ",
+    ] {
+        assert!(wasm_16.contains(word), "{word:?} not in {wasm_16}");
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("wasm call 1 MiB") && l.contains("target <= 0.3 ms median: ")),
+        "{out}"
+    );
+    assert!(!out.contains("hello.wasm not found"), "{out}");
 }
 
 /// Children of `parent` (Linux /proc).

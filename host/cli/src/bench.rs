@@ -16,6 +16,13 @@
 //! `GetProcessTimes`), and how long a call that crashes its worker takes to come back as an
 //! error.
 //!
+//! The WebAssembly backend (`hello.wasm`, found in the CLI's search paths like the demo's
+//! `faulty.wasm`) is measured in the same run: calls of 16 B, 4 KiB and 1 MiB against the
+//! same raw baselines and the isolated call, and its cold start (module load + first
+//! call) next to the isolated one. Its 16 B figure is also set against Extism's, measured
+//! separately on this machine (a reference printed as such, not a baseline of this run).
+//! Without `hello.wasm` the bench says how to build it and skips those lines.
+//!
 //! The bench sets its own policies, whatever `--grant` says: the isolated figures are for
 //! the default, an untrusted worker with the sandbox required (deny-all); cold start is
 //! also measured with the sandbox off (a policy granting `SandboxMode::Off`) to show what
@@ -86,16 +93,24 @@ pub struct Settings {
 struct Stats {
     median: Duration,
     p99: Duration,
+    mean: Duration,
 }
 
 fn stats(mut samples: Vec<Duration>) -> Stats {
     samples.sort();
     let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    let total: Duration = samples.iter().sum();
     Stats {
         median: at(0.5),
         p99: at(0.99),
+        mean: total / samples.len().max(1) as u32,
     }
 }
+
+/// Extism's 16-byte call on this machine, measured separately (its own harness, not in
+/// this run): the low and high ends of its median over several runs. A reference for the
+/// WebAssembly figure, not a baseline.
+const EXTISM_16B: (Duration, Duration) = (Duration::from_nanos(8_000), Duration::from_nanos(9_500));
 
 fn fmt(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
@@ -627,6 +642,21 @@ fn line_vs(name: &str, s: &Stats, bases: &[(&str, &Stats)], target: &str) {
     );
 }
 
+/// A line with the mean too (the WebAssembly figures), and ratios as [`line_vs`].
+fn line_mean(name: &str, s: &Stats, bases: &[(&str, &Stats)], target: &str) {
+    let ratios = bases
+        .iter()
+        .map(|(what, base)| format!("{:>5.2}x {what}", ratio(s, base)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "{name:<W$} median {:>10}  mean {:>10}  p99 {:>10}  ratio {ratios}  {target}",
+        fmt(s.median),
+        fmt(s.mean),
+        fmt(s.p99)
+    );
+}
+
 fn baseline(name: &str, s: &Stats) {
     println!(
         "{name:<W$} median {:>10}  p99 {:>10}  (baseline)",
@@ -1021,6 +1051,41 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             return ExitCode::from(4);
         }
     };
+    // The WebAssembly backend: hello.wasm, run in this process by the interpreter (the
+    // policy does not apply to it: the engine contains it).
+    let wasm_host = with_policy(None, &deny_all);
+    let load_wasm = |module: &Path| -> Result<Plugin, plugin_host::Error> {
+        let mut m = Manifest::from_file(&manifest_path)?;
+        m.runtime = plugin_host::Runtime::Wasm;
+        m.library = module.display().to_string();
+        smol::block_on(wasm_host.load_manifest(m))
+    };
+    let wasm_module = crate::find_wasm(host.search_paths(), "hello");
+    let wasm = match &wasm_module {
+        None => {
+            println!(
+                "wasm: hello.wasm not found in the search paths (-L, then beside this executable \
+                 and in ../{}/release from it); build it with `{}`; the wasm lines are skipped",
+                crate::WASM_TARGET,
+                crate::wasm_build_hint(&["hello"])
+            );
+            None
+        }
+        Some(module) => match load_wasm(module) {
+            Ok(p) => {
+                println!(
+                    "wasm: {}, in this process (wasmi); layers {}",
+                    module.display(),
+                    layers(&p)
+                );
+                Some(p)
+            }
+            Err(e) => {
+                crate::report::print(&e, Some(module));
+                return ExitCode::from(4);
+            }
+        },
+    };
     println!();
 
     for (size, iterations) in [(16, n_small), (4096, n_small), (1 << 20, n_big)] {
@@ -1050,6 +1115,8 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             bases.push(("shm ping-pong", ping));
         }
         let mut medians = Vec::new();
+        // Each transport's isolated figure, for the WebAssembly line's ratios.
+        let mut isolated_now: Vec<(String, Stats)> = Vec::new();
         for side in &sides {
             let ours = plugin_latency(&side.isolated, size, iterations);
             let vs_raw = ratio(&ours, &raw);
@@ -1073,8 +1140,10 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
                 &goal,
             );
             medians.push((side.transport, ours.median.as_secs_f64()));
+            isolated_now.push((format!("isolated{}", tag(side.transport)), ours));
         }
         versus(&format!("isolated call {size_text}"), &medians, "median");
+        let mut in_process_now = None;
         if size == 16 {
             for (side, off) in sides.iter().zip(&sandbox_off_plugins) {
                 let s = plugin_latency(off, size, iterations);
@@ -1087,7 +1156,44 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
             }
             let inproc = plugin_latency(&in_process, size, iterations);
             line_vs("in-process call 16 B", &inproc, &bases, "");
+            in_process_now = Some(inproc);
         }
+        if let Some(wasm) = &wasm {
+            let ours = plugin_latency(wasm, size, iterations);
+            let mut vs: Vec<(&str, &Stats)> = vec![(RAW, &raw)];
+            vs.extend(isolated_now.iter().map(|(n, s)| (n.as_str(), s)));
+            if let Some(inproc) = &in_process_now {
+                vs.push(("in-process", inproc));
+            }
+            let goal = match size {
+                16 => target(
+                    "<= 1.5 us median",
+                    ours.median <= Duration::from_nanos(1_500),
+                ),
+                1_048_576 => target(
+                    "<= 0.3 ms median",
+                    ours.median <= Duration::from_micros(300),
+                ),
+                _ => String::new(),
+            };
+            line_mean(&format!("wasm call {size_text}"), &ours, &vs, &goal);
+            if size == 16 {
+                let (low, high) = EXTISM_16B;
+                let faster = low.as_secs_f64() / ours.median.as_secs_f64();
+                println!(
+                    "{:<W$} {faster:>5.1}x faster than Extism's {}..{} median (a reference: \
+                     measured separately on this machine, not in this run; against its low \
+                     end)  {}",
+                    "  wasm 16 B vs Extism",
+                    fmt(low),
+                    fmt(high),
+                    target(">= 5x faster", faster >= 5.0)
+                );
+            }
+        }
+    }
+    if let Some(wasm) = wasm {
+        smol::block_on(wasm.shutdown());
     }
     for off in sandbox_off_plugins {
         smol::block_on(off.shutdown());
@@ -1337,7 +1443,26 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
     let mut on_samples = vec![Vec::with_capacity(starts); sides.len()];
     let mut on_layers = Vec::new();
     let mut off_layers = Vec::new();
+    let mut wasm_samples = Vec::with_capacity(starts);
+    let mut wasm_failed = false;
     for _ in 0..starts {
+        // The WebAssembly plugin's cold start: module load (read, compile, instantiate,
+        // the plugin's create), first reply, shutdown.
+        if let Some(module) = wasm_module.as_deref().filter(|_| !wasm_failed) {
+            let t = Instant::now();
+            match load_wasm(module).and_then(|p| {
+                let echoed = smol::block_on(p.call_raw("echo", vec![1u8; 16]));
+                let d = t.elapsed();
+                smol::block_on(p.shutdown());
+                echoed.map(|_| d)
+            }) {
+                Ok(d) => wasm_samples.push(d),
+                Err(e) => {
+                    eprintln!("error: wasm cold start: {e}");
+                    wasm_failed = true;
+                }
+            }
+        }
         for (i, side) in sides.iter().enumerate() {
             let (d, l) = cold_start(&side.unsandboxed);
             off_samples[i].push(d);
@@ -1388,6 +1513,27 @@ pub fn run(settings: &Settings, host: &Host) -> ExitCode {
         cold_on_stats.push(cold_on);
     }
     versus("cold start, sandbox on", &cold_medians, "median");
+    if !wasm_samples.is_empty() && !wasm_failed {
+        let cold = stats(wasm_samples);
+        let names: Vec<String> = sides
+            .iter()
+            .map(|side| {
+                format!(
+                    "isolated cold start, sandbox {}{}",
+                    if SANDBOX { "on" } else { "off" },
+                    tag(side.transport)
+                )
+            })
+            .collect();
+        let mut vs: Vec<(&str, &Stats)> = vec![("bare spawn", &bare)];
+        vs.extend(names.iter().map(String::as_str).zip(&cold_on_stats));
+        line_mean(
+            "cold start, wasm (load + first call)",
+            &cold,
+            &vs,
+            "(read, compile, instantiate, create, first reply)",
+        );
+    }
     let names = |layers: &[String]| match layers.is_empty() {
         true => "none".to_string(),
         false => layers.join(", "),

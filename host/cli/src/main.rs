@@ -143,12 +143,14 @@ enum Command {
     /// Measure call latency, throughput and cold start against raw baselines (a Unix
     /// socket echo, on Windows a named-pipe echo, and, on Linux, a shared-memory
     /// ping-pong), then an idle worker's CPU use and how fast a crash reaches the caller.
+    /// The WebAssembly backend is measured in the same run (calls, cold start) when
+    /// `hello.wasm` is found in the search paths.
     /// Sets its own policies (ignores --grant): isolated figures are for the default
     /// sandboxed worker; cold start is measured with the sandbox off and on. Where there is
     /// no sandbox (anywhere but Linux) every figure is with the sandbox off, and says so.
     Bench {
         /// Directory holding the example plugins' manifests (uses hello, callbacks and
-        /// faulty).
+        /// faulty; and hello.wasm, from the search paths).
         #[arg(long, default_value = "plugins")]
         plugins: PathBuf,
         /// A short run (seconds) to check the command works; figures are noisy.
