@@ -262,8 +262,12 @@ pub enum LoadError {
         /// What went wrong.
         message: String,
     },
-    /// The worker crashed while loading the plugin or running its `create`.
-    #[error("plugin `{plugin}`: the worker crashed while loading the plugin: {report}")]
+    /// The worker crashed (for a WebAssembly plugin: the instance trapped) while loading
+    /// the plugin or running its `create`.
+    #[error(
+        "plugin `{plugin}`: {} while loading the plugin: {report}",
+        what_crashed(report)
+    )]
     CreateCrashed {
         /// The plugin's manifest name.
         plugin: String,
@@ -479,4 +483,12 @@ pub enum CallError {
         /// The plugin's name.
         plugin: String,
     },
+}
+
+/// Who crashed, as `CreateCrashed` says it.
+fn what_crashed(report: &CrashReport) -> &'static str {
+    match report.exit {
+        Some(ExitInfo::Trap { .. }) => "its WebAssembly instance trapped",
+        _ => "the worker crashed",
+    }
 }

@@ -1344,7 +1344,7 @@ fn check_loads_wasm_plugins_in_the_interpreter_and_survives_one_that_traps() {
     assert!(
         line.starts_with("FAILED")
             && line.contains(
-                "plugin `faulty`: its WebAssembly instance trapped while creating the plugin: \
+                "plugin `faulty`: its WebAssembly instance trapped while loading the plugin: \
                  wasm instance of plugin `faulty` trapped (unreachable"
             ),
         "{out}"

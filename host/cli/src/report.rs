@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use plugin_host::{CallError, Error, ExitInfo, LoadError, Manifest, WORKER_SHIM_ENV};
+use plugin_host::{CallError, Error, LoadError, Manifest, WORKER_SHIM_ENV};
 
 use crate::WASM_TARGET;
 
@@ -69,15 +69,6 @@ pub fn explain(err: &Error, manifest: Option<&Path>) -> Report {
                 ),
                 hints,
             }
-        }
-        // The library says "the worker"; a WebAssembly plugin has none.
-        Error::Load(LoadError::CreateCrashed { plugin, report })
-            if matches!(report.exit, Some(ExitInfo::Trap { .. })) =>
-        {
-            plain(format!(
-                "plugin `{plugin}`: its WebAssembly instance trapped while creating the plugin: \
-                 {report}"
-            ))
         }
         Error::Load(LoadError::WorkerSpawn { plugin, shim, .. }) if !shim.is_file() => {
             worker_missing(plugin)
