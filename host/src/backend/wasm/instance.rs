@@ -75,6 +75,19 @@ impl std::fmt::Display for Suspend {
 
 impl wasmi::errors::HostError for Suspend {}
 
+/// The error a service import returns for a pointer or length outside the module's memory:
+/// the module traps, reported as a `bad buffer`.
+#[derive(Debug)]
+struct BadPointer(String);
+
+impl std::fmt::Display for BadPointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl wasmi::errors::HostError for BadPointer {}
+
 /// What the services see of the call running now.
 pub(crate) struct CallContext {
     pub progress: Option<ProgressFn>,
@@ -327,19 +340,6 @@ pub(crate) struct Instance {
     pub born: Instant,
 }
 
-/// A call in progress: the instance and where the module stopped.
-pub(crate) struct Running {
-    pub instance: Instance,
-    /// Where the output buffer goes (inside the scratch block).
-    out: u32,
-    state: Option<Paused>,
-}
-
-enum Paused {
-    Fuel(wasmi::TypedResumableCallOutOfFuel<i32>),
-    Host(wasmi::TypedResumableCallHostTrap<i32>),
-}
-
 /// What a slice of a call came to.
 pub(crate) enum Step {
     /// The module returned: its status and output bytes.
@@ -533,7 +533,30 @@ impl Instance {
         })
     }
 
-    /// Makes sure the scratch block holds `len` bytes; returns its address.
+    /// The scratch block's size for `need` bytes: room to grow, so inputs of similar sizes
+    /// reuse the block.
+    fn scratch_size(need: u32) -> u32 {
+        need.max(256).saturating_add(need / 4)
+    }
+
+    /// Checks the block `plugin_api_alloc(size)` returned and keeps it as the scratch block.
+    fn keep_scratch(&mut self, addr: u32, size: u32) -> Result<u32, Trap> {
+        let fits = (addr as usize)
+            .checked_add(size as usize)
+            .is_some_and(|end| addr != 0 && end <= self.memory.data_size(&*self.store));
+        if !fits {
+            let limiter = &self.store.data().limiter;
+            let mut trap = bad_buffer(format!(
+                "`plugin_api_alloc({size})` returned {addr:#x}, which is not a block inside the module's memory (out of memory?)"
+            ));
+            trap.memory_limit = limiter.refused.then_some(limiter.memory as u64);
+            return Err(trap);
+        }
+        self.scratch = Some((addr, size));
+        Ok(addr)
+    }
+
+    /// Makes sure the scratch block holds `len` bytes; returns its address (load time).
     fn scratch(&mut self, len: usize, limit: Duration) -> Result<u32, Trap> {
         let need = u32::try_from(len).map_err(|_| too_big(len))?;
         if let Some((addr, size)) = self.scratch {
@@ -546,35 +569,18 @@ impl Instance {
                 dealloc.call_resumable(store, (addr as i32, size as i32))
             })?;
         }
-        // Room to grow: inputs of similar sizes reuse the block.
-        let size = need.max(256).saturating_add(need / 4);
+        let size = Self::scratch_size(need);
         let alloc = self.alloc;
         let addr =
             self.run_bounded(limit, |store| alloc.call_resumable(store, size as i32))? as u32;
-        let fits = (addr as usize)
-            .checked_add(size as usize)
-            .is_some_and(|end| addr != 0 && end <= self.memory.data_size(&*self.store));
-        if !fits {
-            return Err(Trap {
-                kind: "bad buffer".into(),
-                message: format!(
-                    "`plugin_api_alloc({size})` returned {addr:#x}, which is not a block inside the module's memory (out of memory?)"
-                ),
-                panic: None,
-                memory_limit: self.store.data().limiter.refused.then_some(self.store.data().limiter.memory as u64),
-                stopped: None,
-            });
-        }
-        self.scratch = Some((addr, size));
-        Ok(addr)
+        self.keep_scratch(addr, size)
     }
 
-    /// Writes `parts` one after the other into the scratch block, followed by a 12-byte
-    /// buffer slot (4-aligned); returns their addresses and the slot's.
-    fn stage(&mut self, parts: &[&[u8]], limit: Duration) -> Result<(Vec<u32>, u32), Trap> {
+    /// Writes `parts` one after the other into the scratch block at `base` (which holds
+    /// them), followed by a zeroed 12-byte buffer slot (4-aligned); returns their
+    /// addresses and the slot's.
+    fn write_parts(&mut self, base: u32, parts: &[&[u8]]) -> (Vec<u32>, u32) {
         let body: usize = parts.iter().map(|p| p.len()).sum();
-        let slot_at = (body + 3) & !3;
-        let base = self.scratch(slot_at + 12, limit)?;
         let data = self.memory.data_mut(&mut *self.store);
         let mut at = base as usize;
         let mut addrs = Vec::with_capacity(parts.len());
@@ -583,38 +589,46 @@ impl Instance {
             data[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
-        let slot = base as usize + slot_at;
+        let slot = base as usize + slot_offset(body);
         data[slot..slot + 12].fill(0);
-        Ok((addrs, slot as u32))
+        (addrs, slot as u32)
     }
 
-    /// Takes the buffer the module wrote at `slot` (copying its bytes out) and gives it
-    /// back to the module.
-    fn take_buffer(&mut self, slot: u32, limit: Duration) -> Result<Vec<u8>, Trap> {
-        let lie = |message: String| Trap {
-            kind: "bad buffer".into(),
-            message,
-            panic: None,
-            memory_limit: None,
-            stopped: None,
-        };
-        let [ptr, len, cap] = self
-            .read_u32s::<3>(slot)
-            .ok_or_else(|| lie("the output slot moved outside the module's memory".into()))?;
+    /// Writes `parts` into the scratch block (grown if needed, load time).
+    fn stage(&mut self, parts: &[&[u8]], limit: Duration) -> Result<(Vec<u32>, u32), Trap> {
+        let body: usize = parts.iter().map(|p| p.len()).sum();
+        let base = self.scratch(slot_offset(body) + 12, limit)?;
+        Ok(self.write_parts(base, parts))
+    }
+
+    /// Reads and checks the buffer the module wrote at `slot`: its bytes (copied out) and
+    /// its words, to give it back; `None` for an empty buffer.
+    fn output(&self, slot: u32) -> Result<Option<Output>, Trap> {
+        let [ptr, len, cap] = self.read_u32s::<3>(slot).ok_or_else(|| {
+            bad_buffer("the output slot moved outside the module's memory".into())
+        })?;
         if ptr == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        if len as usize > self.store.data().max_frame {
-            return Err(lie(format!(
-                "the output is {len} bytes, more than limits.max_frame ({} bytes)",
-                self.store.data().max_frame
+        let max = self.store.data().max_frame;
+        if len as usize > max {
+            return Err(bad_buffer(format!(
+                "the output is {len} bytes, more than limits.max_frame ({max} bytes)"
             )));
         }
         let bytes = self.read(ptr, len).ok_or_else(|| {
-            lie(format!(
+            bad_buffer(format!(
                 "the output buffer ({len} bytes at {ptr:#x}) lies outside the module's memory"
             ))
         })?;
+        Ok(Some((bytes, [ptr, len, cap])))
+    }
+
+    /// Takes the buffer the module wrote at `slot` and gives it back (load time).
+    fn take_buffer(&mut self, slot: u32, limit: Duration) -> Result<Vec<u8>, Trap> {
+        let Some((bytes, [ptr, len, cap])) = self.output(slot)? else {
+            return Ok(Vec::new());
+        };
         let free = self.free;
         self.run_bounded(limit, |store| {
             free.call_resumable(store, (ptr as i32, len as i32, cap as i32))
@@ -641,57 +655,201 @@ impl Instance {
         })
     }
 
-    /// Starts `method` with `input`: runs it on this thread for [`INLINE_FUEL`].
-    pub fn start(mut self, method: &str, input: &[u8]) -> (Running, Step) {
-        let staged = self.stage(&[method.as_bytes(), input], SLICE_LIMIT);
-        let (addrs, out) = match staged {
-            Ok(s) => s,
-            Err(trap) => {
-                let running = Running {
-                    instance: self,
-                    out: 0,
-                    state: None,
-                };
-                return (running, Step::Trapped(trap));
-            }
-        };
-        let _ = self.store.set_fuel(INLINE_FUEL);
-        let call = self.call;
-        let result = call.call_resumable(
-            &mut *self.store,
-            (
-                addrs[0] as i32,
-                method.len() as i32,
-                addrs[1] as i32,
-                input.len() as i32,
-                out as i32,
-            ),
-        );
+    /// Starts `method` with `input`: runs it on this thread for `fuel`.
+    pub fn start(mut self, method: &str, input: Vec<u8>, fuel: u64) -> (Running, Step) {
+        // A growth refused in an earlier call (that the module survived) is not this call's.
+        self.guest().limiter.refused = false;
         let mut running = Running {
             instance: self,
-            out,
-            state: None,
+            phase: Phase::Stage,
+            paused: None,
+            input: Some((method.as_bytes().to_vec(), input)),
+            out: 0,
+            result: None,
         };
-        let step = running.settle(result);
+        let step = running.stage(fuel);
         (running, step)
     }
 }
 
-/// How long the module may take to hand out or take back a buffer.
-const SLICE_LIMIT: Duration = Duration::from_secs(5);
+/// Where a call is: everything the module runs for it (growing the input block, the call,
+/// giving back the output) can run out of fuel, so each can be paused and resumed.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Writing the input (first making room, if the block is too small).
+    Stage,
+    /// `plugin_api_dealloc` of a block too small.
+    Dealloc,
+    /// `plugin_api_alloc` of a larger one.
+    Alloc { size: u32 },
+    /// `plugin_api_call`.
+    Call,
+    /// `plugin_api_free_buffer` of the output.
+    Free,
+}
+
+enum Paused {
+    /// `plugin_api_alloc` or `plugin_api_call` out of fuel.
+    Value(wasmi::TypedResumableCallOutOfFuel<i32>),
+    /// `plugin_api_dealloc` or `plugin_api_free_buffer` out of fuel.
+    Unit(wasmi::TypedResumableCallOutOfFuel<()>),
+    /// `plugin_api_call` waiting on the host.
+    Host(wasmi::TypedResumableCallHostTrap<i32>),
+}
+
+/// A call in progress: the instance, where the module stopped, what is still to do.
+pub(crate) struct Running {
+    pub instance: Instance,
+    phase: Phase,
+    paused: Option<Paused>,
+    /// The method name and input, until they are written into the module.
+    input: Option<(Vec<u8>, Vec<u8>)>,
+    /// Where the output buffer goes (inside the scratch block).
+    out: u32,
+    /// The status and output, once the call returned (while the output is given back).
+    result: Option<(i32, Vec<u8>)>,
+}
 
 impl Running {
+    fn input_len(&self) -> usize {
+        self.input.as_ref().map_or(0, |(m, i)| m.len() + i.len())
+    }
+
+    /// Writes the input (making room first if needed), then starts the call.
+    fn stage(&mut self, fuel: u64) -> Step {
+        let len = slot_offset(self.input_len()) + 12;
+        let Ok(need) = u32::try_from(len) else {
+            return Step::Trapped(too_big(len));
+        };
+        match self.instance.scratch {
+            Some((base, size)) if size >= need => {
+                let (method, input) = self.input.take().unwrap_or_default();
+                let (addrs, out) = self.instance.write_parts(base, &[&method, &input]);
+                self.out = out;
+                self.phase = Phase::Call;
+                let _ = self.instance.store.set_fuel(fuel);
+                let call = self.instance.call;
+                let args = (
+                    addrs[0] as i32,
+                    method.len() as i32,
+                    addrs[1] as i32,
+                    input.len() as i32,
+                    out as i32,
+                );
+                let result = call.call_resumable(&mut *self.instance.store, args);
+                self.value(result, fuel)
+            }
+            Some((addr, size)) => {
+                self.instance.scratch = None;
+                self.phase = Phase::Dealloc;
+                let _ = self.instance.store.set_fuel(fuel);
+                let dealloc = self.instance.dealloc;
+                let result =
+                    dealloc.call_resumable(&mut *self.instance.store, (addr as i32, size as i32));
+                self.unit(result, fuel)
+            }
+            None => self.alloc(Instance::scratch_size(need), fuel),
+        }
+    }
+
+    fn alloc(&mut self, size: u32, fuel: u64) -> Step {
+        self.phase = Phase::Alloc { size };
+        let _ = self.instance.store.set_fuel(fuel);
+        let alloc = self.instance.alloc;
+        let result = alloc.call_resumable(&mut *self.instance.store, size as i32);
+        self.value(result, fuel)
+    }
+
+    /// What a function returning a value (`alloc`, `call`) came to.
+    fn value(&mut self, result: Result<TypedResumableCall<i32>, wasmi::Error>, fuel: u64) -> Step {
+        match result {
+            Ok(TypedResumableCall::Finished(value)) => match self.phase {
+                Phase::Alloc { size } => match self.instance.keep_scratch(value as u32, size) {
+                    Ok(_) => self.stage(fuel),
+                    Err(trap) => Step::Trapped(trap),
+                },
+                Phase::Call => match self.instance.output(self.out) {
+                    Ok(None) => Step::Done(value, Vec::new()),
+                    Ok(Some((bytes, [ptr, len, cap]))) => {
+                        self.result = Some((value, bytes));
+                        self.phase = Phase::Free;
+                        let _ = self.instance.store.set_fuel(fuel);
+                        let free = self.instance.free;
+                        let result = free.call_resumable(
+                            &mut *self.instance.store,
+                            (ptr as i32, len as i32, cap as i32),
+                        );
+                        self.unit(result, fuel)
+                    }
+                    Err(trap) => Step::Trapped(trap),
+                },
+                _ => Step::Trapped(misuse("a value returned in the wrong phase")),
+            },
+            Ok(TypedResumableCall::OutOfFuel(paused)) => {
+                self.paused = Some(Paused::Value(paused));
+                Step::Fuel
+            }
+            Ok(TypedResumableCall::HostTrap(paused)) => {
+                let request = self.instance.guest().request.take();
+                match request {
+                    Some(request)
+                        if matches!(self.phase, Phase::Call)
+                            && paused.host_error().downcast_ref::<Suspend>().is_some() =>
+                    {
+                        self.paused = Some(Paused::Host(paused));
+                        Step::Wait(request)
+                    }
+                    _ => Step::Trapped(self.trap(paused.host_error())),
+                }
+            }
+            Err(e) => Step::Trapped(self.trap(&e)),
+        }
+    }
+
+    /// What a function without a result (`dealloc`, `free_buffer`) came to.
+    fn unit(&mut self, result: Result<TypedResumableCall<()>, wasmi::Error>, fuel: u64) -> Step {
+        match result {
+            Ok(TypedResumableCall::Finished(())) => match self.phase {
+                Phase::Dealloc => self.stage(fuel),
+                Phase::Free => match self.result.take() {
+                    Some((code, bytes)) => Step::Done(code, bytes),
+                    None => Step::Trapped(misuse("freed an output it did not have")),
+                },
+                _ => Step::Trapped(misuse("a function returned in the wrong phase")),
+            },
+            Ok(TypedResumableCall::OutOfFuel(paused)) => {
+                self.paused = Some(Paused::Unit(paused));
+                Step::Fuel
+            }
+            // A service that waits on the host, called from the allocator: not allowed.
+            Ok(TypedResumableCall::HostTrap(paused)) => {
+                self.instance.guest().request = None;
+                Step::Trapped(self.trap(paused.host_error()))
+            }
+            Err(e) => Step::Trapped(self.trap(&e)),
+        }
+    }
+
+    fn trap(&mut self, error: &wasmi::Error) -> Trap {
+        let memory_limit = self.instance.store.data().limiter.memory as u64;
+        trap_of(error, self.instance.guest(), memory_limit)
+    }
+
     /// Runs another slice of `fuel` after the last one ran out.
     pub fn resume(&mut self, fuel: u64) -> Step {
-        match self.state.take() {
-            Some(Paused::Fuel(paused)) => {
-                let _ = self.instance.store.set_fuel(fuel);
+        let _ = self.instance.store.set_fuel(fuel);
+        match self.paused.take() {
+            Some(Paused::Value(paused)) => {
                 let result = paused.resume(&mut *self.instance.store);
-                self.settle(result)
+                self.value(result, fuel)
+            }
+            Some(Paused::Unit(paused)) => {
+                let result = paused.resume(&mut *self.instance.store);
+                self.unit(result, fuel)
             }
             other => {
-                self.state = other;
-                Step::Trapped(self.misuse("resumed while not out of fuel"))
+                self.paused = other;
+                Step::Trapped(misuse("resumed while not out of fuel"))
             }
         }
     }
@@ -705,76 +863,61 @@ impl Running {
         output_len_at: Option<u32>,
         fuel: u64,
     ) -> Step {
-        let Some(Paused::Host(paused)) = self.state.take() else {
-            return Step::Trapped(self.misuse("answered while not waiting"));
+        let Some(Paused::Host(paused)) = self.paused.take() else {
+            return Step::Trapped(misuse("answered while not waiting"));
         };
         if let Some(at) = output_len_at {
             let len = (output.len() as u32).to_le_bytes();
             let data = self.instance.memory.data_mut(&mut *self.instance.store);
-            let fits = (at as usize)
+            match (at as usize)
                 .checked_add(4)
-                .is_some_and(|end| end <= data.len());
-            if !fits {
-                return Step::Trapped(Trap {
-                    kind: "bad buffer".into(),
-                    message: format!("`call_host`'s output length pointer {at:#x} lies outside the module's memory"),
-                    panic: None,
-                    memory_limit: None,
-                    stopped: None,
-                });
+                .and_then(|end| data.get_mut(at as usize..end))
+            {
+                Some(dest) => dest.copy_from_slice(&len),
+                None => return Step::Trapped(bad_buffer(format!(
+                    "`call_host`'s output length pointer {at:#x} lies outside the module's memory"
+                ))),
             }
-            data[at as usize..at as usize + 4].copy_from_slice(&len);
             self.instance.guest().pending = output;
         }
         let _ = self.instance.store.set_fuel(fuel);
         let result = paused.resume(&mut *self.instance.store, &[Val::I32(code)]);
-        self.settle(result)
-    }
-
-    fn misuse(&mut self, what: &str) -> Trap {
-        Trap {
-            kind: "host".into(),
-            message: format!("internal error: a wasm call was {what}"),
-            panic: None,
-            memory_limit: None,
-            stopped: None,
-        }
-    }
-
-    fn settle(&mut self, result: Result<TypedResumableCall<i32>, wasmi::Error>) -> Step {
-        let memory_limit = self.instance.store.data().limiter.memory as u64;
-        match result {
-            Ok(TypedResumableCall::Finished(code)) => {
-                match self.instance.take_buffer(self.out, SLICE_LIMIT) {
-                    Ok(bytes) => Step::Done(code, bytes),
-                    Err(trap) => Step::Trapped(trap),
-                }
-            }
-            Ok(TypedResumableCall::OutOfFuel(paused)) => {
-                self.state = Some(Paused::Fuel(paused));
-                Step::Fuel
-            }
-            Ok(TypedResumableCall::HostTrap(paused)) => {
-                match self.instance.guest().request.take() {
-                    Some(request) if paused.host_error().downcast_ref::<Suspend>().is_some() => {
-                        self.state = Some(Paused::Host(paused));
-                        Step::Wait(request)
-                    }
-                    _ => Step::Trapped(trap_of(
-                        paused.host_error(),
-                        self.instance.guest(),
-                        memory_limit,
-                    )),
-                }
-            }
-            Err(e) => Step::Trapped(trap_of(&e, self.instance.guest(), memory_limit)),
-        }
+        self.value(result, fuel)
     }
 
     /// The instance back, once the call is done (and only then: a paused call's instance
     /// is in an unknown state and must be dropped).
     pub fn finish(self) -> Option<Instance> {
-        self.state.is_none().then_some(self.instance)
+        self.paused.is_none().then_some(self.instance)
+    }
+}
+
+/// An output buffer's bytes (copied out) and its words `{ptr, len, cap}`.
+type Output = (Vec<u8>, [u32; 3]);
+
+/// Where the 12-byte buffer slot goes after `body` bytes of input (4-aligned).
+fn slot_offset(body: usize) -> usize {
+    (body + 3) & !3
+}
+
+fn misuse(what: &str) -> Trap {
+    Trap {
+        kind: "host".into(),
+        message: format!("internal error: a wasm call {what}"),
+        panic: None,
+        memory_limit: None,
+        stopped: None,
+    }
+}
+
+/// A buffer or pointer the module handed over that the host could not use.
+fn bad_buffer(message: String) -> Trap {
+    Trap {
+        kind: "bad buffer".into(),
+        message,
+        panic: None,
+        memory_limit: None,
+        stopped: None,
     }
 }
 
@@ -816,7 +959,10 @@ fn trap_of(error: &wasmi::Error, guest: &mut Guest, memory_limit: u64) -> Trap {
             format!("the module tried to grow its memory past {} MiB", memory_limit >> 20),
         ),
         Some(code) => (format!("{code:?}"), code.to_string()),
-        None => ("error".to_string(), error.to_string()),
+        None => match error.downcast_ref::<BadPointer>() {
+            Some(BadPointer(message)) => ("bad buffer".to_string(), message.clone()),
+            None => ("error".to_string(), error.to_string()),
+        },
     };
     Trap {
         kind,
@@ -920,10 +1066,10 @@ fn linker(engine: &Engine) -> Result<Linker<Guest>, wasmi::Error> {
                     dest.copy_from_slice(&pending);
                     Ok(())
                 }
-                None => Err(wasmi::Error::new(format!(
+                None => Err(wasmi::Error::host(BadPointer(format!(
                     "`take_output` asked for {} bytes at {start:#x}, outside the module's memory",
                     pending.len()
-                ))),
+                )))),
             }
         },
     )?;
@@ -969,9 +1115,9 @@ fn write_u32(caller: &mut Caller<'_, Guest>, at: i32, value: u32) -> Result<(), 
             dest.copy_from_slice(&value.to_le_bytes());
             Ok(())
         }
-        None => Err(wasmi::Error::new(format!(
+        None => Err(wasmi::Error::host(BadPointer(format!(
             "a pointer the module passed ({start:#x}) lies outside its memory"
-        ))),
+        )))),
     }
 }
 
@@ -989,10 +1135,10 @@ fn memory_of(caller: &Caller<'_, Guest>) -> Result<Memory, wasmi::Error> {
 fn bytes(caller: &Caller<'_, Guest>, ptr: i32, len: i32) -> Result<Vec<u8>, wasmi::Error> {
     let memory = memory_of(caller)?;
     read_memory(memory.data(caller), ptr as u32, len as u32).ok_or_else(|| {
-        wasmi::Error::new(format!(
+        wasmi::Error::host(BadPointer(format!(
             "the module passed {} bytes at {:#x}, outside its memory",
             len as u32, ptr as u32
-        ))
+        )))
     })
 }
 

@@ -464,9 +464,9 @@ impl Inner {
             streaming: stream.is_some(),
         });
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let _count = InFlight(&self.in_flight);
-        let (running, step) = instance.start(&method, &input);
-        drop(input);
+        // Counted until the instance is back (or dropped), also past a caller that is gone.
+        let count = InFlight(self.clone());
+        let (running, step) = instance.start(&method, input, instance::INLINE_FUEL);
         match step {
             Step::Done(code, bytes) => {
                 return self.end(&method, generation, running, End::Done(code, bytes))
@@ -481,6 +481,7 @@ impl Inner {
         let inner = self.clone();
         blocking::unblock(move || {
             let _permit = permit;
+            let _count = count;
             let (running, end) = inner.finish_blocking(id, &method, running, step, &flag, stream);
             inner.end(&method, generation, running, end)
         })
@@ -610,11 +611,11 @@ fn stopped(method: &str, why: &str) -> Trap {
 }
 
 /// Counts a call in flight while it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+struct InFlight(Arc<Inner>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
