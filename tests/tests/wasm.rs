@@ -1189,11 +1189,15 @@ fn a_host_service_imported_with_the_wrong_signature_is_refused() {
         imports: r#"(import "plugin_host" "is_cancelled" (func (param i64) (result i64)))"#.into(),
         ..Module::plugin()
     };
-    let error = load_error(&module);
-    assert!(
-        error.to_string().contains("is_cancelled"),
-        "the error names the import: {error}"
-    );
+    match load_error(&module) {
+        LoadError::NotALibrary { reason, .. } => {
+            assert!(
+                reason.contains("is_cancelled"),
+                "names the import: {reason}"
+            )
+        }
+        other => panic!("expected NotALibrary, got {other}"),
+    }
 }
 
 #[test]
@@ -1406,7 +1410,13 @@ fn another_abi_is_an_abi_mismatch() {
 #[test]
 fn a_start_function_that_traps_or_loops_fails_the_load_promptly() {
     let _alone = alone();
-    for (what, body) in [("traps", "(unreachable)"), ("loops", SPIN)] {
+    let calls_the_host = "(drop (call $call_host (i32.const 0) (i32.const 0) (i32.const 0) \
+                          (i32.const 0) (i32.const 0)))";
+    for (what, body) in [
+        ("traps", "(unreachable)"),
+        ("loops", SPIN),
+        ("calls the host", calls_the_host),
+    ] {
         let module = Module {
             start: Some(body.into()),
             ..Module::plugin()
@@ -1731,4 +1741,45 @@ fn a_huge_panic_message_is_cut_at_64_kib() {
     assert!(panic.starts_with("wasm panic: PPP"), "{}", &panic[..40]);
     assert_eq!(panic.len(), 64 << 10);
     assert_eq!(report.panic_location.as_deref(), Some("wasm "));
+}
+
+#[test]
+fn a_refused_memory_growth_the_module_survived_is_not_blamed_for_a_later_trap() {
+    // `bad` with no input asks for ~2 GiB more (refused under the 1 GiB default: `memory.grow`
+    // answers -1, and the module carries on); with input, it traps.
+    let module = Module::bad(
+        "(if (i32.eqz (local.get $in_len))
+           (then (drop (memory.grow (i32.const 30000))) (return (i32.const 0))))
+         (unreachable)",
+    );
+    let (_dir, plugin) = load(&module);
+    assert_eq!(run(plugin.call_raw("bad", vec![])).unwrap(), b"");
+    let report = crash_of(run(plugin.call_raw("bad", vec![1])), "hostile", "bad");
+    assert_eq!(trap_kind(&report), "unreachable");
+    assert_eq!(
+        report.limit, None,
+        "the trap is not the memory limit's: {report}"
+    );
+}
+
+#[test]
+fn an_input_over_limits_max_frame_is_refused_before_it_reaches_the_module() {
+    let mut m = wasm_manifest("hello");
+    m.limits.max_frame = 64 << 10;
+    let plugin = run(host().load_manifest(m)).unwrap();
+    match run(plugin.call_raw("echo", vec![0; 100 << 10])) {
+        Err(Error::Call(CallError::InputTooLarge { size, limit, .. })) => {
+            assert_eq!((size, limit), (100 << 10, 64 << 10))
+        }
+        other => panic!("expected InputTooLarge, got {other:?}"),
+    }
+    assert_eq!(
+        plugin.status().crashes,
+        0,
+        "the caller's input is not the plugin's crash"
+    );
+    assert_eq!(
+        run(plugin.call_raw("echo", vec![1; 1000])).unwrap(),
+        vec![1; 1000]
+    );
 }
