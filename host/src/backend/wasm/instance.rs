@@ -42,8 +42,10 @@ const TEXT_MAX: usize = 64 << 10;
 /// Fuel (about one unit per instruction) a call runs on the caller's thread before it
 /// moves to a thread of its own: a fraction of a millisecond.
 pub(crate) const INLINE_FUEL: u64 = 200_000;
-/// Fuel for a module's start function (it cannot be paused): tens of milliseconds.
-const START_FUEL: u64 = 50_000_000;
+/// Fuel for a module's start function (it cannot be paused, so this is all it gets): about a
+/// millisecond. Rust and C plugins have none; a constructor that needs more belongs in
+/// `create`.
+const START_FUEL: u64 = 2_000_000;
 /// Fuel between two looks at the deadline once a call runs on its own thread: about a
 /// millisecond.
 pub(crate) const SLICE_FUEL: u64 = 2_000_000;
