@@ -876,9 +876,11 @@ impl Running {
                 .and_then(|end| data.get_mut(at as usize..end))
             {
                 Some(dest) => dest.copy_from_slice(&len),
-                None => return Step::Trapped(bad_buffer(format!(
+                None => {
+                    return Step::Trapped(bad_buffer(format!(
                     "`call_host`'s output length pointer {at:#x} lies outside the module's memory"
-                ))),
+                )))
+                }
             }
             self.instance.guest().pending = output;
         }
