@@ -212,6 +212,9 @@ impl Code {
         let bytes = std::fs::read(path).map_err(|e| not_wasm(e.to_string()))?;
         let mut config = Config::default();
         config.consume_fuel(true);
+        // Debug information and names: nothing the host reads (a release build keeps
+        // megabytes of them).
+        config.ignore_custom_sections(true);
         let engine = Engine::new(&config);
         let module = Module::new(&engine, &bytes[..])
             .map_err(|e| not_wasm(format!("not a valid WebAssembly module: {e}")))?;
