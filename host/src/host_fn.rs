@@ -418,6 +418,43 @@ pub(crate) fn start<T: Send + 'static>(mut work: BoxFuture<T>) -> Result<T, smol
     }
 }
 
+/// Runs a host call to its end on this thread (a thread of the `blocking` pool, where a
+/// plugin running in the host process waits): its outcome, or `CANCELLED` as soon as the
+/// plugin call that made it is cancelled (the host function then runs on, for the grace
+/// period, on the executor).
+pub(crate) fn run_blocking(
+    imports: &Imports,
+    call: HostCallInfo,
+    input: Vec<u8>,
+    grace: Duration,
+    max_output: usize,
+) -> HostOutcome {
+    let (function, method, cancel) = (
+        call.function.clone(),
+        call.method.clone(),
+        call.cancel.clone(),
+    );
+    let mut task = match start(imports.run(call, input, grace, max_output)) {
+        Ok(done) => return done,
+        Err(task) => task,
+    };
+    let outcome = futures_lite::future::block_on(futures_lite::future::or(
+        async { Some((&mut task).await) },
+        async {
+            cancel.cancelled().await;
+            None
+        },
+    ));
+    match outcome {
+        Some(done) => done,
+        None => {
+            task.detach();
+            let text = cancelled_text(&function, &method);
+            (host_status::CANCELLED, text.into_bytes())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,6 @@ use crate::error::{CallError, LoadError};
 use crate::host_fn::{HostCallInfo, Imports};
 use crate::loader::Descriptor;
 use crate::status::InstanceStatus;
-use plugin_api::abi::{emit_status, host_status};
 
 use crate::loader::{emit_log, HostServices, Instance, Library};
 use crate::manifest::Manifest;
@@ -78,48 +77,10 @@ impl HostServices for CallServices<'_> {
             call_id: self.id,
             cancel: self.cancelled.clone(),
         };
-        let work = self
-            .imports
-            .run(call, input.to_vec(), self.grace, usize::MAX);
-        let mut task = match crate::host_fn::start(work) {
-            Ok(done) => return done,
-            Err(task) => task,
-        };
-        // The plugin gets `CANCELLED` as soon as its call is over; the host function
-        // runs on (for the grace period) on the executor.
-        let cancel = self.cancelled.clone();
-        let outcome = futures_lite::future::block_on(futures_lite::future::or(
-            async { Some((&mut task).await) },
-            async {
-                cancel.cancelled().await;
-                None
-            },
-        ));
-        match outcome {
-            Some(done) => done,
-            None => {
-                task.detach();
-                let text = crate::host_fn::cancelled_text(name, self.method);
-                (host_status::CANCELLED, text.into_bytes())
-            }
-        }
+        crate::host_fn::run_blocking(self.imports, call, input.to_vec(), self.grace, usize::MAX)
     }
     fn emit(&self, item: &[u8]) -> i32 {
-        let Some(stream) = self.stream else {
-            return emit_status::NOT_STREAM;
-        };
-        let cancel = self.cancelled.clone();
-        let sent = futures_lite::future::block_on(futures_lite::future::or(
-            async { stream.items.send(item.to_vec()).await.is_ok() },
-            async {
-                cancel.cancelled().await;
-                false
-            },
-        ));
-        match sent && !self.cancelled.is_cancelled() {
-            true => emit_status::OK,
-            false => emit_status::CLOSED,
-        }
+        crate::backend::emit_blocking(self.stream, item.to_vec(), self.cancelled)
     }
 }
 

@@ -232,6 +232,30 @@ pub(crate) async fn until_deadline(
     }
 }
 
+/// Hands a stream item to the consumer from a thread of the `blocking` pool (a plugin
+/// running in the host process), waiting while the consumer is behind: an `emit_status`.
+pub(crate) fn emit_blocking(
+    stream: Option<&StreamSink>,
+    item: Vec<u8>,
+    cancel: &CancelHandle,
+) -> i32 {
+    use plugin_api::abi::emit_status;
+    let Some(stream) = stream else {
+        return emit_status::NOT_STREAM;
+    };
+    let sent = futures_lite::future::block_on(futures_lite::future::or(
+        async { stream.items.send(item).await.is_ok() },
+        async {
+            cancel.cancelled().await;
+            false
+        },
+    ));
+    match sent && !cancel.is_cancelled() {
+        true => emit_status::OK,
+        false => emit_status::CLOSED,
+    }
+}
+
 /// The error for a call its caller cancelled.
 pub(crate) fn cancelled(plugin: &str, method: &str) -> CallError {
     CallError::Cancelled {

@@ -20,8 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use plugin_api::abi::{emit_status, host_status};
-
 use self::instance::{CallContext, Code, Instance, Request, Running, Started, Step, Trap};
 use crate::backend::{
     cancelled as cancelled_error, outcome, until_deadline, Backend, BackendStatus, BoxFuture,
@@ -533,7 +531,7 @@ impl Inner {
                     running.answer(code, output, Some(output_len), instance::SLICE_FUEL)
                 }
                 Step::Wait(Request::Emit(item)) => {
-                    let code = emit(stream.as_ref(), item, flag);
+                    let code = crate::backend::emit_blocking(stream.as_ref(), item, flag);
                     running.answer(code, Vec::new(), None, instance::SLICE_FUEL)
                 }
             };
@@ -556,46 +554,7 @@ impl Inner {
             cancel: flag.clone(),
         };
         let max = usize::try_from(self.max_frame).unwrap_or(usize::MAX);
-        let work = self.imports.run(call, input, self.grace, max);
-        let mut task = match crate::host_fn::start(work) {
-            Ok(done) => return done,
-            Err(task) => task,
-        };
-        let cancel = flag.clone();
-        let outcome = futures_lite::future::block_on(futures_lite::future::or(
-            async { Some((&mut task).await) },
-            async {
-                cancel.cancelled().await;
-                None
-            },
-        ));
-        match outcome {
-            Some(done) => done,
-            None => {
-                task.detach();
-                let text = crate::host_fn::cancelled_text(name, method);
-                (host_status::CANCELLED, text.into_bytes())
-            }
-        }
-    }
-}
-
-/// Hands a stream item to the consumer (blocking this thread while it is behind).
-fn emit(stream: Option<&StreamSink>, item: Vec<u8>, flag: &CancelHandle) -> i32 {
-    let Some(stream) = stream else {
-        return emit_status::NOT_STREAM;
-    };
-    let cancel = flag.clone();
-    let sent = futures_lite::future::block_on(futures_lite::future::or(
-        async { stream.items.send(item).await.is_ok() },
-        async {
-            cancel.cancelled().await;
-            false
-        },
-    ));
-    match sent && !flag.is_cancelled() {
-        true => emit_status::OK,
-        false => emit_status::CLOSED,
+        crate::host_fn::run_blocking(&self.imports, call, input, self.grace, max)
     }
 }
 
