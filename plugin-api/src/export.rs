@@ -89,14 +89,19 @@ struct Instance<P> {
     methods: HashMap<String, Handler<P>>,
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    let message = if let Some(s) = payload.downcast_ref::<&str>() {
+/// A panic payload's text.
+pub(crate) fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "panic with a non-string payload".to_string()
-    };
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    let message = payload_text(&*payload);
     // Dropping an arbitrary payload could itself panic; leak it instead.
     std::mem::forget(payload);
     message

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{run, Backend};
+use common::{run, Backend, Greet, Greeting};
 use futures_lite::StreamExt;
 use plugin_host::{
     CallError, CallOptions, CancelHandle, CrashReport, Error, EventReceiver, Host, HostCallContext,
@@ -160,16 +160,6 @@ fn crashed_event(event: &PluginEvent) -> Option<&Arc<CrashReport>> {
         PluginEvent::Crashed(report) => Some(report),
         _ => None,
     }
-}
-
-#[derive(Serialize)]
-struct Greet<'a> {
-    name: &'a str,
-}
-
-#[derive(Deserialize, Debug, PartialEq)]
-struct Greeting {
-    message: String,
 }
 
 /// `callbacks`' `ask` input: one raw host call.

@@ -5,19 +5,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{host, manifest, run};
+use common::{host, manifest, run, Greet, Greeting};
 use plugin_host::{CallError, CallOptions, Error, LoadError, Manifest, Trust};
 use serde::{Deserialize, Serialize};
-
-#[derive(Serialize)]
-struct Greet<'a> {
-    name: &'a str,
-}
-
-#[derive(Deserialize, Debug, PartialEq)]
-struct Greeting {
-    message: String,
-}
 
 #[test]
 fn typed_and_raw_calls() {

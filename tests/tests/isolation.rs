@@ -11,22 +11,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{host, manifest, run, worker_shim};
+use common::{host, manifest, run, worker_shim, Greet, Greeting};
 #[cfg(unix)]
 use common::{host_with_shim, script};
 use plugin_host::{CallError, CallOptions, Error, ExitInfo, LoadError, Manifest, Plugin, Trust};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-
-#[derive(Serialize)]
-struct Greet<'a> {
-    name: &'a str,
-}
-
-#[derive(Deserialize, Debug, PartialEq)]
-struct Greeting {
-    message: String,
-}
 
 fn faulty() -> Plugin {
     let mut m = manifest("faulty", Trust::Untrusted);

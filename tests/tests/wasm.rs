@@ -18,12 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{host, run, run_with_limit, wasm_dir, wasm_manifest};
+use common::{host, run, run_with_limit, wasm_dir, wasm_manifest, Greet, Greeting};
 use plugin_host::{
     CallError, CallOptions, CrashReport, Error, EventReceiver, LimitExceeded, LoadError, Manifest,
     Plugin, PluginEvent, PluginState, Progress, Runtime,
 };
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -33,16 +32,6 @@ const MIB: u64 = 1 << 20;
 fn alone() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[derive(Serialize)]
-struct Greet<'a> {
-    name: &'a str,
-}
-
-#[derive(Deserialize, Debug, PartialEq)]
-struct Greeting {
-    message: String,
 }
 
 /// The crash report of a call that crashed running `method` of plugin `plugin`.

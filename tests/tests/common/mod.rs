@@ -127,6 +127,20 @@ pub fn manifest(name: &str, trust: Trust) -> Manifest {
     m
 }
 
+/// The `hello` plugin's `greet` input.
+#[derive(serde::Serialize)]
+pub struct Greet<'a> {
+    /// Who to greet.
+    pub name: &'a str,
+}
+
+/// The `hello` plugin's `greet` output.
+#[derive(serde::Deserialize, Debug, PartialEq)]
+pub struct Greeting {
+    /// The greeting.
+    pub message: String,
+}
+
 /// Where `tests/build.rs` put the example plugins built as WebAssembly modules.
 pub fn wasm_dir() -> PathBuf {
     PathBuf::from(env!("PLUGIN_HOST_WASM_DIR"))
