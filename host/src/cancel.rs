@@ -92,3 +92,8 @@ pub(crate) async fn cancelled(handle: Option<&CancelHandle>) {
         None => std::future::pending().await,
     }
 }
+
+/// Resolves when `a` is cancelled, or `b` (if any) is.
+pub(crate) async fn either(a: &CancelHandle, b: Option<&CancelHandle>) {
+    futures_lite::future::or(a.cancelled(), cancelled(b)).await
+}

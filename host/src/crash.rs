@@ -35,8 +35,13 @@ pub enum ExitInfo {
     /// WebAssembly (`runtime = "wasm"`): the instance trapped, or the host stopped it. The
     /// instance is dropped; nothing else in the process is affected.
     Trap {
-        /// A short name: `unreachable` (a panic or abort), `out of bounds memory access`,
-        /// `stack overflow`, `out of memory`, `interrupted` (stopped by the host), ...
+        /// A short name: `unreachable` (a panic, `abort` or `exit`), `out of bounds memory
+        /// access`, `stack overflow`, `bad buffer` (the module handed the host a buffer or
+        /// pointer outside its memory, or an output over `limits.max_frame`), `interrupted`
+        /// (the host stopped a call past its deadline and grace, or at shutdown),
+        /// `deadline` (loading: the entry or `create` ran past the load timeout), `too
+        /// large` (an input that cannot fit a 32-bit memory); other WebAssembly traps by
+        /// their engine name.
         kind: String,
         /// What it means.
         message: String,

@@ -420,14 +420,15 @@ pub(crate) fn start<T: Send + 'static>(mut work: BoxFuture<T>) -> Result<T, smol
 
 /// Runs a host call to its end on this thread (a thread of the `blocking` pool, where a
 /// plugin running in the host process waits): its outcome, or `CANCELLED` as soon as the
-/// plugin call that made it is cancelled (the host function then runs on, for the grace
-/// period, on the executor).
+/// plugin call that made it is cancelled, or `halt` (the plugin's shutdown) is (the host
+/// function then runs on, for the grace period, on the executor).
 pub(crate) fn run_blocking(
     imports: &Imports,
     call: HostCallInfo,
     input: Vec<u8>,
     grace: Duration,
     max_output: usize,
+    halt: Option<&CancelHandle>,
 ) -> HostOutcome {
     let (function, method, cancel) = (
         call.function.clone(),
@@ -441,7 +442,7 @@ pub(crate) fn run_blocking(
     let outcome = futures_lite::future::block_on(futures_lite::future::or(
         async { Some((&mut task).await) },
         async {
-            cancel.cancelled().await;
+            crate::cancel::either(&cancel, halt).await;
             None
         },
     ));

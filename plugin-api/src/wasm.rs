@@ -145,13 +145,19 @@ fn descriptor(
     unsafe { entry().as_ref() }
 }
 
+/// The layout of a block for the host: 8-aligned, since the host puts the 12-byte output
+/// buffer (three `u32`s the module writes as a `Buffer`) at a 4-aligned offset inside it.
+fn block(len: usize) -> Option<std::alloc::Layout> {
+    std::alloc::Layout::from_size_align(len.max(1), 8).ok()
+}
+
 /// `plugin_api_alloc`: `len` bytes for the host to write into; null when out of memory.
 pub fn alloc(len: usize) -> *mut u8 {
-    let mut bytes = std::mem::ManuallyDrop::new(Vec::<u8>::new());
-    if bytes.try_reserve_exact(len.max(1)).is_err() {
-        return std::ptr::null_mut();
+    match block(len) {
+        // SAFETY: the layout's size is at least 1.
+        Some(layout) => unsafe { std::alloc::alloc(layout) },
+        None => std::ptr::null_mut(),
     }
-    bytes.as_mut_ptr()
 }
 
 /// `plugin_api_dealloc`: gives back what [`alloc`] returned for `len`.
@@ -159,11 +165,10 @@ pub fn alloc(len: usize) -> *mut u8 {
 /// # Safety
 /// `ptr` must come from [`alloc`] with this `len`, given back once.
 pub unsafe fn dealloc(ptr: *mut u8, len: usize) {
-    if ptr.is_null() {
-        return;
+    if let (false, Some(layout)) = (ptr.is_null(), block(len)) {
+        // SAFETY: guaranteed by the caller: `alloc(len)` allocated `ptr` with this layout.
+        unsafe { std::alloc::dealloc(ptr, layout) }
     }
-    // SAFETY: guaranteed by the caller: `alloc` reserved exactly `len.max(1)` bytes.
-    drop(unsafe { Vec::from_raw_parts(ptr, 0, len.max(1)) });
 }
 
 /// `plugin_api_create`: makes this module's one instance from MessagePack `config`.

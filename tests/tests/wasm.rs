@@ -1772,3 +1772,209 @@ fn an_input_over_limits_max_frame_is_refused_before_it_reaches_the_module() {
         vec![1; 1000]
     );
 }
+// ---- every step is bounded: services in a loop, big instructions, big functions ----------
+
+/// Waits for the next `Crashed` event (other events skipped), or `None` after `within`.
+async fn crash_within(events: &EventReceiver, within: Duration) -> Option<Arc<CrashReport>> {
+    futures_lite::future::or(
+        async {
+            loop {
+                if let PluginEvent::Crashed(r) = events.recv().await.expect("events closed") {
+                    return Some(r);
+                }
+            }
+        },
+        async {
+            smol::Timer::after(within).await;
+            None
+        },
+    )
+    .await
+}
+
+/// A module that calls a host service in a loop (each answered at once) is stopped
+/// `cancel_grace` after its deadline, like one that computes: the host looks at the
+/// deadline between any two steps, not only when a slice of fuel runs out.
+#[test]
+fn a_call_host_loop_is_stopped_after_the_grace() {
+    let _alone = alone();
+    let module = Module::bad(&format!(
+        "(loop $again
+           (drop (call $call_host (i32.const {METHOD_NAMES_AT}) (i32.const 4) (i32.const 0) (i32.const 0) (i32.const {SPARE_AT})))
+           (br $again))
+         (i32.const 0)"
+    ));
+    let (_dir, plugin) = load(&module);
+    let events = plugin.subscribe();
+    run_with_limit(Duration::from_secs(30), async {
+        let options = CallOptions::new().timeout(Duration::from_millis(300));
+        let outcome = plugin.call_raw_with("bad", vec![], options).await;
+        assert!(
+            matches!(outcome, Err(Error::Call(CallError::Timeout { .. }))),
+            "{outcome:?}"
+        );
+        // cancel_grace is 200 ms in `install`'s manifest.
+        let report = crash_within(&events, Duration::from_secs(5)).await;
+        let in_flight = plugin.status().instances[0].in_flight;
+        assert!(
+            report.is_some(),
+            "no Crashed event 5 s after the deadline; in_flight = {in_flight}"
+        );
+        assert_eq!(trap_kind(&report.unwrap()), "interrupted");
+    });
+}
+
+/// Same, seen from shutdown: the looping call is stopped once the shutdown's grace is over.
+#[test]
+fn shutdown_stops_a_call_host_loop() {
+    let _alone = alone();
+    let module = Module::bad(&format!(
+        "(loop $again
+           (drop (call $call_host (i32.const {METHOD_NAMES_AT}) (i32.const 4) (i32.const 0) (i32.const 0) (i32.const {SPARE_AT})))
+           (br $again))
+         (i32.const 0)"
+    ));
+    let (_dir, plugin) = load(&module);
+    run_with_limit(Duration::from_secs(30), async {
+        let caller = plugin.clone();
+        let call = smol::spawn(async move {
+            let options = CallOptions::new().timeout(Duration::from_secs(3600));
+            caller.call_raw_with("bad", vec![], options).await
+        });
+        smol::Timer::after(Duration::from_millis(100)).await;
+        plugin.shutdown().await;
+        let outcome = futures_lite::future::or(async { Some(call.await) }, async {
+            smol::Timer::after(Duration::from_secs(5)).await;
+            None
+        })
+        .await;
+        assert!(outcome.is_some(), "the call still runs 5 s after shutdown");
+    });
+}
+
+/// One `memory.grow` of 3000 pages (187.5 MiB, well under the 1 GiB default cap) costs
+/// 3M fuel (64 bytes per fuel), more than a slice: the instruction gets the fuel it needs.
+#[test]
+fn a_single_large_memory_grow_completes() {
+    let _alone = alone();
+    for pages in [1000, 3000] {
+        let module = Module::bad(&format!(
+            "(if (i32.eq (memory.grow (i32.const {pages})) (i32.const -1)) (then (return (i32.const 1))))
+             (i32.const 0)"
+        ));
+        let (_dir, plugin) = load(&module);
+        let options = CallOptions::new().timeout(Duration::from_secs(5));
+        let started = Instant::now();
+        let outcome = run(plugin.call_raw_with("bad", vec![], options));
+        eprintln!(
+            "memory.grow({pages}) -> {outcome:?} in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(outcome.unwrap(), b"", "memory.grow({pages})");
+    }
+}
+
+/// A host service that copies up to 64 KiB per call (log, progress, panic) is charged to
+/// the module's fuel by the bytes: a slice stays about a millisecond even when it is all
+/// service calls, so the caller's thread is not held past the deadline (the first slice
+/// runs inline) and the call is stopped at the grace.
+#[test]
+fn a_log_flood_does_not_outlive_the_deadline() {
+    let _alone = alone();
+    let module = Module::bad(
+        "(loop $again
+           (call $panic (i32.const 0) (i32.const 65536) (i32.const 0) (i32.const 65536))
+           (br $again))
+         (i32.const 0)",
+    );
+    let (_dir, plugin) = load(&module);
+    let events = plugin.subscribe();
+    let deadline = Duration::from_millis(300);
+    run_with_limit(Duration::from_secs(600), async {
+        let started = Instant::now();
+        let options = CallOptions::new().timeout(deadline);
+        let outcome = plugin.call_raw_with("bad", vec![], options).await;
+        let answered = started.elapsed();
+        let report = crash_within(&events, Duration::from_secs(300)).await;
+        let stopped = started.elapsed();
+        eprintln!("answered after {answered:?} ({outcome:?}); stopped after {stopped:?}");
+        assert!(report.is_some());
+        assert!(
+            answered < deadline + Duration::from_secs(1),
+            "the caller got its answer {answered:?} after the call began (deadline {deadline:?})"
+        );
+        assert!(
+            stopped < deadline + Duration::from_secs(2),
+            "the call was stopped {stopped:?} after it began (deadline {deadline:?}, grace 200 ms)"
+        );
+    });
+}
+
+/// The bytes window (`STREAM_WINDOW_BYTES`, 1 MiB): a wasm plugin that emits 64 KiB items
+/// to a consumer that does not read has at most about a window of them buffered in the
+/// host, not the channel's 256 items (16 MiB; with 64 MiB items, 16 GiB).
+#[test]
+fn stream_items_buffered_in_the_host_are_bounded_in_bytes() {
+    let module = Module {
+        imports: r#"(import "plugin_host" "emit" (func $emit (param i32 i32) (result i32)))"#
+            .into(),
+        bad: "(block $done
+                (loop $again
+                  (br_if $done (i32.ne (call $emit (i32.const 0) (i32.const 65536)) (i32.const 0)))
+                  (call $progress (f64.const 0.5) (i32.const 0) (i32.const 0))
+                  (br $again)))
+              (i32.const 0)"
+            .into(),
+        ..Module::plugin()
+    };
+    let (_dir, plugin) = load(&module);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let options = CallOptions::new()
+        .timeout(Duration::from_secs(10))
+        .on_progress(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+    run_with_limit(Duration::from_secs(30), async {
+        use futures_lite::StreamExt;
+        let mut stream = plugin.call_stream_raw("bad", vec![], options);
+        let first = stream.next().await;
+        assert!(matches!(first, Some(Ok(_))), "{first:?}");
+        smol::Timer::after(Duration::from_secs(1)).await;
+        let buffered = sent.load(Ordering::Relaxed);
+        eprintln!("{buffered} items of 64 KiB handed to the host without a read");
+        assert!(
+            buffered <= 17,
+            "{buffered} items of 64 KiB buffered in the host"
+        );
+    });
+}
+
+/// wasmi translates a function lazily on its first call, and running out of fuel there
+/// would not be resumable: the translation is not charged, so a function of 30 KB (which
+/// at wasmi's default 7 fuel per byte would cost more than the first slice) runs.
+#[test]
+fn a_large_function_can_be_called() {
+    let _alone = alone();
+    for nops in [20_000usize, 30_000] {
+        let body = "nop ".repeat(nops);
+        let module = Module {
+            imports: String::new(),
+            bad: "(call $large) (i32.const 0)".into(),
+            ..Module::plugin()
+        };
+        let text = module.wat().replacen(
+            "(global $heap",
+            &format!("(func $large {body})\n  (global $heap"),
+            1,
+        );
+        let bytes = wat::parse_str(&text).unwrap();
+        let (_dir, manifest) = install(&bytes);
+        let plugin = run(host().load_manifest(manifest)).unwrap();
+        let options = CallOptions::new().timeout(Duration::from_secs(5));
+        let started = Instant::now();
+        let outcome = run(plugin.call_raw_with("bad", vec![], options));
+        eprintln!("{nops} nops -> {outcome:?} in {:?}", started.elapsed());
+        assert_eq!(outcome.unwrap(), b"", "{nops} nops");
+    }
+}

@@ -56,6 +56,8 @@ struct CallServices<'a> {
     imports: &'a Imports,
     grace: Duration,
     stream: Option<&'a StreamSink>,
+    /// Bytes of stream items the consumer has not taken yet.
+    outstanding: std::sync::atomic::AtomicU64,
 }
 
 impl HostServices for CallServices<'_> {
@@ -77,10 +79,23 @@ impl HostServices for CallServices<'_> {
             call_id: self.id,
             cancel: self.cancelled.clone(),
         };
-        crate::host_fn::run_blocking(self.imports, call, input.to_vec(), self.grace, usize::MAX)
+        crate::host_fn::run_blocking(
+            self.imports,
+            call,
+            input.to_vec(),
+            self.grace,
+            usize::MAX,
+            None,
+        )
     }
     fn emit(&self, item: &[u8]) -> i32 {
-        crate::backend::emit_blocking(self.stream, item.to_vec(), self.cancelled)
+        crate::backend::emit_blocking(
+            self.stream,
+            item.to_vec(),
+            &self.outstanding,
+            self.cancelled,
+            None,
+        )
     }
 }
 
@@ -155,6 +170,7 @@ impl Backend for InProcess {
                 imports: &imports,
                 grace,
                 stream: call.stream.as_ref(),
+                outstanding: Default::default(),
             };
             let (code, output) = instance.call(&call.method, &call.input, &services);
             outcome(

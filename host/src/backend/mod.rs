@@ -233,20 +233,41 @@ pub(crate) async fn until_deadline(
 }
 
 /// Hands a stream item to the consumer from a thread of the `blocking` pool (a plugin
-/// running in the host process), waiting while the consumer is behind: an `emit_status`.
+/// running in the host process): an `emit_status`. Waits while the consumer is behind: the
+/// channel holds at most [`STREAM_WINDOW`] items, and `outstanding` (the call's bytes the
+/// consumer has not taken) at most [`STREAM_WINDOW_BYTES`] beyond one item. Gives up
+/// (`CLOSED`) when `cancel`, or `halt` if any, is cancelled.
 pub(crate) fn emit_blocking(
     stream: Option<&StreamSink>,
     item: Vec<u8>,
+    outstanding: &std::sync::atomic::AtomicU64,
     cancel: &CancelHandle,
+    halt: Option<&CancelHandle>,
 ) -> i32 {
     use plugin_api::abi::emit_status;
+    use std::sync::atomic::Ordering;
     let Some(stream) = stream else {
         return emit_status::NOT_STREAM;
     };
+    let size = item.len() as u64;
     let sent = futures_lite::future::block_on(futures_lite::future::or(
-        async { stream.items.send(item).await.is_ok() },
         async {
-            cancel.cancelled().await;
+            loop {
+                let buffered = outstanding.load(Ordering::Acquire);
+                if buffered == 0 || buffered.saturating_add(size) <= STREAM_WINDOW_BYTES {
+                    break;
+                }
+                let (_, taken) = stream.consumed.take().await;
+                outstanding.fetch_sub(taken.min(buffered), Ordering::AcqRel);
+            }
+            let sent = stream.items.send(item).await.is_ok();
+            if sent {
+                outstanding.fetch_add(size, Ordering::AcqRel);
+            }
+            sent
+        },
+        async {
+            crate::cancel::either(cancel, halt).await;
             false
         },
     ));

@@ -215,6 +215,15 @@ impl Code {
         // Debug information and names: nothing the host reads (a release build keeps
         // megabytes of them).
         config.ignore_custom_sections(true);
+        // Functions are validated when the module loads and translated on first use. That
+        // translation is not charged: it cannot be paused, so a function larger than a slice
+        // of fuel could never run. Bytes copied by `memory.copy`/`fill`/`grow` are charged
+        // (wasmi's default rate).
+        config.fuel_cost(wasmi::CustomFuelCosts {
+            bytes_copied_per_fuel: 64,
+            fuel_per_bytes_translated: 0,
+            fuel_per_bytes_validated: 0,
+        });
         let engine = Engine::new(&config);
         let module = Module::new(&engine, &bytes[..])
             .map_err(|e| not_wasm(format!("not a valid WebAssembly module: {e}")))?;
@@ -405,7 +414,7 @@ impl Instance {
                             stopped: None,
                         });
                     }
-                    let _ = self.store.set_fuel(SLICE_FUEL);
+                    let _ = self.store.set_fuel(SLICE_FUEL.max(paused.required_fuel()));
                     call = paused.resume(&mut *self.store);
                 }
                 Ok(TypedResumableCall::HostTrap(paused)) => {
@@ -663,7 +672,11 @@ impl Instance {
     /// Starts `method` with `input`: runs it on this thread for `fuel`.
     pub fn start(mut self, method: &str, input: Vec<u8>, fuel: u64) -> (Running, Step) {
         // A growth refused in an earlier call (that the module survived) is not this call's.
-        self.guest().limiter.refused = false;
+        let guest = self.guest();
+        guest.limiter.refused = false;
+        // Nothing of an earlier call: a host call's output it did not take, a request.
+        guest.pending = Vec::new();
+        guest.request = None;
         let mut running = Running {
             instance: self,
             phase: Phase::Stage,
@@ -841,14 +854,23 @@ impl Running {
     }
 
     /// Runs another slice of `fuel` after the last one ran out.
+    /// One instruction may need more than a slice (a `memory.copy` of hundreds of MiB):
+    /// it gets what it needs.
     pub fn resume(&mut self, fuel: u64) -> Step {
-        let _ = self.instance.store.set_fuel(fuel);
         match self.paused.take() {
             Some(Paused::Value(paused)) => {
+                let _ = self
+                    .instance
+                    .store
+                    .set_fuel(fuel.max(paused.required_fuel()));
                 let result = paused.resume(&mut *self.instance.store);
                 self.value(result, fuel)
             }
             Some(Paused::Unit(paused)) => {
+                let _ = self
+                    .instance
+                    .store
+                    .set_fuel(fuel.max(paused.required_fuel()));
                 let result = paused.resume(&mut *self.instance.store);
                 self.unit(result, fuel)
             }
@@ -986,7 +1008,8 @@ fn linker(engine: &Engine) -> Result<Linker<Guest>, wasmi::Error> {
     linker.func_wrap(
         IMPORT_MODULE,
         "log",
-        |caller: Caller<'_, Guest>, level: i32, ptr: i32, len: i32| {
+        |mut caller: Caller<'_, Guest>, level: i32, ptr: i32, len: i32| {
+            charge(&mut caller, (len as u32 as usize).min(TEXT_MAX));
             let text = text(&caller, ptr, len);
             crate::loader::emit_log(&caller.data().plugin, level as u32, &text);
         },
@@ -994,7 +1017,8 @@ fn linker(engine: &Engine) -> Result<Linker<Guest>, wasmi::Error> {
     linker.func_wrap(
         IMPORT_MODULE,
         "progress",
-        |caller: Caller<'_, Guest>, fraction: f64, ptr: i32, len: i32| {
+        |mut caller: Caller<'_, Guest>, fraction: f64, ptr: i32, len: i32| {
+            charge(&mut caller, (len as u32 as usize).min(TEXT_MAX));
             let progress = caller.data().call.as_ref().and_then(|c| c.progress.clone());
             if let Some(progress) = progress {
                 progress(Progress::new(fraction, &text(&caller, ptr, len)));
@@ -1046,8 +1070,12 @@ fn linker(engine: &Engine) -> Result<Linker<Guest>, wasmi::Error> {
                     ),
                 );
             }
-            let name =
-                String::from_utf8_lossy(&bytes(&caller, name, name_len.min(4096))?).into_owned();
+            let name_len = (name_len as u32).min(crate::loader::NAME_MAX as u32) as i32;
+            charge(
+                &mut caller,
+                name_len as u32 as usize + input_len as u32 as usize,
+            );
+            let name = String::from_utf8_lossy(&bytes(&caller, name, name_len)?).into_owned();
             let input = bytes(&caller, input, input_len)?;
             caller.data_mut().request = Some(Request::HostCall {
                 name,
@@ -1062,6 +1090,7 @@ fn linker(engine: &Engine) -> Result<Linker<Guest>, wasmi::Error> {
         "take_output",
         |mut caller: Caller<'_, Guest>, into: i32| -> Result<(), wasmi::Error> {
             let pending = std::mem::take(&mut caller.data_mut().pending);
+            charge(&mut caller, pending.len());
             let memory = memory_of(&caller)?;
             let data = memory.data_mut(&mut caller);
             let start = into as u32 as usize;
@@ -1093,6 +1122,7 @@ fn linker(engine: &Engine) -> Result<Linker<Guest>, wasmi::Error> {
             if len as u32 as usize > caller.data().max_frame {
                 return Ok(emit_status::LIMIT);
             }
+            charge(&mut caller, len as u32 as usize);
             let item = bytes(&caller, ptr, len)?;
             caller.data_mut().request = Some(Request::Emit(item));
             Err(wasmi::Error::host(Suspend))
@@ -1102,12 +1132,25 @@ fn linker(engine: &Engine) -> Result<Linker<Guest>, wasmi::Error> {
         IMPORT_MODULE,
         "panic",
         |mut caller: Caller<'_, Guest>, msg: i32, msg_len: i32, at: i32, at_len: i32| {
+            let copied =
+                (msg_len as u32 as usize).min(TEXT_MAX) + (at_len as u32 as usize).min(TEXT_MAX);
+            charge(&mut caller, copied);
             let message = text(&caller, msg, msg_len);
             let location = text(&caller, at, at_len);
             caller.data_mut().panic = Some((message, (!location.is_empty()).then_some(location)));
         },
     )?;
     Ok(linker)
+}
+
+/// Charges a service's work to the module's fuel, as if it were instructions: the bytes it
+/// copies (and escapes, for log text), so that a module calling services in a loop runs out
+/// of its slice as fast as one computing, and the host gets to look at the deadline.
+fn charge(caller: &mut Caller<'_, Guest>, bytes: usize) {
+    let cost = 100 + bytes as u64 / 2;
+    if let Ok(fuel) = caller.get_fuel() {
+        let _ = caller.set_fuel(fuel.saturating_sub(cost));
+    }
 }
 
 fn write_u32(caller: &mut Caller<'_, Guest>, at: i32, value: u32) -> Result<(), wasmi::Error> {

@@ -1,8 +1,8 @@
 //! The WebAssembly backend (`runtime = "wasm"`): the plugin is a `.wasm` module run in the
 //! host process by the wasmi interpreter. The engine is the sandbox: the module reaches
 //! nothing but its own memory and the host services it imports, its memory is capped
-//! (`limits.memory`), and it runs on fuel, so a call that spins is stopped at its deadline
-//! without killing anything.
+//! (`limits.memory`), and it runs on fuel, so a call that spins (computing, or calling host
+//! services in a loop) is stopped after its deadline without killing anything.
 //!
 //! A wasm instance is single-threaded: calls run on a pool of instances (up to
 //! `limits.concurrency` × `instances`), reused between calls. A call starts on the caller's
@@ -88,7 +88,8 @@ struct Inner {
     restarts: AtomicU64,
     in_flight: AtomicUsize,
     loaded: Instant,
-    /// Set once a shutdown's grace is over: calls still running stop at their next slice.
+    /// Set once a shutdown's grace is over: calls still running stop at their next step,
+    /// and waits on the host (host functions, stream items) give up.
     halt: CancelHandle,
 }
 
@@ -355,50 +356,50 @@ impl Inner {
             return Err(refused);
         }
         let inner = self.clone();
-        let made = blocking::unblock(move || {
+        // The accounting happens on that thread too, so that a caller who gives up while the
+        // instance is being made does not lose a crash or a restart.
+        let method = method.to_string();
+        Detached::new(blocking::unblock(move || {
             let plugin = inner.name.to_string();
-            let mut instance = match generation.code.instantiate(&plugin) {
-                Ok(instance) => instance,
-                Err(Started::Load(e)) => return Err(Err(e)),
-                Err(Started::Trap(t)) => return Err(Ok(t)),
+            let made = match generation.code.instantiate(&plugin) {
+                Ok(mut instance) => match instance.create_plugin(&inner.config, inner.load_limit) {
+                    Ok(Ok(())) => Ok(instance),
+                    Ok(Err((_, message))) => Err(Err(LoadError::CreateFailed { plugin, message })),
+                    Err(trap) => Err(Ok(trap)),
+                },
+                Err(Started::Load(e)) => Err(Err(e)),
+                Err(Started::Trap(t)) => Err(Ok(t)),
             };
-            match instance.create_plugin(&inner.config, inner.load_limit) {
-                Ok(Ok(())) => Ok((generation, instance)),
-                Ok(Err((_, message))) => Err(Err(LoadError::CreateFailed { plugin, message })),
-                Err(trap) => Err(Ok(trap)),
-            }
-        })
-        .await;
-        match made {
-            Ok(made) => {
-                let restarted = std::mem::take(&mut lock(&self.state).replacing);
-                if restarted {
-                    let restarts = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::info!(plugin = %self.name, "instance replaced after a crash");
-                    self.events.emit(PluginEvent::Restarted {
-                        pid: std::process::id(),
-                        restarts,
-                    });
+            let report = match made {
+                Ok(instance) => {
+                    inner.made_after_crash();
+                    return Ok((generation, instance));
                 }
-                Ok(made)
-            }
-            Err(Ok(trap)) => {
-                let report = self.crashed("create", &trap, Duration::ZERO);
-                Err(CallError::Crashed {
-                    plugin: self.name.to_string(),
-                    method: method.to_string(),
-                    report,
-                })
-            }
-            Err(Err(error)) => {
-                let restarts = self.restarts.load(Ordering::Relaxed);
-                let report = self.record(CrashReport::start_failure(&self.name, &error, restarts));
-                Err(CallError::Crashed {
-                    plugin: self.name.to_string(),
-                    method: method.to_string(),
-                    report,
-                })
-            }
+                Err(Ok(trap)) => inner.crashed("create", &trap, Duration::ZERO),
+                Err(Err(error)) => {
+                    let restarts = inner.restarts.load(Ordering::Relaxed);
+                    inner.record(CrashReport::start_failure(&inner.name, &error, restarts))
+                }
+            };
+            Err(CallError::Crashed {
+                plugin: inner.name.to_string(),
+                method,
+                report,
+            })
+        }))
+        .await
+    }
+
+    /// A new instance is ready: if a crash asked for it, that is a restart.
+    fn made_after_crash(&self) {
+        let restarted = std::mem::take(&mut lock(&self.state).replacing);
+        if restarted {
+            let restarts = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::info!(plugin = %self.name, "instance replaced after a crash");
+            self.events.emit(PluginEvent::Restarted {
+                pid: std::process::id(),
+                restarts,
+            });
         }
     }
 
@@ -453,6 +454,10 @@ impl Inner {
             return Err(refused);
         }
         let permit = self.permits.acquire_arc().await;
+        // It may have been shut down or quarantined while this call waited for its turn.
+        if let Some(refused) = self.refusal() {
+            return Err(refused);
+        }
         let (generation, mut instance) = self.instance(&method).await?;
         let guest = instance.guest();
         guest.panic = None;
@@ -477,12 +482,12 @@ impl Inner {
         // Longer than a slice, or waiting on the host: on with it on a thread of its own,
         // which also ends the call (and gives back the instance) if this future is gone.
         let inner = self.clone();
-        blocking::unblock(move || {
+        Detached::new(blocking::unblock(move || {
             let _permit = permit;
             let _count = count;
             let (running, end) = inner.finish_blocking(id, &method, running, step, &flag, stream);
             inner.end(&method, generation, running, end)
-        })
+        }))
         .await
     }
 
@@ -499,29 +504,31 @@ impl Inner {
         stream: Option<StreamSink>,
     ) -> (Running, End) {
         let mut cancelled_at: Option<Instant> = None;
+        // Bytes of stream items the consumer has not taken yet.
+        let outstanding = std::sync::atomic::AtomicU64::new(0);
         loop {
+            // Between any two steps (a slice of fuel, an answer from the host), so that a
+            // module that keeps calling services is stopped as surely as one that computes.
+            if !matches!(step, Step::Done(..) | Step::Trapped(_)) {
+                if self.halt.is_cancelled() {
+                    let trap = stopped(method, "the plugin was shut down");
+                    return (running, End::Trapped(trap));
+                }
+                if flag.is_cancelled() {
+                    let at = *cancelled_at.get_or_insert_with(Instant::now);
+                    if at.elapsed() >= self.grace {
+                        let why = format!(
+                            "`{method}` was cancelled (deadline or caller) and did not return within cancel_grace ({:?})",
+                            self.grace
+                        );
+                        return (running, End::Trapped(stopped(method, &why)));
+                    }
+                }
+            }
             step = match step {
                 Step::Done(code, bytes) => return (running, End::Done(code, bytes)),
                 Step::Trapped(trap) => return (running, End::Trapped(trap)),
-                Step::Fuel => {
-                    if self.halt.is_cancelled() {
-                        return (
-                            running,
-                            End::Trapped(stopped(method, "the plugin was shut down")),
-                        );
-                    }
-                    if flag.is_cancelled() {
-                        let at = *cancelled_at.get_or_insert_with(Instant::now);
-                        if at.elapsed() >= self.grace {
-                            let why = format!(
-                                "`{method}` was cancelled (deadline or caller) and did not return within cancel_grace ({:?})",
-                                self.grace
-                            );
-                            return (running, End::Trapped(stopped(method, &why)));
-                        }
-                    }
-                    running.resume(instance::SLICE_FUEL)
-                }
+                Step::Fuel => running.resume(instance::SLICE_FUEL),
                 Step::Wait(Request::HostCall {
                     name,
                     input,
@@ -531,7 +538,13 @@ impl Inner {
                     running.answer(code, output, Some(output_len), instance::SLICE_FUEL)
                 }
                 Step::Wait(Request::Emit(item)) => {
-                    let code = crate::backend::emit_blocking(stream.as_ref(), item, flag);
+                    let code = crate::backend::emit_blocking(
+                        stream.as_ref(),
+                        item,
+                        &outstanding,
+                        flag,
+                        Some(&self.halt),
+                    );
                     running.answer(code, Vec::new(), None, instance::SLICE_FUEL)
                 }
             };
@@ -554,7 +567,14 @@ impl Inner {
             cancel: flag.clone(),
         };
         let max = usize::try_from(self.max_frame).unwrap_or(usize::MAX);
-        crate::host_fn::run_blocking(&self.imports, call, input, self.grace, max)
+        crate::host_fn::run_blocking(
+            &self.imports,
+            call,
+            input,
+            self.grace,
+            max,
+            Some(&self.halt),
+        )
     }
 }
 
@@ -566,6 +586,41 @@ fn stopped(method: &str, why: &str) -> Trap {
         panic: None,
         memory_limit: None,
         stopped: Some(why.to_string()),
+    }
+}
+
+/// A task on the `blocking` pool that runs to its end even when the future waiting for it
+/// is dropped (a dropped `blocking::Task` would be cancelled if it had not started yet,
+/// and what it was to clean up would be lost with it).
+struct Detached<T>(Option<blocking::Task<T>>);
+
+impl<T> Detached<T> {
+    fn new(task: blocking::Task<T>) -> Self {
+        Detached(Some(task))
+    }
+}
+
+impl<T> std::future::Future for Detached<T> {
+    type Output = T;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<T> {
+        let task = self.0.as_mut().expect("polled after it finished");
+        let done = std::pin::Pin::new(task).poll(cx);
+        if done.is_ready() {
+            self.0 = None;
+        }
+        done
+    }
+}
+
+impl<T> Drop for Detached<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.detach();
+        }
     }
 }
 
@@ -691,6 +746,12 @@ impl Backend for Wasm {
     fn reload(&self) -> BoxFuture<Result<Descriptor, LoadError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            if lock(&inner.state).stopped {
+                return Err(LoadError::ReloadUnsupported {
+                    plugin: inner.name.to_string(),
+                    reason: "it was shut down; load it again instead".into(),
+                });
+            }
             let loader = inner.clone();
             let loaded = blocking::unblock(move || {
                 create_first(
