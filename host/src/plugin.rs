@@ -236,8 +236,8 @@ impl Plugin {
         self.inner.grant.trust
     }
 
-    /// What kind of code it is: a native library ([`Runtime::Native`], run in-process or in a
-    /// worker per [`trust`](Self::trust)) or a WebAssembly module ([`Runtime::Wasm`], run
+    /// What kind of code it is: a native library ([`Runtime::Native`](crate::Runtime::Native), run in-process or in a
+    /// worker per [`trust`](Self::trust)) or a WebAssembly module ([`Runtime::Wasm`](crate::Runtime::Wasm), run
     /// in this process by an interpreter that contains it; `trust` does not apply).
     pub fn runtime(&self) -> crate::Runtime {
         self.inner.manifest.runtime
