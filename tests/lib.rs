@@ -1,6 +1,20 @@
 //! End-to-end tests for plugin-host live in `tests/tests/`; this crate's library holds only
 //! what its binaries and tests share. Its build script builds the example plugins, the
 //! worker-shim and the C plugins first.
+//!
+//! Other crates' tests (the example GUI app's) depend on this crate to have the example
+//! plugins built before they run, and read where they are from [`E2E_DIR`] and
+//! [`WASM_DIR`].
+
+/// Where `build.rs` put the example plugins' native libraries, the `worker-shim` and the
+/// `plugin-host` binary (`target/e2e/debug`, or `target/e2e/TARGET/debug` when
+/// cross-compiling): a search path (`-L`) for them.
+pub const E2E_DIR: &str = env!("PLUGIN_HOST_E2E_DIR");
+
+/// Where `build.rs` put the example plugins built as WebAssembly modules (`NAME.wasm`,
+/// in `target/e2e/wasm32-unknown-unknown/release`); set, but not built, when
+/// cross-compiling.
+pub const WASM_DIR: &str = env!("PLUGIN_HOST_WASM_DIR");
 
 /// xorshift64*: a small seeded generator for the fuzz tests and the hostile worker
 /// (reproducible runs, no dependency).
