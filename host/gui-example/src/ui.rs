@@ -3,6 +3,8 @@
 //! below. Drawing never touches a plugin: what the user asks for comes back as
 //! [`Command`]s for the background thread.
 
+use std::path::Path;
+
 use eframe::egui::{self, Align2, Color32, FontId, RichText, Sense, Ui};
 use plugin_host::PluginState;
 
@@ -180,7 +182,12 @@ fn details(ui: &mut Ui, row: &mut Row, commands: &mut Vec<Command>) {
                 (Where::InProcess, _) => "this process, as a native library (trusted)".into(),
                 (Where::Wasm, _) => "this process, as WebAssembly in the interpreter".into(),
             };
-            ui.label(format!("Runs in {runs}: {}", facts.library.display()));
+            // Relative to the working directory where it can be: shorter.
+            let library = std::env::current_dir()
+                .ok()
+                .and_then(|dir| facts.library.strip_prefix(dir).ok().map(Path::to_path_buf))
+                .unwrap_or_else(|| facts.library.clone());
+            ui.label(format!("Runs in {runs}: {}", library.display()));
             if let Some(status) = status.as_ref().filter(|s| !s.sandbox.is_empty()) {
                 ui.label(format!("Sandbox: {}", status.sandbox.join(", ")));
             }
@@ -355,21 +362,21 @@ fn crash_summary(report: &plugin_host::CrashReport) -> String {
         }
         (Some(LimitExceeded::Cpu { limit }), _, _) => format!("CPU limit ({limit:?})"),
         (_, Some(_), _) => "killed by the host".to_string(),
+        (_, _, Some(ExitInfo::Trap { kind, .. })) if report.panic.is_some() => {
+            format!("panic, trap ({kind})")
+        }
         (_, _, Some(ExitInfo::Trap { kind, .. })) => format!("trap ({kind})"),
         (_, _, Some(exit)) => match exit.signal_name().or(exit.exception_name()) {
             Some(name) => name.to_string(),
             None => exit.to_string(),
         },
+        (_, _, None) if report.panic.is_some() => "panic".to_string(),
         (_, _, None) => "crashed".to_string(),
     };
-    let mut summary = match report.in_flight.first() {
+    match report.in_flight.first() {
         Some(method) => format!("{how} in `{method}`"),
         None => how,
-    };
-    if let Some(panic) = &report.panic {
-        summary.push_str(&format!(", panic {:?}", cut(panic, 24)));
     }
-    summary
 }
 
 fn first_line(text: &str) -> &str {
