@@ -26,6 +26,19 @@ pub const REQUIRED: [&str; 4] = ["callbacks", "faulty", "hello", "thumbnail"];
 /// The whole scenario's bound.
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// How a null-pointer write ends a worker, as its crash report names it.
+#[cfg(not(windows))]
+const SEGFAULT: &str = "SIGSEGV";
+/// How a null-pointer write ends a worker, as its crash report names it.
+#[cfg(windows)]
+const SEGFAULT: &str = "STATUS_ACCESS_VIOLATION";
+/// How `abort()` ends a worker, as its crash report names it.
+#[cfg(not(windows))]
+const ABORT: &str = "SIGABRT";
+/// How `abort()` ends a worker, as its crash report names it.
+#[cfg(windows)]
+const ABORT: &str = "STATUS_STACK_BUFFER_OVERRUN";
+
 /// How long a restart (or a quarantine) may take to be announced after a crash.
 const EVENT_WAIT: Duration = Duration::from_secs(10);
 
@@ -178,9 +191,8 @@ async fn tour(backend: &Backend) -> Result<usize, String> {
     let before = faulty.worker_pid();
     let outcome = call(backend, "faulty", "segfault", "null", None).await;
     let report = crashed(&outcome).map_err(|e| steps.failed(e))?;
-    #[cfg(unix)]
-    if report.exit.as_ref().and_then(|e| e.signal_name()) != Some("SIGSEGV") {
-        return Err(steps.failed(format!("expected SIGSEGV, the report says {report}")));
+    if fault_name(&report) != Some(SEGFAULT) {
+        return Err(steps.failed(format!("expected {SEGFAULT}, the report says {report}")));
     }
     let crash_took = outcome.took;
     let restart = wait_for(&events, |e| matches!(e, PluginEvent::Restarted { .. }))
@@ -243,9 +255,8 @@ async fn tour(backend: &Backend) -> Result<usize, String> {
     loop {
         let outcome = call(backend, "faulty", "abort", "null", None).await;
         let report = crashed(&outcome).map_err(|e| steps.failed(e))?;
-        #[cfg(unix)]
-        if report.exit.as_ref().and_then(|e| e.signal_name()) != Some("SIGABRT") {
-            return Err(steps.failed(format!("expected SIGABRT, the report says {report}")));
+        if fault_name(&report) != Some(ABORT) {
+            return Err(steps.failed(format!("expected {ABORT}, the report says {report}")));
         }
         crashes += 1;
         let mut quarantined = false;
@@ -313,6 +324,12 @@ async fn call(
             timeout,
         })
         .await
+}
+
+/// The signal (Unix) or exception status (Windows) that ended a worker.
+fn fault_name(report: &CrashReport) -> Option<&str> {
+    let exit = report.exit.as_ref()?;
+    exit.signal_name().or(exit.exception_name())
 }
 
 /// The crash report of a call that must have crashed.
