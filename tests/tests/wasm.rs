@@ -528,6 +528,37 @@ fn a_replacement_instance_comes_after_a_backoff_that_doubles_per_crash() {
     assert!(timed_echo(&plugin) < backoff);
 }
 
+/// As a crashed worker is restarted after its backoff, the instance a trap dropped is
+/// replaced after the backoff without waiting for a call: `Restarting` meanwhile (no other
+/// instance is ready), then a `Restarted` event and `Ready`.
+#[test]
+fn a_trapped_instance_is_replaced_after_the_backoff_without_a_call() {
+    let backoff = Duration::from_millis(300);
+    let mut m = wasm_manifest("faulty");
+    m.restart.backoff = backoff;
+    let plugin = run(host().load_manifest(m)).unwrap();
+    let events = plugin.subscribe();
+    panic_call(&plugin);
+    assert_eq!(plugin.status().state, PluginState::Restarting);
+    run(async {
+        match next_event(&events, Duration::from_secs(1)).await {
+            PluginEvent::Crashed(_) => {}
+            other => panic!("expected Crashed, got {other:?}"),
+        }
+        let started = Instant::now();
+        match next_event(&events, backoff + Duration::from_secs(3)).await {
+            PluginEvent::Restarted { restarts, .. } => assert_eq!(restarts, 1),
+            other => panic!("expected Restarted, got {other:?}"),
+        }
+        assert!(started.elapsed() + Duration::from_millis(50) >= backoff);
+    });
+    let status = plugin.status();
+    assert_eq!((status.state, status.restarts), (PluginState::Ready, 1));
+    assert!(status.uptime.unwrap() < backoff * 10, "{:?}", status.uptime);
+    // The replacement is in the pool: the next call does not wait.
+    assert!(timed_echo(&plugin) < backoff);
+}
+
 #[test]
 fn quarantine_after_max_crashes_until_enable() {
     let mut m = wasm_manifest("faulty");

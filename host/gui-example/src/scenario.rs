@@ -229,8 +229,8 @@ async fn tour(backend: &Backend) -> Result<usize, String> {
                 "expected a trap (unreachable) with the panic message, the report says {report}"
             )));
         }
-        // The fresh instance is made for the next call (after the restart backoff), and
-        // `Restarted` is sent then, not before.
+        // The fresh instance is made after the restart backoff (`Restarted`); the next call
+        // waits for it if it comes first.
         let next = call(backend, "faulty (wasm)", "echo", r#""still there?""#, None).await;
         if let Err(e) = &next.result {
             return Err(steps.failed(format!("the call after the trap failed: {e}")));

@@ -54,7 +54,6 @@ struct Pool {
     current: Arc<Generation>,
 }
 
-#[derive(Default)]
 struct State {
     stopped: bool,
     quarantined: Option<Arc<CrashReport>>,
@@ -64,6 +63,8 @@ struct State {
     not_before: Option<Instant>,
     /// A crash left the pool one instance short: the next one made is a restart.
     replacing: bool,
+    /// When the plugin was loaded, or last restarted after a crash.
+    started: Instant,
 }
 
 struct Inner {
@@ -87,7 +88,6 @@ struct Inner {
     crashes: AtomicU64,
     restarts: AtomicU64,
     in_flight: AtomicUsize,
-    loaded: Instant,
     /// Set once a shutdown's grace is over: calls still running stop at their next step,
     /// and waits on the host (host functions, stream items) give up.
     halt: CancelHandle,
@@ -146,12 +146,19 @@ impl Wasm {
             }),
             closed: AtomicBool::new(false),
             permits: Arc::new(smol::lock::Semaphore::new(size)),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                stopped: false,
+                quarantined: None,
+                last_crash: None,
+                crash_times: VecDeque::new(),
+                not_before: None,
+                replacing: false,
+                started: Instant::now(),
+            }),
             events: EventHub::default(),
             crashes: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            loaded: Instant::now(),
             halt: CancelHandle::new(),
         };
         Ok((
@@ -259,7 +266,7 @@ enum End {
 impl Inner {
     /// Counts a trap of an instance running `method` and applies the restart policy;
     /// returns the report.
-    fn crashed(&self, method: &str, trap: &Trap, uptime: Duration) -> Arc<CrashReport> {
+    fn crashed(self: &Arc<Self>, method: &str, trap: &Trap, uptime: Duration) -> Arc<CrashReport> {
         let restarts = self.restarts.load(Ordering::Relaxed);
         self.record(report(
             &self.name,
@@ -273,7 +280,7 @@ impl Inner {
 
     /// Counts a crash (a trap, or a replacement instance that failed to start) and
     /// applies the restart policy; returns the report, shared.
-    fn record(&self, report: CrashReport) -> Arc<CrashReport> {
+    fn record(self: &Arc<Self>, report: CrashReport) -> Arc<CrashReport> {
         let report = Arc::new(report);
         tracing::warn!(plugin = %self.name, "{}", report.headline());
         self.crashes.fetch_add(1, Ordering::Relaxed);
@@ -310,7 +317,57 @@ impl Inner {
             .min(policy.backoff_max);
         state.not_before = Some(now + backoff);
         state.replacing = true;
+        drop(state);
+        // As a worker is restarted: the replacement is made after the backoff, not only
+        // when the next call needs it.
+        smol::spawn(self.clone().replace_after(now + backoff)).detach();
         report
+    }
+
+    /// Makes the instance a crash asked for, at `at`, and puts it in the pool.
+    async fn replace_after(self: Arc<Self>, at: Instant) {
+        smol::Timer::at(at).await;
+        if self.refusal().is_some() || !lock(&self.state).replacing {
+            return;
+        }
+        let generation = lock(&self.pool).current.clone();
+        let inner = self.clone();
+        let made = Detached::new(blocking::unblock(move || {
+            inner.make(&generation).map(|i| (generation, i))
+        }))
+        .await;
+        if let Ok((generation, instance)) = made {
+            let mut pool = lock(&self.pool);
+            if !self.closed.load(Ordering::Acquire) && Arc::ptr_eq(&pool.current, &generation) {
+                pool.idle.push(instance);
+            }
+        }
+    }
+
+    /// Makes and creates an instance of `generation` (blocking); a failure counts as a crash
+    /// (and applies the restart policy).
+    fn make(self: &Arc<Self>, generation: &Generation) -> Result<Instance, Arc<CrashReport>> {
+        let plugin = self.name.to_string();
+        let made = match generation.code.instantiate(&plugin) {
+            Ok(mut instance) => match instance.create_plugin(&self.config, self.load_limit) {
+                Ok(Ok(())) => Ok(instance),
+                Ok(Err((_, message))) => Err(Err(LoadError::CreateFailed { plugin, message })),
+                Err(trap) => Err(Ok(trap)),
+            },
+            Err(Started::Load(e)) => Err(Err(e)),
+            Err(Started::Trap(t)) => Err(Ok(t)),
+        };
+        match made {
+            Ok(instance) => {
+                self.made_after_crash();
+                Ok(instance)
+            }
+            Err(Ok(trap)) => Err(self.crashed("create", &trap, Duration::ZERO)),
+            Err(Err(error)) => {
+                let restarts = self.restarts.load(Ordering::Relaxed);
+                Err(self.record(CrashReport::start_failure(&self.name, &error, restarts)))
+            }
+        }
     }
 
     /// Why calls cannot run now, if they cannot.
@@ -359,41 +416,24 @@ impl Inner {
         // The accounting happens on that thread too, so that a caller who gives up while the
         // instance is being made does not lose a crash or a restart.
         let method = method.to_string();
-        Detached::new(blocking::unblock(move || {
-            let plugin = inner.name.to_string();
-            let made = match generation.code.instantiate(&plugin) {
-                Ok(mut instance) => match instance.create_plugin(&inner.config, inner.load_limit) {
-                    Ok(Ok(())) => Ok(instance),
-                    Ok(Err((_, message))) => Err(Err(LoadError::CreateFailed { plugin, message })),
-                    Err(trap) => Err(Ok(trap)),
-                },
-                Err(Started::Load(e)) => Err(Err(e)),
-                Err(Started::Trap(t)) => Err(Ok(t)),
-            };
-            let report = match made {
-                Ok(instance) => {
-                    inner.made_after_crash();
-                    return Ok((generation, instance));
-                }
-                Err(Ok(trap)) => inner.crashed("create", &trap, Duration::ZERO),
-                Err(Err(error)) => {
-                    let restarts = inner.restarts.load(Ordering::Relaxed);
-                    inner.record(CrashReport::start_failure(&inner.name, &error, restarts))
-                }
-            };
-            Err(CallError::Crashed {
+        Detached::new(blocking::unblock(move || match inner.make(&generation) {
+            Ok(instance) => Ok((generation, instance)),
+            Err(report) => Err(CallError::Crashed {
                 plugin: inner.name.to_string(),
                 method,
                 report,
-            })
+            }),
         }))
         .await
     }
 
     /// A new instance is ready: if a crash asked for it, that is a restart.
     fn made_after_crash(&self) {
-        let restarted = std::mem::take(&mut lock(&self.state).replacing);
+        let mut state = lock(&self.state);
+        let restarted = std::mem::take(&mut state.replacing);
         if restarted {
+            state.started = Instant::now();
+            drop(state);
             let restarts = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::info!(plugin = %self.name, "instance replaced after a crash");
             self.events.emit(PluginEvent::Restarted {
@@ -406,7 +446,7 @@ impl Inner {
     /// Ends a call: the instance goes back to the pool, or (after a trap) is dropped and
     /// the crash counted.
     fn end(
-        &self,
+        self: &Arc<Self>,
         method: &str,
         generation: Arc<Generation>,
         running: Running,
@@ -690,10 +730,13 @@ impl Backend for Wasm {
             PluginState::Stopped
         } else if state.quarantined.is_some() {
             PluginState::Quarantined
+        } else if state.replacing && lock(&inner.pool).idle.is_empty() {
+            // A crash asked for a replacement and no other instance is ready to serve.
+            PluginState::Restarting
         } else {
             PluginState::Ready
         };
-        let uptime = Some(inner.loaded.elapsed());
+        let uptime = Some(state.started.elapsed());
         BackendStatus {
             state: plugin_state,
             crashes: inner.crashes.load(Ordering::Relaxed),
