@@ -59,8 +59,6 @@ struct State {
     quarantined: Option<Arc<CrashReport>>,
     last_crash: Option<Arc<CrashReport>>,
     crash_times: VecDeque<Instant>,
-    /// No instance is made before this (the backoff after a crash).
-    not_before: Option<Instant>,
     /// A crash left the pool one instance short: the next one made is a restart.
     replacing: bool,
     /// When the plugin was loaded, or last restarted after a crash.
@@ -81,6 +79,9 @@ struct Inner {
     /// Stopped or quarantined (the details are in `state`): checked before every call
     /// without taking a lock.
     closed: AtomicBool,
+    /// Notified when a replacement instance after a crash is made (or failed), and at
+    /// quarantine and shutdown: calls waiting for it look again.
+    replaced: event_listener::Event,
     /// One permit per instance the pool may run at once.
     permits: Arc<smol::lock::Semaphore>,
     state: Mutex<State>,
@@ -145,13 +146,13 @@ impl Wasm {
                 current: Arc::new(Generation { code }),
             }),
             closed: AtomicBool::new(false),
+            replaced: event_listener::Event::new(),
             permits: Arc::new(smol::lock::Semaphore::new(size)),
             state: Mutex::new(State {
                 stopped: false,
                 quarantined: None,
                 last_crash: None,
                 crash_times: VecDeque::new(),
-                not_before: None,
                 replacing: false,
                 started: Instant::now(),
             }),
@@ -307,6 +308,7 @@ impl Inner {
             self.closed.store(true, Ordering::Release);
             drop(state);
             lock(&self.pool).idle.clear();
+            self.replaced.notify(usize::MAX);
             self.events.emit(PluginEvent::Quarantined(report.clone()));
             return report;
         }
@@ -315,7 +317,6 @@ impl Inner {
             .backoff
             .saturating_mul(factor)
             .min(policy.backoff_max);
-        state.not_before = Some(now + backoff);
         state.replacing = true;
         drop(state);
         // As a worker is restarted: the replacement is made after the backoff, not only
@@ -342,6 +343,9 @@ impl Inner {
                 pool.idle.push(instance);
             }
         }
+        // Made, or failed (then another replacement is due, or the plugin is quarantined):
+        // calls waiting for it look again.
+        self.replaced.notify(usize::MAX);
     }
 
     /// Makes and creates an instance of `generation` (blocking); a failure counts as a crash
@@ -396,22 +400,27 @@ impl Inner {
         self: &Arc<Self>,
         method: &str,
     ) -> Result<(Arc<Generation>, Instance), CallError> {
-        let generation = {
-            let mut pool = lock(&self.pool);
-            if let Some(instance) = pool.idle.pop() {
-                return Ok((pool.current.clone(), instance));
+        let generation = loop {
+            let generation = {
+                let mut pool = lock(&self.pool);
+                if let Some(instance) = pool.idle.pop() {
+                    return Ok((pool.current.clone(), instance));
+                }
+                pool.current.clone()
+            };
+            if let Some(refused) = self.refusal() {
+                return Err(refused);
             }
-            pool.current.clone()
+            // A crash asked for a replacement (made after the backoff): wait for it, as
+            // calls wait for a restarting worker, rather than make another.
+            let replaced = self.replaced.listen();
+            if !lock(&self.state).replacing {
+                break generation;
+            }
+            if lock(&self.pool).idle.is_empty() && self.refusal().is_none() {
+                replaced.await;
+            }
         };
-        let wait = lock(&self.state).not_before;
-        if let Some(at) = wait {
-            if at > Instant::now() {
-                smol::Timer::at(at).await;
-            }
-        }
-        if let Some(refused) = self.refusal() {
-            return Err(refused);
-        }
         let inner = self.clone();
         // The accounting happens on that thread too, so that a caller who gives up while the
         // instance is being made does not lose a crash or a restart.
@@ -713,6 +722,7 @@ impl Backend for Wasm {
         Box::pin(async move {
             lock(&inner.state).stopped = true;
             inner.closed.store(true, Ordering::Release);
+            inner.replaced.notify(usize::MAX);
             let deadline = Instant::now() + grace;
             while inner.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
                 smol::Timer::after(Duration::from_millis(2)).await;
@@ -777,7 +787,6 @@ impl Backend for Wasm {
             }
             state.crash_times.clear();
             inner.closed.store(false, Ordering::Release);
-            state.not_before = None;
             state.replacing = false;
             drop(state);
             tracing::info!(plugin = %inner.name, "re-enabled");
