@@ -50,3 +50,66 @@ impl Rng {
         self.below(1usize << k)
     }
 }
+
+/// Runs `cmd` with stdout and stderr captured, killing it if it runs longer than `limit`
+/// (on Unix, its whole process group: it starts one of its own, so what it started goes
+/// too). Returns its exit status (`None` if it was killed for taking too long) and its
+/// output (stdout then stderr).
+pub fn output_with_limit(
+    cmd: &mut std::process::Command,
+    limit: std::time::Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::io::Read;
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(cmd, 0);
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = pipe.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    })
+    .collect();
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            #[cfg(unix)]
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // The pipes close when the child and anything that inherited them are gone; a
+    // grandchild keeping them open must not hang the test.
+    let mut output = String::new();
+    for reader in readers {
+        let until = deadline.max(std::time::Instant::now()) + std::time::Duration::from_secs(5);
+        while !reader.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if reader.is_finished() {
+            output.push_str(&reader.join().unwrap());
+        } else {
+            output.push_str("\n[output pipe still open 5 s after the child exited]\n");
+        }
+    }
+    (status, output)
+}

@@ -516,20 +516,14 @@ impl Host {
                         "`instances` and `idle_timeout` apply to untrusted plugins only; this one runs in-process, once"
                     );
                 }
-                let path = library.clone();
-                let for_backend = imports.clone();
-                let (backend, info, manifest) = blocking::unblock(move || {
-                    InProcess::load(&manifest, &path, for_backend).map(|(b, i)| (b, i, manifest))
-                })
-                .await?;
-                tracing::info!(plugin = %info.name, version = %info.version, "loaded in-process");
-                Ok(Plugin::new(
+                load_in_host(
                     manifest,
                     library,
-                    info,
                     grant,
-                    Box::new(backend),
-                ))
+                    "loaded in-process",
+                    move |m, path| InProcess::load(m, path, imports),
+                )
+                .await
             }
             Trust::Untrusted => {
                 self.load_isolated(manifest, library, grant, imports.clone())
@@ -547,20 +541,14 @@ impl Host {
         grant: Grant,
         imports: Arc<crate::host_fn::Imports>,
     ) -> Result<Plugin, Error> {
-        use crate::backend::wasm::Wasm;
-        let path = library.clone();
-        let (backend, info, manifest) = blocking::unblock(move || {
-            Wasm::load(&manifest, &path, imports).map(|(b, i)| (b, i, manifest))
-        })
-        .await?;
-        tracing::info!(plugin = %info.name, version = %info.version, "loaded as WebAssembly");
-        Ok(Plugin::new(
+        load_in_host(
             manifest,
             library,
-            info,
             grant,
-            Box::new(backend),
-        ))
+            "loaded as WebAssembly",
+            move |m, path| crate::backend::wasm::Wasm::load(m, path, imports),
+        )
+        .await
     }
 
     #[cfg(not(feature = "wasm"))]
@@ -638,4 +626,28 @@ impl Host {
     pub fn load_blocking(&self, path: impl AsRef<Path>) -> Result<Plugin, Error> {
         futures_lite::future::block_on(self.load(path))
     }
+}
+
+/// Loads a plugin that runs in the host process (in-process native, or WebAssembly):
+/// `load` runs on the `blocking` pool (it reads files and runs the plugin's `create`).
+async fn load_in_host<B: crate::backend::Backend + 'static>(
+    manifest: Manifest,
+    library: PathBuf,
+    grant: Grant,
+    loaded: &'static str,
+    load: impl FnOnce(&Manifest, &Path) -> Result<(B, crate::plugin::PluginInfo), LoadError>
+        + Send
+        + 'static,
+) -> Result<Plugin, Error> {
+    let path = library.clone();
+    let (backend, info, manifest) =
+        blocking::unblock(move || load(&manifest, &path).map(|(b, i)| (b, i, manifest))).await?;
+    tracing::info!(plugin = %info.name, version = %info.version, "{loaded}");
+    Ok(Plugin::new(
+        manifest,
+        library,
+        info,
+        grant,
+        Box::new(backend),
+    ))
 }

@@ -8,12 +8,11 @@
 #![cfg(target_os = "linux")]
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use plugin_host_tests::{E2E_DIR, WASM_DIR};
+use plugin_host_tests::{output_with_limit, E2E_DIR, WASM_DIR};
 use plugin_manager::style::{QUARANTINED, READY};
 use plugin_manager::ui::DETAILS_HEIGHT;
 use plugin_manager::WINDOW_SIZE;
@@ -37,7 +36,7 @@ fn the_tour_passes_and_its_screenshot_shows_ready_and_quarantined_plugins() {
     std::fs::create_dir_all(&dir).unwrap();
     let png = dir.join("tour.png");
     let started = Instant::now();
-    let (status, output) = run_with_limit(
+    let (status, output) = output_with_limit(
         Command::new("xvfb-run")
             .args(["-a", "-s", "-screen 0 1024x768x24"])
             .arg(env!("CARGO_BIN_EXE_plugin-manager"))
@@ -120,57 +119,4 @@ fn decode(path: &Path) -> Image {
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-}
-
-/// Runs `cmd` in a process group of its own, output captured; kills the whole group (the
-/// X server and the app included) if it runs longer than `limit`. Returns its status
-/// (`None`: killed) and its stdout then stderr.
-fn run_with_limit(cmd: &mut Command, limit: Duration) -> (Option<ExitStatus>, String) {
-    use std::os::unix::process::CommandExt;
-    let mut child = cmd
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .into_iter()
-    .map(|mut pipe| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            let _ = pipe.read_to_end(&mut text);
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    })
-    .collect();
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let group = format!("-{}", child.id());
-            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut output = String::new();
-    for reader in readers {
-        // A grandchild still holding a pipe must not hang the test either.
-        let until = Instant::now() + Duration::from_secs(5);
-        while !reader.is_finished() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match reader.is_finished() {
-            true => output.push_str(&reader.join().unwrap()),
-            false => output.push_str("\n[an output pipe is still open 5 s after the exit]\n"),
-        }
-    }
-    (status, output)
 }

@@ -472,61 +472,9 @@ pub fn plugin_process(relay: u32) -> u32 {
     })
 }
 
-/// Runs `cmd` with stdout and stderr captured, killing it if it runs longer than `limit`.
-/// Returns its exit status (`None` if it was killed for taking too long) and its output
-/// (stdout then stderr).
-pub fn output_with_limit(
-    cmd: &mut std::process::Command,
-    limit: Duration,
-) -> (Option<std::process::ExitStatus>, String) {
-    use std::io::Read;
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .into_iter()
-    .map(|mut pipe| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            let _ = pipe.read_to_end(&mut text);
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    })
-    .collect();
-    let deadline = std::time::Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // The pipes close when the child and anything that inherited them are gone; a
-    // grandchild keeping them open must not hang the test.
-    let mut output = String::new();
-    for reader in readers {
-        let until = deadline.max(std::time::Instant::now()) + Duration::from_secs(5);
-        while !reader.is_finished() && std::time::Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if reader.is_finished() {
-            output.push_str(&reader.join().unwrap());
-        } else {
-            output.push_str("\n[output pipe still open 5 s after the child exited]\n");
-        }
-    }
-    (status, output)
-}
+// Shared with the desktop app's test (not every test binary here uses it).
+#[allow(unused_imports)]
+pub use plugin_host_tests::output_with_limit;
 
 /// A field of `/proc/self/status` in bytes (`VmRSS`, `VmHWM`, ...) (Linux).
 #[cfg(target_os = "linux")]

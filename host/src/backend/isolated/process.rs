@@ -500,11 +500,8 @@ fn drain_stderr(
                 continue;
             }
         }
-        let n = match pipe.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
+        let Some(n) = read_some(&mut pipe, &mut chunk) else {
+            break;
         };
         sink.take(&chunk[..n]);
     }
@@ -524,16 +521,23 @@ fn drain_stderr(
 ) {
     let mut sink = Lines::new(plugin, stderr, keep);
     let mut chunk = vec![0u8; STDERR_CHUNK];
-    loop {
-        let n = match pipe.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
+    while let Some(n) = read_some(&mut pipe, &mut chunk) {
         sink.take(&chunk[..n]);
     }
     sink.finish();
+}
+
+/// One read of the stderr pipe: `Some(bytes read)`, or `None` at end of file or on an
+/// error (an interrupted read is retried).
+fn read_some(pipe: &mut std::process::ChildStderr, chunk: &mut [u8]) -> Option<usize> {
+    loop {
+        return match pipe.read(chunk) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => None,
+        };
+    }
 }
 
 /// Where the stderr reader's bytes go: split into lines, each logged and kept.
