@@ -63,8 +63,17 @@ impl std::fmt::Display for FrameError {
 
 /// Encodes the length prefix and header for a frame whose payload is `payload_len` bytes.
 pub fn encode_head(message: &Message, payload_len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; 8];
-    rmp_serde::encode::write_named(&mut out, message).expect("messages always encode");
+    let mut out = Vec::new();
+    encode_head_into(&mut out, message, payload_len);
+    out
+}
+
+/// [`encode_head`] into `out` (cleared first), so a sender can reuse one buffer; takes
+/// any message type that encodes like a [`Message`] (such as [`CallHead`](crate::CallHead)).
+pub fn encode_head_into(out: &mut Vec<u8>, message: &impl serde::Serialize, payload_len: usize) {
+    out.clear();
+    out.extend_from_slice(&[0u8; 8]);
+    rmp_serde::encode::write_named(out, message).expect("messages always encode");
     let head_len = out.len() - 8;
     let body_len = 4 + head_len + payload_len;
     // Both sides check payloads against the negotiated limit (at most 2 GiB) first.
@@ -74,7 +83,6 @@ pub fn encode_head(message: &Message, payload_len: usize) -> Vec<u8> {
     );
     out[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[4..8].copy_from_slice(&(head_len as u32).to_le_bytes());
-    out
 }
 
 /// Checks a body length read from the wire.
@@ -429,6 +437,33 @@ mod tests {
         let mut out = encode_head(message, payload.len());
         out.extend_from_slice(payload);
         out
+    }
+
+    #[test]
+    fn a_borrowed_call_head_encodes_exactly_as_the_message() {
+        let long = "m".repeat(300);
+        for (id, method, window, window_bytes) in [
+            (0, "echo", 0, 0),
+            (u64::MAX, "", 0, 0),
+            (1 << 40, long.as_str(), 16, 1 << 20),
+            (7, "stream", 4, 0),
+        ] {
+            let message = Message::Call {
+                id,
+                method: method.into(),
+                window,
+                window_bytes,
+            };
+            let head = crate::CallHead {
+                id,
+                method,
+                window,
+                window_bytes,
+            };
+            let mut out = vec![1, 2, 3];
+            encode_head_into(&mut out, &head, 5);
+            assert_eq!(out, encode_head(&message, 5), "{message:?}");
+        }
     }
 
     #[test]

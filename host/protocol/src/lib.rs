@@ -240,6 +240,24 @@ pub enum Message {
     Unknown,
 }
 
+/// The header of a [`Message::Call`] with the method borrowed: it encodes to exactly the
+/// bytes the message does (same `kind`, fields and order), without building a `String`
+/// on every call.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(tag = "kind", rename = "call")]
+pub struct CallHead<'a> {
+    /// As in [`Message::Call`].
+    pub id: u64,
+    /// As in [`Message::Call`].
+    pub method: &'a str,
+    /// As in [`Message::Call`].
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub window: u32,
+    /// As in [`Message::Call`].
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub window_bytes: u64,
+}
+
 fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }

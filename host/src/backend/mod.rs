@@ -293,10 +293,12 @@ pub(crate) fn outcome(
     code: i32,
     bytes: Vec<u8>,
 ) -> Result<Vec<u8>, CallError> {
+    if code == status::OK {
+        return Ok(bytes);
+    }
     let text = || String::from_utf8_lossy(&bytes).into_owned();
     let (plugin, method) = (plugin.to_string(), method.to_string());
     match code {
-        status::OK => Ok(bytes),
         status::ERROR => Err(CallError::Plugin {
             plugin,
             method,

@@ -28,8 +28,8 @@ use crate::cancel::CancelHandle;
 use crate::host_fn::{HostCallInfo, Imports};
 use crate::loader::emit_log;
 use crate::plugin::Progress;
-use crate::protocol::frame::{encode_head, Frame, FrameBuffer, FrameError};
-use crate::protocol::Message;
+use crate::protocol::frame::{encode_head, encode_head_into, Frame, FrameBuffer, FrameError};
+use crate::protocol::{CallHead, Message};
 use plugin_api::abi::host_status;
 
 /// Why a connection is no longer usable.
@@ -108,8 +108,10 @@ struct Pending {
     waker: Option<Waker>,
     reply: Option<(i32, Vec<u8>)>,
     progress: Option<ProgressFn>,
-    /// Fires when the call is over for its caller: its host calls are cancelled.
-    cancel: CancelHandle,
+    /// Fires when the call is over for its caller: its host calls are cancelled. Made
+    /// with the call's first host call (most calls make none), or when its caller gives
+    /// up first.
+    cancel: Option<CancelHandle>,
     /// A streaming call's items and window.
     stream: Option<StreamState>,
     /// The call's input buffer, once sent: a large reply is read into it (its pages are
@@ -158,8 +160,31 @@ const HOST_CALLS_CUTOFF: usize = 2 * HOST_CALLS_MAX;
 /// it is refused with `LIMIT`.
 const HOST_CALL_BYTES_MAX: u64 = 64 << 20;
 
+/// Hashes the call ids the host chose (sequential, never picked by the worker) with one
+/// multiplication: the default hasher costs more than the rest of a lookup.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 struct State {
-    pending: HashMap<u64, Pending>,
+    /// Calls waiting for their reply, by id. Only the host inserts (ids it chose); the
+    /// worker's ids are only looked up.
+    pending: IdMap<Pending>,
     reader_busy: bool,
     /// Bumped whenever the reader role changes hands, so a holder knows if it lost it.
     reader_epoch: u64,
@@ -197,7 +222,8 @@ struct HostCallRequest {
 
 pub(crate) struct Conn {
     stream: Link,
-    write_lock: Arc<smol::lock::Mutex<()>>,
+    /// Held while a frame is written; its buffer is scratch space for frame headers.
+    write_lock: Arc<smol::lock::Mutex<Vec<u8>>>,
     state: Mutex<State>,
     plugin: Arc<str>,
     on_close: Box<dyn Fn(&CloseReason) + Send + Sync>,
@@ -227,9 +253,9 @@ impl Conn {
     ) -> Conn {
         Conn {
             stream,
-            write_lock: Arc::new(smol::lock::Mutex::new(())),
+            write_lock: Arc::new(smol::lock::Mutex::new(Vec::new())),
             state: Mutex::new(State {
-                pending: HashMap::new(),
+                pending: IdMap::default(),
                 reader_busy: false,
                 reader_epoch: 0,
                 reader_seen: Instant::now(),
@@ -515,7 +541,9 @@ impl Conn {
         (self.on_close)(&reason);
         state.closed = Some(Closed { reason, in_flight });
         for pending in state.pending.values_mut() {
-            pending.cancel.cancel();
+            if let Some(cancel) = &pending.cancel {
+                cancel.cancel();
+            }
             if let Some(w) = pending.waker.take() {
                 w.wake();
             }
@@ -541,7 +569,7 @@ impl Conn {
             waker: None,
             reply: None,
             progress,
-            cancel: CancelHandle::new(),
+            cancel: None,
             stream,
             spare: None,
         };
@@ -589,6 +617,138 @@ impl Conn {
             return Err(closed);
         }
         Ok(guard)
+    }
+
+    /// A call by the shortest path (shared memory only): written at once when nothing
+    /// else is being written and the frame fits in the request ring, then, if no other
+    /// call holds the reader role, its reply awaited by spinning on the reply ring on this
+    /// thread (no timer, no waker, no system call) for as long as [`HOST_SPIN`], the
+    /// deadline or a cancellation allow. A reply that does not come by then is awaited
+    /// like any other, with the guard returned ([`Lone::Waiting`], reader role kept).
+    /// Whatever else arrives meanwhile (other calls' replies, logs, host calls) is
+    /// delivered as usual.
+    ///
+    /// `input` is taken once the frame is written (a large reply goes into its memory).
+    #[cfg(target_os = "linux")]
+    pub fn call_lone(
+        self: &Arc<Self>,
+        id: u64,
+        method: &str,
+        input: &mut Vec<u8>,
+        progress: Option<ProgressFn>,
+        deadline: Instant,
+        cancel: Option<&CancelHandle>,
+    ) -> Lone {
+        let Some(link) = self.link() else {
+            return Lone::NotTaken;
+        };
+        let Some(mut write) = self.write_lock.try_lock() else {
+            return Lone::NotTaken;
+        };
+        let call = CallHead {
+            id,
+            method,
+            window: 0,
+            window_bytes: 0,
+        };
+        encode_head_into(&mut write, &call, input.len());
+        let head = &write[..];
+        let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = tx
+            .unread()
+            .is_ok_and(|unread| link.region.capacity() - unread >= head.len() + input.len());
+        if !fits {
+            return Lone::NotTaken;
+        }
+        let mut guard = {
+            let mut state = self.lock();
+            if state.closed.is_some() {
+                return Lone::NotTaken;
+            }
+            let read = !state.reader_busy && state.buf.is_some();
+            state.pending.insert(
+                id,
+                Pending {
+                    method: method.to_string(),
+                    waker: None,
+                    reply: None,
+                    progress,
+                    cancel: None,
+                    stream: None,
+                    spare: None,
+                },
+            );
+            state.max_issued = state.max_issued.max(id);
+            if read {
+                state.reader_busy = true;
+                state.reader_epoch += 1;
+                state.reader_seen = Instant::now();
+            }
+            CallGuard {
+                conn: self.clone(),
+                id,
+                reader: read,
+                epoch: state.reader_epoch,
+                answered: false,
+            }
+        };
+        // The ring had room for the whole frame and only the worker reads it (making
+        // more room): it goes in whole, or the worker broke the ring.
+        match tx.try_write(&[head, input]) {
+            Ok(n) if n == head.len() + input.len() => {}
+            Ok(_) => unreachable!("the free space was checked under the write lock"),
+            Err(e) => {
+                // The worker moved a position it does not own: cut off. The call never
+                // reached it, so it may go to another worker (`call` says closed).
+                drop(tx);
+                self.close(CloseReason::Protocol(e.to_string()));
+                guard.answered = true;
+                return Lone::NotTaken;
+            }
+        }
+        drop(tx);
+        self.kick_worker(link);
+        drop(write);
+        if input.capacity() >= SPARE_MIN {
+            guard.give_buffer(std::mem::take(input));
+        }
+        if !guard.reader {
+            return Lone::Waiting(guard);
+        }
+        let cancelled = || cancel.is_some_and(CancelHandle::is_cancelled);
+        // One bound for the whole spin, however many other frames arrive meanwhile.
+        let until = (Instant::now() + HOST_SPIN).min(deadline);
+        loop {
+            let limit = until.saturating_duration_since(Instant::now());
+            if limit.is_zero() {
+                return Lone::Waiting(guard);
+            }
+            let ready =
+                || link.rx.lock().unwrap_or_else(|e| e.into_inner()).has_data() || cancelled();
+            if !link
+                .region
+                .spin_until(crate::protocol::shm::Side::Host, limit, ready)
+                || cancelled()
+            {
+                return Lone::Waiting(guard);
+            }
+            let Some(mut buf) = self.lock().buf.take() else {
+                return Lone::Waiting(guard);
+            };
+            let (frames, failure, _) = self.read_available(&mut buf, true);
+            self.deliver(buf, frames, failure);
+            let mut state = self.lock();
+            let answer = match state.pending.get_mut(&id).and_then(|p| p.reply.take()) {
+                Some(reply) => Ok(reply),
+                None => match &state.closed {
+                    Some(closed) => Err(closed.clone()),
+                    None => continue,
+                },
+            };
+            drop(state);
+            guard.answered = true;
+            return Lone::Done(answer);
+        }
     }
 
     /// Pings the worker and waits for its `Pong`.
@@ -881,13 +1041,13 @@ impl Conn {
                 ),
             )
         } else {
-            match state.pending.get(&id) {
+            match state.pending.get_mut(&id) {
                 Some(p) if id & PING_BIT == 0 && p.reply.is_none() => {
                     let call = HostCallInfo {
                         function: name.clone(),
                         method: p.method.clone(),
                         call_id: id,
-                        cancel: p.cancel.clone(),
+                        cancel: p.cancel.get_or_insert_with(CancelHandle::new).clone(),
                     };
                     Ok((call, input))
                 }
@@ -966,7 +1126,7 @@ impl Conn {
 /// A frame being written. Dropped half-way, it hands the rest to a background task.
 struct FrameWrite<'a> {
     conn: &'a Arc<Conn>,
-    lock: Option<smol::lock::MutexGuardArc<()>>,
+    lock: Option<smol::lock::MutexGuardArc<Vec<u8>>>,
     a: &'a [u8],
     b: &'a [u8],
     started: bool,
@@ -1020,6 +1180,19 @@ impl Drop for FrameWrite<'_> {
     }
 }
 
+/// How [`Conn::call_lone`] went.
+#[cfg(target_os = "linux")]
+pub(crate) enum Lone {
+    /// The call is over: its reply, or why the connection closed after it was sent.
+    Done(Result<(i32, Vec<u8>), Closed>),
+    /// Sent, not answered yet: wait for the reply with the guard.
+    Waiting(CallGuard),
+    /// Not sent (another frame is being written, the ring is too full, the connection
+    /// is closed or was just cut off for a broken ring): send it with [`Conn::call`],
+    /// which says whether the connection is closed.
+    NotTaken,
+}
+
 /// One waiting call. Dropping it removes the call and passes on the reader role.
 pub(crate) struct CallGuard {
     conn: Arc<Conn>,
@@ -1053,8 +1226,9 @@ impl CallGuard {
     /// The caller gave up on the call but the guard lives on (to see the worker finish
     /// it): cancel its host calls now.
     pub fn cancel_host_calls(&self) {
-        if let Some(p) = self.conn.lock().pending.get(&self.id) {
-            p.cancel.cancel();
+        if let Some(p) = self.conn.lock().pending.get_mut(&self.id) {
+            // Made now if it had no host call yet: later ones start cancelled.
+            p.cancel.get_or_insert_with(CancelHandle::new).cancel();
         }
     }
 
@@ -1141,9 +1315,9 @@ impl Drop for CallGuard {
     fn drop(&mut self) {
         let mut state = self.conn.lock();
         let removed = state.pending.remove(&self.id);
-        if let Some(p) = &removed {
+        if let Some(cancel) = removed.as_ref().and_then(|p| p.cancel.as_ref()) {
             // Whatever host calls it still has are moot now.
-            p.cancel.cancel();
+            cancel.cancel();
         }
         let abandoned = removed.is_some_and(|p| p.reply.is_none())
             && !self.answered

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 
+#[cfg(target_os = "linux")]
+use super::conn::Lone;
 use super::conn::{CallGuard, CloseReason, Closed, StreamState};
 use super::{start, Spec, Worker};
 use crate::backend::{
@@ -690,12 +692,18 @@ impl Backend for Isolated {
             // One timer for every phase (each timer costs the reactor a syscall).
             let mut timer = smol::Timer::at(deadline);
             let (lease, mut guard) = loop {
-                let acquired = race(
-                    inner.acquire(deadline, &call.method, call.deadline),
-                    &mut timer,
-                    cancel,
-                )
-                .await;
+                // A free worker at once (the usual case) needs no race with the timer.
+                let acquired = match inner.pick() {
+                    Pick::Leased(lease) => Race::Done(Ok(lease)),
+                    _ => {
+                        race(
+                            inner.acquire(deadline, &call.method, call.deadline),
+                            &mut timer,
+                            cancel,
+                        )
+                        .await
+                    }
+                };
                 let lease = match acquired {
                     Race::Done(lease) => lease?,
                     Race::Deadline => return Err(timeout(plugin, &call.method, call.deadline)),
@@ -706,6 +714,37 @@ impl Backend for Isolated {
                 // finishes it, and dropping the unsent call's guard tells the worker to
                 // cancel it.
                 let conn = lease.worker.conn.clone();
+                #[cfg(target_os = "linux")]
+                if call.stream.is_none() {
+                    let lone = conn.call_lone(
+                        call.id,
+                        &call.method,
+                        &mut call.input,
+                        call.progress.clone(),
+                        deadline,
+                        cancel,
+                    );
+                    match lone {
+                        Lone::Done(Ok((status, bytes))) => {
+                            let worker = lease.worker.clone();
+                            drop(lease);
+                            return outcome(
+                                plugin,
+                                &call.method,
+                                &worker.desc.methods,
+                                status,
+                                bytes,
+                            );
+                        }
+                        Lone::Done(Err(closed)) => {
+                            let worker = lease.worker.clone();
+                            drop(lease);
+                            return Err(inner.closed_error(&worker, &closed, &call.method).await);
+                        }
+                        Lone::Waiting(guard) => break (lease, guard),
+                        Lone::NotTaken => {}
+                    }
+                }
                 let sent = race(
                     conn.call(
                         call.id,
