@@ -5,7 +5,11 @@
 //! cargo build --release --workspace
 //! ./target/release/examples/echo_loop plugins/hello/plugin.toml 20000        # 16 B calls
 //! ./target/release/examples/echo_loop plugins/hello/plugin.toml 500 1048576  # 1 MiB calls
+//! ./target/release/examples/echo_loop plugins/hello/plugin.toml 20000 16 warm # one CPU kept busy
 //! ```
+//!
+//! `warm` keeps one CPU busy with a spinning thread meanwhile (as `plugin-host bench
+//! --warm` does): the host and its worker then mostly share the other CPU.
 
 use std::time::Instant;
 
@@ -18,6 +22,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "plugins/hello/plugin.toml".into());
     let calls: u32 = args.next().map_or(Ok(10_000), |n| n.parse())?;
     let size: usize = args.next().map_or(Ok(16), |n| n.parse())?;
+    let warm = args.next().is_some_and(|a| a == "warm");
+    let spinning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(warm));
+    let spinner = warm.then(|| {
+        let spinning = spinning.clone();
+        std::thread::spawn(move || {
+            while spinning.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    });
     let exe_dir = std::env::current_exe()?
         .parent()
         .map(|d| d.join(".."))
@@ -26,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .search_path(&exe_dir)
         .worker_shim(exe_dir.join("worker-shim"))
         .build()?;
-    smol::block_on(async {
+    let result = smol::block_on(async {
         let plugin = host.load(&manifest).await?;
         let payload = vec![7u8; size];
         let started = Instant::now();
@@ -42,5 +56,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         plugin.shutdown().await;
         Ok(())
-    })
+    });
+    spinning.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(spinner) = spinner {
+        let _ = spinner.join();
+    }
+    result
 }
