@@ -191,3 +191,45 @@ fn an_idle_shared_memory_worker_sleeps() {
     let out = run_with_limit(QUICK, plugin.call_raw("echo", b"awake".to_vec())).unwrap();
     assert_eq!(out, b"awake");
 }
+
+#[test]
+fn a_call_behind_a_long_call_runs_at_once_on_another_worker_thread() {
+    // The worker's reader goes off to run a long call without waking another thread (the
+    // lazy hand-off): a call written meanwhile waits only a short delay before the host
+    // wakes a standby thread for it, never for the long call to end (nor for an idle
+    // thread's own look, once a second). Each round leaves the reader running a new long
+    // call; over the socket a thread takes over reading at once.
+    const ROUNDS: u32 = 3;
+    const LONG_MS: u64 = 2500;
+    const AT_ONCE: Duration = Duration::from_millis(150);
+    for transport in [Transport::SharedMemory, Transport::Socket] {
+        let host = host_with(Some(transport));
+        let mut m = common::manifest("faulty", Trust::Untrusted);
+        m.limits.concurrency = ROUNDS + 1;
+        let plugin = run_with_limit(QUICK, host.load_manifest(m)).unwrap();
+        assert_eq!(transport_of(&plugin), Some(transport));
+        let mut long = Vec::new();
+        let mut took = Vec::new();
+        for round in 0..ROUNDS {
+            let caller = plugin.clone();
+            long.push(std::thread::spawn(move || {
+                let input = serde_json::json!({ "ms": LONG_MS });
+                run_with_limit(QUICK, caller.call::<_, u64>("sleep", &input))
+            }));
+            // The long call is running (its worker thread asleep in the plugin).
+            std::thread::sleep(Duration::from_millis(200));
+            let started = std::time::Instant::now();
+            let out = run_with_limit(QUICK, plugin.call_raw("echo", vec![round as u8; 16]));
+            took.push(started.elapsed());
+            assert_eq!(out.unwrap(), vec![round as u8; 16], "{transport:?}");
+        }
+        assert!(
+            took.iter().all(|t| *t < AT_ONCE),
+            "{transport:?}: the calls behind a long one took {took:?}"
+        );
+        for call in long {
+            assert_eq!(call.join().unwrap().unwrap(), LONG_MS, "{transport:?}");
+        }
+        assert_eq!(plugin.status().crashes, 0, "{transport:?}");
+    }
+}

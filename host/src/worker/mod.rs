@@ -13,9 +13,13 @@
 //! queue that finishing threads drain first.
 //!
 //! With shared memory ([`shm`](crate::protocol::shm)), the hand-off of the reader role is
-//! lazy: the thread that reads a `Call` leaves the role vacant and runs the call; nobody
-//! is woken unless the host has a frame that must not wait for that call to end, and then
-//! the host wakes one standby thread through the region.
+//! lazy: the thread that reads a `Call` leaves the role vacant and runs the call, and takes
+//! the role back before it sends the reply (unless calls are queued, or another thread
+//! took it). Nobody is woken for the calls that wait in the ring meanwhile: a short call
+//! ends first, and its thread reads them. A standby thread is woken through the region
+//! when a frame that must not wait for the running call comes (anything but a `Call`),
+//! or when a call still waits unread a short delay after it was written (the host does
+//! that; see `HANDOFF_DELAY` in the host's connection).
 
 mod app;
 mod limits;
@@ -905,13 +909,18 @@ impl Shared {
     }
 
     /// Gives the reader role up to run a call. With shared memory nobody is woken unless
-    /// frames wait in the ring (the host wakes a standby for frames that come later).
+    /// a frame that must not wait (not a `Call`) is in the ring: calls behind this one
+    /// wait for a thread to come back from its call, unless that takes long, when the
+    /// host wakes a standby for them (the lazy hand-off); the host also wakes one for
+    /// urgent frames that come later.
     fn vacate(&self, reader: std::sync::MutexGuard<'_, Reader>) {
         #[cfg(target_os = "linux")]
         if let Some(region) = &self.region {
             region.worker_vacates();
             let waiting = match &*reader {
-                Input::Shm(input) => input.rx.has_data(),
+                Input::Shm(input) => {
+                    input.rx.has_data() && region.eager_unread(input.rx.position())
+                }
                 Input::Socket(_) => false,
             };
             drop(reader);
@@ -974,9 +983,47 @@ impl Shared {
     /// Runs a call whose slot and thread reservation this thread holds, then gives both
     /// back.
     fn run_taken(self: &Arc<Self>, call: QueuedCall) {
-        run_call(self, call);
+        run_call(self, call, false);
         self.release_slot();
         self.idle.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// [`run_taken`](Self::run_taken) for the thread that read the call: with shared
+    /// memory it takes the reader role back before the reply goes out, when no other
+    /// thread took it and no call is queued, and returns it.
+    fn run_read(self: &Arc<Self>, call: QueuedCall) -> Option<std::sync::MutexGuard<'_, Reader>> {
+        let reader = run_call(self, call, true);
+        self.release_slot();
+        self.idle.fetch_add(1, Ordering::AcqRel);
+        reader
+    }
+
+    /// The reader role, taken back by a thread about to send its call's reply (shared
+    /// memory only; `None` when another thread has it or calls are queued, which this
+    /// thread runs first). The host writes its next call as soon as it sees the reply:
+    /// it then finds a reader and wakes no standby thread, which it would if the role
+    /// were still vacant.
+    fn reclaim_reader(&self) -> Option<std::sync::MutexGuard<'_, Reader>> {
+        #[cfg(target_os = "linux")]
+        if let Some(region) = &self.region {
+            use std::sync::TryLockError;
+            if !self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                return None;
+            }
+            let guard = match self.reader.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => return None,
+            };
+            region.worker_reading();
+            return Some(guard);
+        }
+        None
     }
 }
 
@@ -1130,7 +1177,13 @@ impl HostServices for CallServices<'_> {
     }
 }
 
-fn run_call(shared: &Shared, call: QueuedCall) {
+/// Runs a call and sends its reply. `reclaim`: take the reader role back before the
+/// reply goes out, if it is free ([`Shared::reclaim_reader`]), and return it.
+fn run_call(
+    shared: &Shared,
+    call: QueuedCall,
+    reclaim: bool,
+) -> Option<std::sync::MutexGuard<'_, Reader>> {
     let state = shared
         .call(call.id)
         .unwrap_or_else(|| Arc::new(CallState::new(None)));
@@ -1149,6 +1202,11 @@ fn run_call(shared: &Shared, call: QueuedCall) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&call.id);
+    let reader = if reclaim {
+        shared.reclaim_reader()
+    } else {
+        None
+    };
     // An honest worker never sends a frame the host would have to refuse. The length is
     // the plugin's word: checked (with checked arithmetic) before the bytes are touched.
     let len = output.len();
@@ -1169,7 +1227,7 @@ fn run_call(shared: &Shared, call: QueuedCall) {
             },
             text.as_bytes(),
         );
-        return;
+        return reader;
     }
     // Written straight from the plugin's buffer.
     shared.send(
@@ -1179,16 +1237,25 @@ fn run_call(shared: &Shared, call: QueuedCall) {
         },
         output.as_slice(),
     );
+    reader
 }
 
 fn serve_loop(shared: &Arc<Shared>) {
+    // The reader role, when this thread took it back while finishing a call.
+    let mut held = None;
     loop {
-        if let Some(call) = shared.take_queued(false) {
-            shared.run_taken(call);
-            continue;
-        }
-        let Some(mut reader) = shared.take_reader() else {
-            continue;
+        let mut reader = match held.take() {
+            Some(reader) => reader,
+            None => {
+                if let Some(call) = shared.take_queued(false) {
+                    shared.run_taken(call);
+                    continue;
+                }
+                let Some(reader) = shared.take_reader() else {
+                    continue;
+                };
+                reader
+            }
         };
         let frame = match read(&mut reader, shared.max_frame) {
             Ok(f) => f,
@@ -1230,7 +1297,7 @@ fn serve_loop(shared: &Arc<Shared>) {
                 let slot = shared.try_acquire_slot();
                 if slot && shared.reserve_thread() {
                     shared.vacate(reader);
-                    shared.run_taken(call);
+                    held = shared.run_read(call);
                 } else {
                     if slot {
                         shared.release_slot();
@@ -1280,7 +1347,7 @@ fn serve_loop(shared: &Arc<Shared>) {
                         std::process::exit(0);
                     }
                     if let Some(call) = shared.take_queued(true) {
-                        run_call(shared, call);
+                        run_call(shared, call, false);
                         shared.release_slot();
                     } else {
                         std::thread::sleep(Duration::from_millis(2));

@@ -89,6 +89,13 @@ const PING_BIT: u64 = 1 << 63;
 #[cfg(target_os = "linux")]
 const HOST_SPIN: Duration = Duration::from_micros(50);
 
+/// How long a call written while the worker's reader role is vacant (its reader went
+/// off to run a call) may wait unread before the host wakes a standby thread for it
+/// (shared memory only). A short running call ends sooner, and its thread, taking the
+/// role back, reads the call with no thread woken: the lazy hand-off.
+#[cfg(target_os = "linux")]
+const HANDOFF_DELAY: Duration = Duration::from_micros(50);
+
 /// Input buffers at least this large are kept for their call's reply (smaller ones cost
 /// little to allocate and are not worth the lock).
 const SPARE_MIN: usize = 64 * 1024;
@@ -312,11 +319,19 @@ impl Conn {
         self.shm.get()
     }
 
-    /// Makes sure the worker will read what the host put in the request ring: rings the
-    /// doorbell if its reader sleeps; wakes a standby thread if no thread reads (its
-    /// reader went off to run a call) and none was woken yet.
+    /// Makes sure the worker will read what the host put in the request ring, up to
+    /// `written` (the ring's position after it): rings the doorbell if its reader
+    /// sleeps. If no thread reads (its reader went off to run a call), wakes a standby
+    /// thread at once for an `eager` frame; for a call (`eager` false) it returns
+    /// `true` instead: the caller wakes one if the call is still unread after
+    /// [`HANDOFF_DELAY`] ([`CallGuard`] does).
     #[cfg(target_os = "linux")]
-    fn kick_worker(&self, link: &ShmLink) {
+    fn kick_worker(&self, link: &ShmLink, written: u64, eager: bool) -> bool {
+        if eager {
+            // Seen by a reader vacating the role after this (the fences below and its
+            // own order the two looks), so that it wakes a standby.
+            link.region.set_eager_end(written);
+        }
         if link.region.worker_needs_doorbell() {
             crate::protocol::shm::ring_doorbell(self.stream.socket());
         } else if link.region.worker_vacant() {
@@ -324,11 +339,13 @@ impl Conn {
                 let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
                 tx.unread().is_ok_and(|n| n > 0)
             };
-            if unread {
+            if unread && eager {
                 link.region.claim_and_wake_standby();
             }
+            return unread && !eager;
         }
         // Otherwise READING, WAKING, or whatever a hostile worker wrote there: nothing to do.
+        false
     }
 
     /// Reads (and drops) doorbell bytes: `Ok(0)` at end of stream, `WouldBlock` when none.
@@ -381,28 +398,35 @@ impl Conn {
         self.stream.poll_readable(cx)
     }
 
-    /// Writes what fits of `a` then `b`; returns how much.
-    async fn write_some(&self, a: &[u8], b: &[u8]) -> io::Result<usize> {
+    /// Writes what fits of `a` then `b`; returns how much, and (shared memory, `eager`
+    /// false: a call) the ring's position after it when the worker's reader role was
+    /// vacant, for a deferred hand-off ([`Conn::kick_worker`]).
+    async fn write_some(
+        &self,
+        a: &[u8],
+        b: &[u8],
+        eager: bool,
+    ) -> io::Result<(usize, Option<u64>)> {
         #[cfg(target_os = "linux")]
         if let Some(link) = self.link() {
             let mut backoff = Duration::from_micros(20);
             loop {
-                let written = link
-                    .tx
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .try_write(&[a, b]);
+                let written = {
+                    let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
+                    tx.try_write(&[a, b]).map(|n| (n, tx.position()))
+                };
                 match written {
-                    Ok(n) => {
-                        self.kick_worker(link);
-                        return Ok(n);
+                    Ok((n, position)) => {
+                        let deferred = self.kick_worker(link, position, eager);
+                        return Ok((n, deferred.then_some(position)));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // The ring is full: the worker must read to make room.
+                        // The ring is full: the worker must read to make room, now.
                         if self.closed().is_some() {
                             return Err(io::ErrorKind::BrokenPipe.into());
                         }
-                        self.kick_worker(link);
+                        let position = link.tx.lock().unwrap_or_else(|e| e.into_inner()).position();
+                        self.kick_worker(link, position, true);
                         smol::Timer::after(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(1));
                     }
@@ -414,7 +438,8 @@ impl Conn {
                 }
             }
         }
-        self.stream.write(a, b).await
+        let _ = eager;
+        self.stream.write(a, b).await.map(|n| (n, None))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -458,6 +483,19 @@ impl Conn {
     /// copied and finished by a background task that keeps the write lock, so the stream
     /// never carries half a frame followed by another.
     pub async fn send(self: &Arc<Self>, message: &Message, payload: &[u8]) -> io::Result<()> {
+        self.send_frame(message, payload).await.map(|_| ())
+    }
+
+    /// [`Conn::send`], returning (for a `Call` over shared memory) the ring's position
+    /// after the frame when its hand-off to a worker thread was deferred.
+    async fn send_frame(
+        self: &Arc<Self>,
+        message: &Message,
+        payload: &[u8],
+    ) -> io::Result<Option<u64>> {
+        // Everything but a call must be read at once, even while the worker runs calls.
+        let eager = !matches!(message, Message::Call { .. });
+        let mut deferred = None;
         let mut head = encode_head(message, payload.len());
         let payload = if payload.len() <= 16 * 1024 {
             head.extend_from_slice(payload);
@@ -475,10 +513,14 @@ impl Conn {
         };
         while !write.a.is_empty() || !write.b.is_empty() {
             let (a, b) = (write.a, write.b);
-            let written = self.write_some(a, b).await;
+            let written = self.write_some(a, b, eager).await;
             let n = match written {
-                Ok(0) => Err(io::ErrorKind::WriteZero.into()),
-                other => other,
+                Ok((0, _)) => Err(io::ErrorKind::WriteZero.into()),
+                Ok((n, position)) => {
+                    deferred = position;
+                    Ok(n)
+                }
+                Err(e) => Err(e),
             };
             let n = match n {
                 Ok(n) => n,
@@ -494,7 +536,7 @@ impl Conn {
             write.a = &a[from_a..];
             write.b = &b[n - from_a..];
         }
-        Ok(())
+        Ok(deferred)
     }
 
     /// Reads one frame outside the call machinery (handshake only, before any call).
@@ -583,6 +625,8 @@ impl Conn {
             reader: false,
             epoch: 0,
             answered: false,
+            handoff: None,
+            handoff_timer: None,
         })
     }
 
@@ -607,14 +651,17 @@ impl Conn {
             window,
             window_bytes,
         };
-        if let Err(e) = self.send(&message, input).await {
-            self.close(CloseReason::from_io("sending a call", &e));
-            guard.answered = true;
-            let closed = self.closed().unwrap_or(Closed {
-                reason: CloseReason::Eof,
-                in_flight: Vec::new(),
-            });
-            return Err(closed);
+        match self.send_frame(&message, input).await {
+            Ok(deferred) => guard.defer_handoff(deferred),
+            Err(e) => {
+                self.close(CloseReason::from_io("sending a call", &e));
+                guard.answered = true;
+                let closed = self.closed().unwrap_or(Closed {
+                    reason: CloseReason::Eof,
+                    in_flight: Vec::new(),
+                });
+                return Err(closed);
+            }
         }
         Ok(guard)
     }
@@ -690,12 +737,14 @@ impl Conn {
                 reader: read,
                 epoch: state.reader_epoch,
                 answered: false,
+                handoff: None,
+                handoff_timer: None,
             }
         };
         // The ring had room for the whole frame and only the worker reads it (making
         // more room): it goes in whole, or the worker broke the ring.
-        match tx.try_write(&[head, input]) {
-            Ok(n) if n == head.len() + input.len() => {}
+        let position = match tx.try_write(&[head, input]) {
+            Ok(n) if n == head.len() + input.len() => tx.position(),
             Ok(_) => unreachable!("the free space was checked under the write lock"),
             Err(e) => {
                 // The worker moved a position it does not own: cut off. The call never
@@ -705,10 +754,11 @@ impl Conn {
                 guard.answered = true;
                 return Lone::NotTaken;
             }
-        }
+        };
         drop(tx);
-        self.kick_worker(link);
+        let deferred = self.kick_worker(link, position, false);
         drop(write);
+        guard.defer_handoff(deferred.then_some(position));
         if input.capacity() >= SPARE_MIN {
             guard.give_buffer(std::mem::take(input));
         }
@@ -721,6 +771,8 @@ impl Conn {
         loop {
             let limit = until.saturating_duration_since(Instant::now());
             if limit.is_zero() {
+                // The spin took as long as a hand-off may wait: settle it now.
+                guard.check_handoff();
                 return Lone::Waiting(guard);
             }
             let ready =
@@ -730,6 +782,7 @@ impl Conn {
                 .spin_until(crate::protocol::shm::Side::Host, limit, ready)
                 || cancelled()
             {
+                guard.check_handoff();
                 return Lone::Waiting(guard);
             }
             let Some(mut buf) = self.lock().buf.take() else {
@@ -1145,8 +1198,8 @@ impl Drop for FrameWrite<'_> {
             let finish = async {
                 let mut rest = &rest[..];
                 while !rest.is_empty() {
-                    match conn.write_some(rest, &[]).await {
-                        Ok(n) if n > 0 => rest = &rest[n..],
+                    match conn.write_some(rest, &[], true).await {
+                        Ok((n, _)) if n > 0 => rest = &rest[n..],
                         Ok(_) => return conn.close(CloseReason::Eof),
                         Err(e) => {
                             return conn
@@ -1202,6 +1255,12 @@ pub(crate) struct CallGuard {
     epoch: u64,
     /// Set once the reply (or the connection's end) was returned to the caller.
     answered: bool,
+    /// A deferred hand-off (shared memory): the request ring's position after this
+    /// call's frame, and when to wake a standby thread if the worker has not read that
+    /// far and its reader role is still vacant.
+    handoff: Option<(u64, Instant)>,
+    /// Wakes this call's future when its hand-off is due.
+    handoff_timer: Option<smol::Timer>,
 }
 
 impl CallGuard {
@@ -1232,7 +1291,70 @@ impl CallGuard {
         }
     }
 
+    /// Notes a deferred hand-off for this call (`position`: the ring's position after
+    /// its frame; `None`: nothing deferred).
+    fn defer_handoff(&mut self, position: Option<u64>) {
+        #[cfg(target_os = "linux")]
+        {
+            self.handoff = position.map(|p| (p, Instant::now() + HANDOFF_DELAY));
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = position;
+    }
+
+    /// Settles this call's deferred hand-off if it can: done once the worker read the
+    /// frame; when due, a standby thread is woken if the worker's reader role is still
+    /// vacant. Returns when it is due, if it is still pending.
+    fn check_handoff(&mut self) -> Option<Instant> {
+        #[cfg(target_os = "linux")]
+        {
+            let (end, due) = self.handoff?;
+            let link = self.conn.link()?;
+            let read = link
+                .tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .consumed(end);
+            if !read && Instant::now() < due {
+                return Some(due);
+            }
+            self.handoff = None;
+            if !read {
+                // Still unread: the thread running a call is taking long. A thread that
+                // reads (or a standby already woken) needs nothing.
+                link.region.claim_and_wake_standby();
+            }
+        }
+        None
+    }
+
+    /// While the reply is not here: keeps a timer for a pending hand-off.
+    fn poll_handoff(&mut self, cx: &mut std::task::Context<'_>) {
+        let Some(due) = self.check_handoff() else {
+            self.handoff_timer = None;
+            return;
+        };
+        let timer = self
+            .handoff_timer
+            .get_or_insert_with(|| smol::Timer::at(due));
+        if std::future::Future::poll(std::pin::Pin::new(timer), cx).is_ready() {
+            self.handoff_timer = None;
+            self.check_handoff();
+        }
+    }
+
     fn poll_reply(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
+        let polled = self.poll_reply_inner(cx);
+        if polled.is_pending() && self.handoff.is_some() {
+            self.poll_handoff(cx);
+        }
+        polled
+    }
+
+    fn poll_reply_inner(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
