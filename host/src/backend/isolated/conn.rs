@@ -28,8 +28,10 @@ use crate::cancel::CancelHandle;
 use crate::host_fn::{HostCallInfo, Imports};
 use crate::loader::emit_log;
 use crate::plugin::Progress;
-use crate::protocol::frame::{encode_head, encode_head_into, Frame, FrameBuffer, FrameError};
-use crate::protocol::{CallHead, Message};
+use crate::protocol::frame::{encode_head, Frame, FrameBuffer, FrameError};
+use crate::protocol::Message;
+#[cfg(target_os = "linux")]
+use crate::protocol::{frame::encode_head_into, CallHead};
 use plugin_api::abi::host_status;
 
 /// Why a connection is no longer usable.
