@@ -13,10 +13,9 @@
 //! queue that finishing threads drain first.
 //!
 //! With shared memory ([`shm`](crate::protocol::shm)), the hand-off of the reader role is
-//! lazy: the thread that reads a `Call` leaves the role vacant and runs the call, and takes
-//! the role back before it sends the reply (unless calls are queued, or another thread
-//! took it). Nobody is woken for the calls that wait in the ring meanwhile: a short call
-//! ends first, and its thread reads them. A standby thread is woken through the region
+//! lazy: the thread that reads a `Call` leaves the role vacant and runs the call. Nobody is
+//! woken for the calls that wait in the ring meanwhile: a short call ends first, and its
+//! thread, back in the loop, takes the role and reads them. A standby thread is woken through the region
 //! when a frame that must not wait for the running call comes (anything but a `Call`),
 //! or when a call still waits unread a short delay after it was written (the host does
 //! that; see `HANDOFF_DELAY` in the host's connection).
@@ -983,47 +982,9 @@ impl Shared {
     /// Runs a call whose slot and thread reservation this thread holds, then gives both
     /// back.
     fn run_taken(self: &Arc<Self>, call: QueuedCall) {
-        run_call(self, call, false);
+        run_call(self, call);
         self.release_slot();
         self.idle.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// [`run_taken`](Self::run_taken) for the thread that read the call: with shared
-    /// memory it takes the reader role back before the reply goes out, when no other
-    /// thread took it and no call is queued, and returns it.
-    fn run_read(self: &Arc<Self>, call: QueuedCall) -> Option<std::sync::MutexGuard<'_, Reader>> {
-        let reader = run_call(self, call, true);
-        self.release_slot();
-        self.idle.fetch_add(1, Ordering::AcqRel);
-        reader
-    }
-
-    /// The reader role, taken back by a thread about to send its call's reply (shared
-    /// memory only; `None` when another thread has it or calls are queued, which this
-    /// thread runs first). The host writes its next call as soon as it sees the reply:
-    /// it then finds a reader and wakes no standby thread, which it would if the role
-    /// were still vacant.
-    fn reclaim_reader(&self) -> Option<std::sync::MutexGuard<'_, Reader>> {
-        #[cfg(target_os = "linux")]
-        if let Some(region) = &self.region {
-            use std::sync::TryLockError;
-            if !self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
-                return None;
-            }
-            let guard = match self.reader.try_lock() {
-                Ok(guard) => guard,
-                Err(TryLockError::Poisoned(e)) => e.into_inner(),
-                Err(TryLockError::WouldBlock) => return None,
-            };
-            region.worker_reading();
-            return Some(guard);
-        }
-        None
     }
 }
 
@@ -1177,13 +1138,7 @@ impl HostServices for CallServices<'_> {
     }
 }
 
-/// Runs a call and sends its reply. `reclaim`: take the reader role back before the
-/// reply goes out, if it is free ([`Shared::reclaim_reader`]), and return it.
-fn run_call(
-    shared: &Shared,
-    call: QueuedCall,
-    reclaim: bool,
-) -> Option<std::sync::MutexGuard<'_, Reader>> {
+fn run_call(shared: &Shared, call: QueuedCall) {
     let state = shared
         .call(call.id)
         .unwrap_or_else(|| Arc::new(CallState::new(None)));
@@ -1202,11 +1157,6 @@ fn run_call(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&call.id);
-    let reader = if reclaim {
-        shared.reclaim_reader()
-    } else {
-        None
-    };
     // An honest worker never sends a frame the host would have to refuse. The length is
     // the plugin's word: checked (with checked arithmetic) before the bytes are touched.
     let len = output.len();
@@ -1227,7 +1177,7 @@ fn run_call(
             },
             text.as_bytes(),
         );
-        return reader;
+        return;
     }
     // Written straight from the plugin's buffer.
     shared.send(
@@ -1237,25 +1187,16 @@ fn run_call(
         },
         output.as_slice(),
     );
-    reader
 }
 
 fn serve_loop(shared: &Arc<Shared>) {
-    // The reader role, when this thread took it back while finishing a call.
-    let mut held = None;
     loop {
-        let mut reader = match held.take() {
-            Some(reader) => reader,
-            None => {
-                if let Some(call) = shared.take_queued(false) {
-                    shared.run_taken(call);
-                    continue;
-                }
-                let Some(reader) = shared.take_reader() else {
-                    continue;
-                };
-                reader
-            }
+        if let Some(call) = shared.take_queued(false) {
+            shared.run_taken(call);
+            continue;
+        }
+        let Some(mut reader) = shared.take_reader() else {
+            continue;
         };
         let frame = match read(&mut reader, shared.max_frame) {
             Ok(f) => f,
@@ -1297,7 +1238,7 @@ fn serve_loop(shared: &Arc<Shared>) {
                 let slot = shared.try_acquire_slot();
                 if slot && shared.reserve_thread() {
                     shared.vacate(reader);
-                    held = shared.run_read(call);
+                    shared.run_taken(call);
                 } else {
                     if slot {
                         shared.release_slot();
@@ -1347,7 +1288,7 @@ fn serve_loop(shared: &Arc<Shared>) {
                         std::process::exit(0);
                     }
                     if let Some(call) = shared.take_queued(true) {
-                        run_call(shared, call, false);
+                        run_call(shared, call);
                         shared.release_slot();
                     } else {
                         std::thread::sleep(Duration::from_millis(2));

@@ -98,6 +98,12 @@ const HOST_SPIN: Duration = Duration::from_micros(50);
 #[cfg(target_os = "linux")]
 const HANDOFF_DELAY: Duration = Duration::from_micros(50);
 
+/// A call with an input at least this large is handed to a worker thread at once, like
+/// any frame that is not a call: after a large call the worker's thread spends a while
+/// freeing its buffers before it comes back to read, time a standby thread can use.
+#[cfg(target_os = "linux")]
+const EAGER_INPUT: usize = 64 * 1024;
+
 /// Input buffers at least this large are kept for their call's reply (smaller ones cost
 /// little to allocate and are not worth the lock).
 const SPARE_MIN: usize = 64 * 1024;
@@ -495,8 +501,12 @@ impl Conn {
         message: &Message,
         payload: &[u8],
     ) -> io::Result<Option<u64>> {
-        // Everything but a call must be read at once, even while the worker runs calls.
-        let eager = !matches!(message, Message::Call { .. });
+        // Everything but a small call must be read at once, even while the worker runs
+        // calls.
+        #[cfg(target_os = "linux")]
+        let eager = !matches!(message, Message::Call { .. }) || payload.len() >= EAGER_INPUT;
+        #[cfg(not(target_os = "linux"))]
+        let eager = true;
         let mut deferred = None;
         let mut head = encode_head(message, payload.len());
         let payload = if payload.len() <= 16 * 1024 {
@@ -758,7 +768,7 @@ impl Conn {
             }
         };
         drop(tx);
-        let deferred = self.kick_worker(link, position, false);
+        let deferred = self.kick_worker(link, position, input.len() >= EAGER_INPUT);
         drop(write);
         guard.defer_handoff(deferred.then_some(position));
         if input.capacity() >= SPARE_MIN {
