@@ -195,11 +195,12 @@ fn an_idle_shared_memory_worker_sleeps() {
 #[test]
 fn a_call_behind_a_long_call_runs_at_once_on_another_worker_thread() {
     // The worker's reader goes off to run a long call without waking another thread (the
-    // lazy hand-off): a call written meanwhile waits only a short delay before the host
-    // wakes a standby thread for it, never for the long call to end (nor for an idle
-    // thread's own look, once a second). Each round leaves the reader running a new long
-    // call; over the socket a thread takes over reading at once.
-    const ROUNDS: u32 = 3;
+    // lazy hand-off): a call written meanwhile, or written together with the long one
+    // and read after it, waits only a short delay before the host wakes a standby thread
+    // for it, never for the long call to end (nor for an idle thread's own look, once a
+    // second). Each round leaves the reader running a new long call; over the socket a
+    // thread takes over reading at once.
+    const ROUNDS: u32 = 4;
     const LONG_MS: u64 = 2500;
     const AT_ONCE: Duration = Duration::from_millis(150);
     for transport in [Transport::SharedMemory, Transport::Socket] {
@@ -211,13 +212,18 @@ fn a_call_behind_a_long_call_runs_at_once_on_another_worker_thread() {
         let mut long = Vec::new();
         let mut took = Vec::new();
         for round in 0..ROUNDS {
+            // Rest first: the worker's reader falls asleep, and wakes for the long call.
+            std::thread::sleep(Duration::from_millis(200));
             let caller = plugin.clone();
             long.push(std::thread::spawn(move || {
                 let input = serde_json::json!({ "ms": LONG_MS });
                 run_with_limit(QUICK, caller.call::<_, u64>("sleep", &input))
             }));
-            // The long call is running (its worker thread asleep in the plugin).
-            std::thread::sleep(Duration::from_millis(200));
+            if round % 2 == 1 {
+                // The long call is running (its worker thread asleep in the plugin).
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // Else at once: often in the ring before the worker read the long call.
             let started = std::time::Instant::now();
             let out = run_with_limit(QUICK, plugin.call_raw("echo", vec![round as u8; 16]));
             took.push(started.elapsed());

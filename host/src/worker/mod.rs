@@ -18,7 +18,8 @@
 //! thread, back in the loop, takes the role and reads them. A standby thread is woken through the region
 //! when a frame that must not wait for the running call comes (anything but a `Call`),
 //! or when a call still waits unread a short delay after it was written (the host does
-//! that; see `HANDOFF_DELAY` in the host's connection).
+//! that, and again after each delay until the call is read; see `HANDOFF_DELAY` in the
+//! host's connection).
 
 mod app;
 mod limits;

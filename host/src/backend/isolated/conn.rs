@@ -327,33 +327,51 @@ impl Conn {
         self.shm.get()
     }
 
-    /// Makes sure the worker will read what the host put in the request ring, up to
-    /// `written` (the ring's position after it): rings the doorbell if its reader
-    /// sleeps. If no thread reads (its reader went off to run a call), wakes a standby
-    /// thread at once for an `eager` frame; for a call (`eager` false) it returns
-    /// `true` instead: the caller wakes one if the call is still unread after
-    /// [`HANDOFF_DELAY`] ([`CallGuard`] does).
+    /// Makes sure the worker will read what the host put in the request ring: the frame
+    /// of `len` bytes that ends at `written` (the ring's position after it). Rings the
+    /// doorbell if the worker's reader sleeps. If no thread reads (its reader went off
+    /// to run a call), wakes a standby thread at once for an `eager` frame.
+    ///
+    /// For a small call (`eager` false) nobody is woken. Returns whether its hand-off is
+    /// deferred: `true` unless a thread will read it next (one reads, or was just woken,
+    /// and nothing unread comes before it). A deferred call's waiter wakes a standby if
+    /// the call is still unread [`HANDOFF_DELAY`] later, and again after each delay
+    /// ([`CallGuard::check_handoff`]): the reader may take a call queued before it and
+    /// go off to run that one.
     #[cfg(target_os = "linux")]
-    fn kick_worker(&self, link: &ShmLink, written: u64, eager: bool) -> bool {
+    fn kick_worker(&self, link: &ShmLink, written: u64, len: usize, eager: bool) -> bool {
+        use crate::protocol::shm::worker_state::{READING, VACANT, WAKING};
         if eager {
             // Seen by a reader vacating the role after this (the fences below and its
             // own order the two looks), so that it wakes a standby.
             link.region.set_eager_end(written);
         }
-        if link.region.worker_needs_doorbell() {
+        let rang = link.region.worker_needs_doorbell();
+        let state = if rang {
             crate::protocol::shm::ring_doorbell(self.stream.socket());
-        } else if link.region.worker_vacant() {
-            let unread = {
-                let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
-                tx.unread().is_ok_and(|n| n > 0)
-            };
-            if unread && eager {
+            READING
+        } else {
+            link.region
+                .worker_state()
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let unread = {
+            let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
+            // An impossible read position counts as unread (the next write reports it).
+            tx.unread().unwrap_or(usize::MAX)
+        };
+        if unread == 0 {
+            return false;
+        }
+        if eager {
+            if state == VACANT {
                 link.region.claim_and_wake_standby();
             }
-            return unread && !eager;
+            return false;
         }
-        // Otherwise READING, WAKING, or whatever a hostile worker wrote there: nothing to do.
-        false
+        // Whatever a hostile worker wrote there counts as nobody reading.
+        let reads_next = (state == READING || state == WAKING) && unread <= len;
+        !reads_next
     }
 
     /// Reads (and drops) doorbell bytes: `Ok(0)` at end of stream, `WouldBlock` when none.
@@ -425,7 +443,7 @@ impl Conn {
                 };
                 match written {
                     Ok((n, position)) => {
-                        let deferred = self.kick_worker(link, position, eager);
+                        let deferred = self.kick_worker(link, position, n, eager);
                         return Ok((n, deferred.then_some(position)));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -434,7 +452,7 @@ impl Conn {
                             return Err(io::ErrorKind::BrokenPipe.into());
                         }
                         let position = link.tx.lock().unwrap_or_else(|e| e.into_inner()).position();
-                        self.kick_worker(link, position, true);
+                        self.kick_worker(link, position, 0, true);
                         smol::Timer::after(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(1));
                     }
@@ -768,7 +786,8 @@ impl Conn {
             }
         };
         drop(tx);
-        let deferred = self.kick_worker(link, position, input.len() >= EAGER_INPUT);
+        let len = head.len() + input.len();
+        let deferred = self.kick_worker(link, position, len, input.len() >= EAGER_INPUT);
         drop(write);
         guard.defer_handoff(deferred.then_some(position));
         if input.capacity() >= SPARE_MIN {
@@ -797,7 +816,18 @@ impl Conn {
                 guard.check_handoff();
                 return Lone::Waiting(guard);
             }
-            let Some(mut buf) = self.lock().buf.take() else {
+            // Still this call's role? A caller that found it stale (this thread held
+            // up for longer than `STALE_READER`) may have taken it over meanwhile.
+            let taken = {
+                let mut state = self.lock();
+                if state.reader_epoch == guard.epoch {
+                    state.reader_seen = Instant::now();
+                    state.buf.take()
+                } else {
+                    None
+                }
+            };
+            let Some(mut buf) = taken else {
                 return Lone::Waiting(guard);
             };
             let (frames, failure, _) = self.read_available(&mut buf, true);
@@ -1106,13 +1136,23 @@ impl Conn {
                 ),
             )
         } else {
+            let closed = state.closed.is_some();
             match state.pending.get_mut(&id) {
                 Some(p) if id & PING_BIT == 0 && p.reply.is_none() => {
+                    // Made cancelled if the connection closed meanwhile (closing cancels
+                    // the handles that exist).
+                    let cancel = p.cancel.get_or_insert_with(|| {
+                        let cancel = CancelHandle::new();
+                        if closed {
+                            cancel.cancel();
+                        }
+                        cancel
+                    });
                     let call = HostCallInfo {
                         function: name.clone(),
                         method: p.method.clone(),
                         call_id: id,
-                        cancel: p.cancel.get_or_insert_with(CancelHandle::new).clone(),
+                        cancel: cancel.clone(),
                     };
                     Ok((call, input))
                 }
@@ -1271,8 +1311,8 @@ pub(crate) struct CallGuard {
     /// call's frame, and when to wake a standby thread if the worker has not read that
     /// far and its reader role is still vacant.
     handoff: Option<(u64, Instant)>,
-    /// Wakes this call's future when its hand-off is due.
-    handoff_timer: Option<smol::Timer>,
+    /// Wakes this call's future when its hand-off's next look is due (and when).
+    handoff_timer: Option<(Instant, smol::Timer)>,
 }
 
 impl CallGuard {
@@ -1314,9 +1354,12 @@ impl CallGuard {
         let _ = position;
     }
 
-    /// Settles this call's deferred hand-off if it can: done once the worker read the
-    /// frame; when due, a standby thread is woken if the worker's reader role is still
-    /// vacant. Returns when it is due, if it is still pending.
+    /// Looks after this call's deferred hand-off: over once the worker has read the
+    /// frame. Each time it is due with the frame still unread, a standby thread is woken
+    /// if the worker's reader role is vacant (a thread that reads, or a standby already
+    /// woken, needs nothing), and the next look is due a delay later: the thread reading
+    /// may go off to run a call queued before this one, leaving the role vacant again.
+    /// Returns when the next look is due, while the hand-off is pending.
     fn check_handoff(&mut self) -> Option<Instant> {
         #[cfg(target_os = "linux")]
         {
@@ -1327,31 +1370,42 @@ impl CallGuard {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .consumed(end);
-            if !read && Instant::now() < due {
+            if read {
+                self.handoff = None;
+                return None;
+            }
+            let now = Instant::now();
+            if now < due {
                 return Some(due);
             }
-            self.handoff = None;
-            if !read {
-                // Still unread: the thread running a call is taking long. A thread that
-                // reads (or a standby already woken) needs nothing.
-                link.region.claim_and_wake_standby();
-            }
+            link.region.claim_and_wake_standby();
+            let next = now + HANDOFF_DELAY;
+            self.handoff = Some((end, next));
+            Some(next)
         }
+        #[cfg(not(target_os = "linux"))]
         None
     }
 
-    /// While the reply is not here: keeps a timer for a pending hand-off.
+    /// While the reply is not here: keeps a timer for the next look at a pending
+    /// hand-off (a fresh one whenever that moves).
     fn poll_handoff(&mut self, cx: &mut std::task::Context<'_>) {
-        let Some(due) = self.check_handoff() else {
-            self.handoff_timer = None;
-            return;
-        };
-        let timer = self
-            .handoff_timer
-            .get_or_insert_with(|| smol::Timer::at(due));
-        if std::future::Future::poll(std::pin::Pin::new(timer), cx).is_ready() {
-            self.handoff_timer = None;
-            self.check_handoff();
+        // Twice at most: a timer that fired means a look is due now, which sets the next.
+        for _ in 0..2 {
+            let Some(due) = self.check_handoff() else {
+                self.handoff_timer = None;
+                return;
+            };
+            let (at, timer) = self
+                .handoff_timer
+                .get_or_insert_with(|| (due, smol::Timer::at(due)));
+            if *at != due {
+                *at = due;
+                timer.set_at(due);
+            }
+            if std::future::Future::poll(std::pin::Pin::new(timer), cx).is_pending() {
+                return;
+            }
         }
     }
 
