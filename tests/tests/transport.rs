@@ -194,12 +194,12 @@ fn an_idle_shared_memory_worker_sleeps() {
 
 #[test]
 fn a_call_behind_a_long_call_runs_at_once_on_another_worker_thread() {
-    // The worker's reader goes off to run a long call without waking another thread (the
-    // lazy hand-off): a call written meanwhile, or written together with the long one
-    // and read after it, waits only a short delay before the host wakes a standby thread
-    // for it, never for the long call to end (nor for an idle thread's own look, once a
-    // second). Each round leaves the reader running a new long call; over the socket a
-    // thread takes over reading at once.
+    // Over shared memory the worker's reader goes off to run a long call without handing
+    // the reader role to another thread: a call written meanwhile, or written together
+    // with the long one and read after it, must still be read by another worker thread
+    // at once (woken through the region), never after the long call ends (nor at an idle
+    // thread's own look, once a second). Each round leaves the reader running a new long
+    // call; over the socket a thread takes over reading at once.
     const ROUNDS: u32 = 4;
     const LONG_MS: u64 = 2500;
     const AT_ONCE: Duration = Duration::from_millis(150);

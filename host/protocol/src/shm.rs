@@ -45,9 +45,8 @@ use rustix::mm::{MapFlags, ProtFlags};
 
 /// `"PHSHM01\0"`: the region's first eight bytes.
 const MAGIC: u64 = u64::from_le_bytes(*b"PHSHM01\0");
-/// The layout's version (the region's bytes 8..12). 2: the host marks where its last
-/// frame that must not wait ends (`eager_end`).
-const LAYOUT: u32 = 2;
+/// The layout's version (the region's bytes 8..12).
+const LAYOUT: u32 = 1;
 
 // The header: one cache line each for what one side writes, so the two sides never
 // share a line they both write.
@@ -63,7 +62,6 @@ const OFF_WORKER_STATE: usize = 384; // worker sets, host moves SLEEPING -> READ
 const OFF_STANDBY: usize = 448; // futex word: the host bumps it to wake a standby thread
 const OFF_HOST_CPU: usize = 512; // host writes: the CPU its waiting thread last ran on
 const OFF_WORKER_CPU: usize = 576; // worker writes: likewise
-const OFF_EAGER_END: usize = 640; // host writes: where its last frame that must not wait ends
 /// No CPU noted yet (a peer that never notes one, as one built before, reads as this).
 const NO_CPU: u32 = u32::MAX;
 /// Where the rings' bytes start.
@@ -317,24 +315,6 @@ impl Region {
                 .is_ok()
     }
 
-    /// The host, having written a frame the worker must read without waiting for a
-    /// running call to end (anything but a `Call`): notes the request ring's position
-    /// after it. Call it before [`Region::worker_needs_doorbell`] and
-    /// [`Region::worker_vacant`], whose fences order it before their looks.
-    pub fn set_eager_end(&self, position: u64) {
-        self.word64(OFF_EAGER_END).store(position, Ordering::SeqCst);
-    }
-
-    /// The worker's reader, leaving the role vacant: whether a frame that must not wait
-    /// is unread (the host's last such frame ends past `read`, the reader's position).
-    /// Only frames like that make it wake a standby thread at once; a `Call` waits for
-    /// the thread running a call to come back (the host wakes a standby for it if that
-    /// takes long: the lazy hand-off). Positions only grow, so a stale or lying value
-    /// costs a wake-up at most.
-    pub fn eager_unread(&self, read: u64) -> bool {
-        self.word64(OFF_EAGER_END).load(Ordering::SeqCst) > read
-    }
-
     /// Whether the worker's reader role is vacant (no thread reads; no standby woken yet).
     pub fn worker_vacant(&self) -> bool {
         self.worker_state().load(Ordering::SeqCst) == worker_state::VACANT
@@ -560,11 +540,6 @@ impl RingReader {
         Ok(ahead as usize)
     }
 
-    /// How many bytes this reader has consumed since the ring began.
-    pub fn position(&self) -> u64 {
-        self.head
-    }
-
     /// Whether bytes are waiting (an impossible position counts as waiting: reading
     /// reports it).
     pub fn has_data(&self) -> bool {
@@ -658,17 +633,6 @@ impl RingWriter {
         Ok(behind as usize)
     }
 
-    /// How many bytes this writer has published since the ring began.
-    pub fn position(&self) -> u64 {
-        self.tail
-    }
-
-    /// Whether the reader has consumed everything up to `position` (an impossible read
-    /// position counts as not: the next write reports it).
-    pub fn consumed(&mut self, position: u64) -> bool {
-        self.unread().is_ok() && self.head >= position
-    }
-
     /// Writes as much of `parts` (in order) as fits and publishes it; `WouldBlock` when
     /// the ring is full. `InvalidData` when the reader's position is impossible, or when
     /// the published write position is not the one this writer left (someone else wrote
@@ -731,7 +695,6 @@ pub mod raw {
         ("standby", OFF_STANDBY),
         ("host_cpu", OFF_HOST_CPU),
         ("worker_cpu", OFF_WORKER_CPU),
-        ("eager_end", OFF_EAGER_END),
     ];
 
     /// Stores `value` into the control word `name` (see [`WORDS`]).

@@ -13,13 +13,9 @@
 //! queue that finishing threads drain first.
 //!
 //! With shared memory ([`shm`](crate::protocol::shm)), the hand-off of the reader role is
-//! lazy: the thread that reads a `Call` leaves the role vacant and runs the call. Nobody is
-//! woken for the calls that wait in the ring meanwhile: a short call ends first, and its
-//! thread, back in the loop, takes the role and reads them. A standby thread is woken through the region
-//! when a frame that must not wait for the running call comes (anything but a `Call`),
-//! or when a call still waits unread a short delay after it was written (the host does
-//! that, and again after each delay until the call is read; see `HANDOFF_DELAY` in the
-//! host's connection).
+//! lazy: the thread that reads a `Call` leaves the role vacant and runs the call; nobody
+//! is woken unless the host has a frame that must not wait for that call to end, and then
+//! the host wakes one standby thread through the region.
 
 mod app;
 mod limits;
@@ -909,18 +905,13 @@ impl Shared {
     }
 
     /// Gives the reader role up to run a call. With shared memory nobody is woken unless
-    /// a frame that must not wait (not a `Call`) is in the ring: calls behind this one
-    /// wait for a thread to come back from its call, unless that takes long, when the
-    /// host wakes a standby for them (the lazy hand-off); the host also wakes one for
-    /// urgent frames that come later.
+    /// frames wait in the ring (the host wakes a standby for frames that come later).
     fn vacate(&self, reader: std::sync::MutexGuard<'_, Reader>) {
         #[cfg(target_os = "linux")]
         if let Some(region) = &self.region {
             region.worker_vacates();
             let waiting = match &*reader {
-                Input::Shm(input) => {
-                    input.rx.has_data() && region.eager_unread(input.rx.position())
-                }
+                Input::Shm(input) => input.rx.has_data(),
                 Input::Socket(_) => false,
             };
             drop(reader);

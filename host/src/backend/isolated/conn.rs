@@ -91,19 +91,6 @@ const PING_BIT: u64 = 1 << 63;
 #[cfg(target_os = "linux")]
 const HOST_SPIN: Duration = Duration::from_micros(50);
 
-/// How long a call written while the worker's reader role is vacant (its reader went
-/// off to run a call) may wait unread before the host wakes a standby thread for it
-/// (shared memory only). A short running call ends sooner, and its thread, taking the
-/// role back, reads the call with no thread woken: the lazy hand-off.
-#[cfg(target_os = "linux")]
-const HANDOFF_DELAY: Duration = Duration::from_micros(50);
-
-/// A call with an input at least this large is handed to a worker thread at once, like
-/// any frame that is not a call: after a large call the worker's thread spends a while
-/// freeing its buffers before it comes back to read, time a standby thread can use.
-#[cfg(target_os = "linux")]
-const EAGER_INPUT: usize = 64 * 1024;
-
 /// Input buffers at least this large are kept for their call's reply (smaller ones cost
 /// little to allocate and are not worth the lock).
 const SPARE_MIN: usize = 64 * 1024;
@@ -327,51 +314,23 @@ impl Conn {
         self.shm.get()
     }
 
-    /// Makes sure the worker will read what the host put in the request ring: the frame
-    /// of `len` bytes that ends at `written` (the ring's position after it). Rings the
-    /// doorbell if the worker's reader sleeps. If no thread reads (its reader went off
-    /// to run a call), wakes a standby thread at once for an `eager` frame.
-    ///
-    /// For a small call (`eager` false) nobody is woken. Returns whether its hand-off is
-    /// deferred: `true` unless a thread will read it next (one reads, or was just woken,
-    /// and nothing unread comes before it). A deferred call's waiter wakes a standby if
-    /// the call is still unread [`HANDOFF_DELAY`] later, and again after each delay
-    /// ([`CallGuard::check_handoff`]): the reader may take a call queued before it and
-    /// go off to run that one.
+    /// Makes sure the worker will read what the host put in the request ring: rings the
+    /// doorbell if its reader sleeps; wakes a standby thread if no thread reads (its
+    /// reader went off to run a call) and none was woken yet.
     #[cfg(target_os = "linux")]
-    fn kick_worker(&self, link: &ShmLink, written: u64, len: usize, eager: bool) -> bool {
-        use crate::protocol::shm::worker_state::{READING, VACANT, WAKING};
-        if eager {
-            // Seen by a reader vacating the role after this (the fences below and its
-            // own order the two looks), so that it wakes a standby.
-            link.region.set_eager_end(written);
-        }
-        let rang = link.region.worker_needs_doorbell();
-        let state = if rang {
+    fn kick_worker(&self, link: &ShmLink) {
+        if link.region.worker_needs_doorbell() {
             crate::protocol::shm::ring_doorbell(self.stream.socket());
-            READING
-        } else {
-            link.region
-                .worker_state()
-                .load(std::sync::atomic::Ordering::SeqCst)
-        };
-        let unread = {
-            let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
-            // An impossible read position counts as unread (the next write reports it).
-            tx.unread().unwrap_or(usize::MAX)
-        };
-        if unread == 0 {
-            return false;
-        }
-        if eager {
-            if state == VACANT {
+        } else if link.region.worker_vacant() {
+            let unread = {
+                let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
+                tx.unread().is_ok_and(|n| n > 0)
+            };
+            if unread {
                 link.region.claim_and_wake_standby();
             }
-            return false;
         }
-        // Whatever a hostile worker wrote there counts as nobody reading.
-        let reads_next = (state == READING || state == WAKING) && unread <= len;
-        !reads_next
+        // Otherwise READING, WAKING, or whatever a hostile worker wrote there: nothing to do.
     }
 
     /// Reads (and drops) doorbell bytes: `Ok(0)` at end of stream, `WouldBlock` when none.
@@ -424,35 +383,28 @@ impl Conn {
         self.stream.poll_readable(cx)
     }
 
-    /// Writes what fits of `a` then `b`; returns how much, and (shared memory, `eager`
-    /// false: a call) the ring's position after it when the worker's reader role was
-    /// vacant, for a deferred hand-off ([`Conn::kick_worker`]).
-    async fn write_some(
-        &self,
-        a: &[u8],
-        b: &[u8],
-        eager: bool,
-    ) -> io::Result<(usize, Option<u64>)> {
+    /// Writes what fits of `a` then `b`; returns how much.
+    async fn write_some(&self, a: &[u8], b: &[u8]) -> io::Result<usize> {
         #[cfg(target_os = "linux")]
         if let Some(link) = self.link() {
             let mut backoff = Duration::from_micros(20);
             loop {
-                let written = {
-                    let mut tx = link.tx.lock().unwrap_or_else(|e| e.into_inner());
-                    tx.try_write(&[a, b]).map(|n| (n, tx.position()))
-                };
+                let written = link
+                    .tx
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .try_write(&[a, b]);
                 match written {
-                    Ok((n, position)) => {
-                        let deferred = self.kick_worker(link, position, n, eager);
-                        return Ok((n, deferred.then_some(position)));
+                    Ok(n) => {
+                        self.kick_worker(link);
+                        return Ok(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // The ring is full: the worker must read to make room, now.
+                        // The ring is full: the worker must read to make room.
                         if self.closed().is_some() {
                             return Err(io::ErrorKind::BrokenPipe.into());
                         }
-                        let position = link.tx.lock().unwrap_or_else(|e| e.into_inner()).position();
-                        self.kick_worker(link, position, 0, true);
+                        self.kick_worker(link);
                         smol::Timer::after(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_millis(1));
                     }
@@ -464,8 +416,7 @@ impl Conn {
                 }
             }
         }
-        let _ = eager;
-        self.stream.write(a, b).await.map(|n| (n, None))
+        self.stream.write(a, b).await
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -509,23 +460,6 @@ impl Conn {
     /// copied and finished by a background task that keeps the write lock, so the stream
     /// never carries half a frame followed by another.
     pub async fn send(self: &Arc<Self>, message: &Message, payload: &[u8]) -> io::Result<()> {
-        self.send_frame(message, payload).await.map(|_| ())
-    }
-
-    /// [`Conn::send`], returning (for a `Call` over shared memory) the ring's position
-    /// after the frame when its hand-off to a worker thread was deferred.
-    async fn send_frame(
-        self: &Arc<Self>,
-        message: &Message,
-        payload: &[u8],
-    ) -> io::Result<Option<u64>> {
-        // Everything but a small call must be read at once, even while the worker runs
-        // calls.
-        #[cfg(target_os = "linux")]
-        let eager = !matches!(message, Message::Call { .. }) || payload.len() >= EAGER_INPUT;
-        #[cfg(not(target_os = "linux"))]
-        let eager = true;
-        let mut deferred = None;
         let mut head = encode_head(message, payload.len());
         let payload = if payload.len() <= 16 * 1024 {
             head.extend_from_slice(payload);
@@ -543,14 +477,10 @@ impl Conn {
         };
         while !write.a.is_empty() || !write.b.is_empty() {
             let (a, b) = (write.a, write.b);
-            let written = self.write_some(a, b, eager).await;
+            let written = self.write_some(a, b).await;
             let n = match written {
-                Ok((0, _)) => Err(io::ErrorKind::WriteZero.into()),
-                Ok((n, position)) => {
-                    deferred = position;
-                    Ok(n)
-                }
-                Err(e) => Err(e),
+                Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                other => other,
             };
             let n = match n {
                 Ok(n) => n,
@@ -566,7 +496,7 @@ impl Conn {
             write.a = &a[from_a..];
             write.b = &b[n - from_a..];
         }
-        Ok(deferred)
+        Ok(())
     }
 
     /// Reads one frame outside the call machinery (handshake only, before any call).
@@ -655,8 +585,6 @@ impl Conn {
             reader: false,
             epoch: 0,
             answered: false,
-            handoff: None,
-            handoff_timer: None,
         })
     }
 
@@ -681,17 +609,14 @@ impl Conn {
             window,
             window_bytes,
         };
-        match self.send_frame(&message, input).await {
-            Ok(deferred) => guard.defer_handoff(deferred),
-            Err(e) => {
-                self.close(CloseReason::from_io("sending a call", &e));
-                guard.answered = true;
-                let closed = self.closed().unwrap_or(Closed {
-                    reason: CloseReason::Eof,
-                    in_flight: Vec::new(),
-                });
-                return Err(closed);
-            }
+        if let Err(e) = self.send(&message, input).await {
+            self.close(CloseReason::from_io("sending a call", &e));
+            guard.answered = true;
+            let closed = self.closed().unwrap_or(Closed {
+                reason: CloseReason::Eof,
+                in_flight: Vec::new(),
+            });
+            return Err(closed);
         }
         Ok(guard)
     }
@@ -767,14 +692,12 @@ impl Conn {
                 reader: read,
                 epoch: state.reader_epoch,
                 answered: false,
-                handoff: None,
-                handoff_timer: None,
             }
         };
         // The ring had room for the whole frame and only the worker reads it (making
         // more room): it goes in whole, or the worker broke the ring.
-        let position = match tx.try_write(&[head, input]) {
-            Ok(n) if n == head.len() + input.len() => tx.position(),
+        match tx.try_write(&[head, input]) {
+            Ok(n) if n == head.len() + input.len() => {}
             Ok(_) => unreachable!("the free space was checked under the write lock"),
             Err(e) => {
                 // The worker moved a position it does not own: cut off. The call never
@@ -784,12 +707,10 @@ impl Conn {
                 guard.answered = true;
                 return Lone::NotTaken;
             }
-        };
+        }
         drop(tx);
-        let len = head.len() + input.len();
-        let deferred = self.kick_worker(link, position, len, input.len() >= EAGER_INPUT);
+        self.kick_worker(link);
         drop(write);
-        guard.defer_handoff(deferred.then_some(position));
         if input.capacity() >= SPARE_MIN {
             guard.give_buffer(std::mem::take(input));
         }
@@ -802,8 +723,6 @@ impl Conn {
         loop {
             let limit = until.saturating_duration_since(Instant::now());
             if limit.is_zero() {
-                // The spin took as long as a hand-off may wait: settle it now.
-                guard.check_handoff();
                 return Lone::Waiting(guard);
             }
             let ready =
@@ -813,7 +732,6 @@ impl Conn {
                 .spin_until(crate::protocol::shm::Side::Host, limit, ready)
                 || cancelled()
             {
-                guard.check_handoff();
                 return Lone::Waiting(guard);
             }
             // Still this call's role? A caller that found it stale (this thread held
@@ -1250,8 +1168,8 @@ impl Drop for FrameWrite<'_> {
             let finish = async {
                 let mut rest = &rest[..];
                 while !rest.is_empty() {
-                    match conn.write_some(rest, &[], true).await {
-                        Ok((n, _)) if n > 0 => rest = &rest[n..],
+                    match conn.write_some(rest, &[]).await {
+                        Ok(n) if n > 0 => rest = &rest[n..],
                         Ok(_) => return conn.close(CloseReason::Eof),
                         Err(e) => {
                             return conn
@@ -1307,12 +1225,6 @@ pub(crate) struct CallGuard {
     epoch: u64,
     /// Set once the reply (or the connection's end) was returned to the caller.
     answered: bool,
-    /// A deferred hand-off (shared memory): the request ring's position after this
-    /// call's frame, and when to wake a standby thread if the worker has not read that
-    /// far and its reader role is still vacant.
-    handoff: Option<(u64, Instant)>,
-    /// Wakes this call's future when its hand-off's next look is due (and when).
-    handoff_timer: Option<(Instant, smol::Timer)>,
 }
 
 impl CallGuard {
@@ -1343,84 +1255,7 @@ impl CallGuard {
         }
     }
 
-    /// Notes a deferred hand-off for this call (`position`: the ring's position after
-    /// its frame; `None`: nothing deferred).
-    fn defer_handoff(&mut self, position: Option<u64>) {
-        #[cfg(target_os = "linux")]
-        {
-            self.handoff = position.map(|p| (p, Instant::now() + HANDOFF_DELAY));
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = position;
-    }
-
-    /// Looks after this call's deferred hand-off: over once the worker has read the
-    /// frame. Each time it is due with the frame still unread, a standby thread is woken
-    /// if the worker's reader role is vacant (a thread that reads, or a standby already
-    /// woken, needs nothing), and the next look is due a delay later: the thread reading
-    /// may go off to run a call queued before this one, leaving the role vacant again.
-    /// Returns when the next look is due, while the hand-off is pending.
-    fn check_handoff(&mut self) -> Option<Instant> {
-        #[cfg(target_os = "linux")]
-        {
-            let (end, due) = self.handoff?;
-            let link = self.conn.link()?;
-            let read = link
-                .tx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .consumed(end);
-            if read {
-                self.handoff = None;
-                return None;
-            }
-            let now = Instant::now();
-            if now < due {
-                return Some(due);
-            }
-            link.region.claim_and_wake_standby();
-            let next = now + HANDOFF_DELAY;
-            self.handoff = Some((end, next));
-            Some(next)
-        }
-        #[cfg(not(target_os = "linux"))]
-        None
-    }
-
-    /// While the reply is not here: keeps a timer for the next look at a pending
-    /// hand-off (a fresh one whenever that moves).
-    fn poll_handoff(&mut self, cx: &mut std::task::Context<'_>) {
-        // Twice at most: a timer that fired means a look is due now, which sets the next.
-        for _ in 0..2 {
-            let Some(due) = self.check_handoff() else {
-                self.handoff_timer = None;
-                return;
-            };
-            let (at, timer) = self
-                .handoff_timer
-                .get_or_insert_with(|| (due, smol::Timer::at(due)));
-            if *at != due {
-                *at = due;
-                timer.set_at(due);
-            }
-            if std::future::Future::poll(std::pin::Pin::new(timer), cx).is_pending() {
-                return;
-            }
-        }
-    }
-
     fn poll_reply(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
-        let polled = self.poll_reply_inner(cx);
-        if polled.is_pending() && self.handoff.is_some() {
-            self.poll_handoff(cx);
-        }
-        polled
-    }
-
-    fn poll_reply_inner(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Result<(i32, Vec<u8>), Closed>> {
