@@ -180,23 +180,36 @@ impl Ring {
         (magic == Self::MAGIC).then_some(Ring { base })
     }
 
-    /// Appends `bytes` to the reply ring as the worker would, and wakes the host.
+    /// Appends `bytes` to the reply ring as the worker would, and wakes the host. The
+    /// worker's own writer may be publishing a reply at the same moment and write over
+    /// them (it read the write position just before this did): they are written again,
+    /// after the reply, until they stay.
     fn write(&self, bytes: &[u8], socket: &mut std::fs::File) {
         use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-        // SAFETY: offsets inside the region's header (checked by its magic), aligned; the
-        // data offsets are reduced modulo the capacity, inside the reply ring.
-        unsafe {
-            let capacity = (*self.base.add(16).cast::<AtomicU64>()).load(Ordering::Acquire);
-            let tail = &*self.base.add(192).cast::<AtomicU64>();
-            let at = tail.load(Ordering::Acquire);
-            let data = self.base.add(4096 + capacity as usize);
-            for (i, b) in bytes.iter().enumerate() {
-                *data.add(((at + i as u64) % capacity) as usize) = *b;
-            }
-            tail.store(at + bytes.len() as u64, Ordering::Release);
-            let sleeping = &*self.base.add(320).cast::<AtomicU32>();
-            if sleeping.swap(0, Ordering::SeqCst) == 1 {
-                let _ = std::io::Write::write(socket, &[1]);
+        for _ in 0..20 {
+            // SAFETY: offsets inside the region's header (checked by its magic),
+            // aligned; the data offsets are reduced modulo the capacity, inside the
+            // reply ring.
+            let stayed = unsafe {
+                let capacity = (*self.base.add(16).cast::<AtomicU64>()).load(Ordering::Acquire);
+                let tail = &*self.base.add(192).cast::<AtomicU64>();
+                let at = tail.load(Ordering::Acquire);
+                let data = self.base.add(4096 + capacity as usize);
+                let byte = |i: usize| data.add(((at + i as u64) % capacity) as usize);
+                for (i, b) in bytes.iter().enumerate() {
+                    *byte(i) = *b;
+                }
+                tail.store(at + bytes.len() as u64, Ordering::Release);
+                let sleeping = &*self.base.add(320).cast::<AtomicU32>();
+                if sleeping.swap(0, Ordering::SeqCst) == 1 {
+                    let _ = std::io::Write::write(socket, &[1]);
+                }
+                // A writer racing with this one has finished well within this.
+                std::thread::sleep(Duration::from_millis(2));
+                bytes.iter().enumerate().all(|(i, b)| *byte(i) == *b)
+            };
+            if stayed {
+                return;
             }
         }
     }
