@@ -566,6 +566,18 @@ impl Conn {
         if let Some(closed) = &state.closed {
             return Err(closed.clone());
         }
+        Ok(self.register_locked(&mut state, id, method, progress, stream))
+    }
+
+    /// [`Conn::register`] on an open connection, its state already locked.
+    fn register_locked(
+        self: &Arc<Self>,
+        state: &mut State,
+        id: u64,
+        method: &str,
+        progress: Option<ProgressFn>,
+        stream: Option<StreamState>,
+    ) -> CallGuard {
         let pending = Pending {
             method: method.to_string(),
             waker: None,
@@ -579,13 +591,13 @@ impl Conn {
         if id & PING_BIT == 0 {
             state.max_issued = state.max_issued.max(id);
         }
-        Ok(CallGuard {
+        CallGuard {
             conn: self.clone(),
             id,
             reader: false,
             epoch: 0,
             answered: false,
-        })
+        }
     }
 
     /// Sends a call; wait for its reply with [`CallGuard::reply`]. An error means the
@@ -667,32 +679,16 @@ impl Conn {
             if state.closed.is_some() {
                 return Lone::NotTaken;
             }
-            let read = !state.reader_busy && state.buf.is_some();
-            state.pending.insert(
-                id,
-                Pending {
-                    method: method.to_string(),
-                    waker: None,
-                    reply: None,
-                    progress,
-                    cancel: None,
-                    stream: None,
-                    spare: None,
-                },
-            );
-            state.max_issued = state.max_issued.max(id);
-            if read {
+            let mut guard = self.register_locked(&mut state, id, method, progress, None);
+            // The reader role too, if nobody holds it.
+            if !state.reader_busy && state.buf.is_some() {
                 state.reader_busy = true;
                 state.reader_epoch += 1;
                 state.reader_seen = Instant::now();
+                guard.reader = true;
+                guard.epoch = state.reader_epoch;
             }
-            CallGuard {
-                conn: self.clone(),
-                id,
-                reader: read,
-                epoch: state.reader_epoch,
-                answered: false,
-            }
+            guard
         };
         // The ring had room for the whole frame and only the worker reads it (making
         // more room): it goes in whole, or the worker broke the ring.
